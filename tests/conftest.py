@@ -1,0 +1,31 @@
+"""Test-wide JAX set-up: 8 fake CPU devices, so every sharding path runs on a laptop or CI box."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+_CACHE = os.environ.get("TRANSFER_JAX_TEST_CACHE")
+if _CACHE:
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+SAMPLE_DIR = os.path.join(SHARED, "data", "prostate_mri_sample")
+
+
+@pytest.fixture
+def highest_precision():
+    """Parity tests compare against fp32 PyTorch: full-precision matmuls."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sample_dir():
+    if not os.path.isdir(SAMPLE_DIR):
+        pytest.fail(f"real sample case not found at {SAMPLE_DIR}")
+    return SAMPLE_DIR
