@@ -1,0 +1,167 @@
+"""ProFound-Conv: the dense 3-D ConvNeXt-V2 encoder (upstream `models/convnextv2.py::ConvNeXtV2`).
+
+Attribute names mirror the PyTorch state_dict (`downsample_layers.{s}.{i}`, `stages.{s}.{b}.dwconv`, ...), so the
+checkpoint converter is a key table. Input is channels-last (N, D, H, W, C); channel order T2, DWI, ADC.
+
+The ProFound variant replaces the last 2x2x2 downsample by a 1x1x1 stride-1 conv (total stride 16), which is
+`last_downsample=(1, 1, 1)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transfer_jax.models.layers import DropPath, gelu, layer_norm, trunc_normal
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    in_channels: int = 3
+    depths: tuple[int, ...] = (3, 3, 9, 3)
+    dims: tuple[int, ...] = (96, 192, 384, 768)
+    drop_path_rate: float = 0.0
+    stem_kernel: tuple[int, int, int] = (4, 4, 4)
+    downsample_kernel: tuple[int, int, int] = (2, 2, 2)
+    last_downsample: tuple[int, int, int] = (1, 1, 1)
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if len(self.depths) != len(self.dims):
+            raise ValueError(f"ConvNeXtConfig: depths {self.depths} and dims {self.dims} must have the same length")
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        stride = list(self.stem_kernel)
+        for stage in range(1, len(self.dims)):
+            kernel = self.last_downsample if stage == len(self.dims) - 1 else self.downsample_kernel
+            stride = [s * k for s, k in zip(stride, kernel)]
+        return tuple(stride)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ConvNeXtConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ConvNeXtConfig: unknown fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+class EncoderOutput(NamedTuple):
+    pooled: jax.Array  # (N, C_last): LayerNorm of the global spatial mean
+    stages: tuple[jax.Array, ...]  # raw (un-normalised) stage outputs, channels-last
+
+
+def _conv(in_ch: int, out_ch: int, kernel, *, stride=1, groups: int = 1, padding="VALID", dtype, rngs):
+    return nnx.Conv(
+        in_ch, out_ch, tuple(kernel), strides=stride, padding=padding, feature_group_count=groups,
+        kernel_init=trunc_normal(0.02), bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+        param_dtype=jnp.float32, rngs=rngs,
+    )
+
+
+def _linear(in_f: int, out_f: int, *, dtype, rngs):
+    return nnx.Linear(
+        in_f, out_f, kernel_init=trunc_normal(0.02), bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+        param_dtype=jnp.float32, rngs=rngs,
+    )
+
+
+class GRN(nnx.Module):
+    """Global response normalisation: per-sample, per-channel L2 norm over all spatial axes, divided by its
+    channel mean; gamma and beta start at zero so a fresh block is the identity on this path."""
+
+    def __init__(self, channels: int, *, dtype):
+        self.gamma = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.beta = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        spatial = tuple(range(1, x.ndim - 1))
+        # The norm is accumulated in fp32 even under bf16 compute: it sums over every voxel of the volume.
+        x32 = x.astype(jnp.float32)
+        gx = jnp.sqrt(jnp.sum(jnp.square(x32), axis=spatial, keepdims=True))
+        nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
+        out = self.gamma[...] * (x32 * nx) + self.beta[...] + x32
+        return out.astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """ConvNeXt-V2 block: depthwise 7^3 conv -> LN -> Linear 4C -> GELU -> GRN -> Linear C, plus residual."""
+
+    def __init__(self, dim: int, drop_path: float, *, dtype, rngs: nnx.Rngs):
+        self.dwconv = _conv(dim, dim, (7, 7, 7), groups=dim, padding=((3, 3),) * 3, dtype=dtype, rngs=rngs)
+        self.norm = layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.pwconv1 = _linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
+        self.grn = GRN(4 * dim, dtype=dtype)
+        self.pwconv2 = _linear(4 * dim, dim, dtype=dtype, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.dwconv(x)
+        y = self.norm(y)
+        y = gelu(self.pwconv1(y))
+        y = self.grn(y)
+        y = self.pwconv2(y)
+        return x + self.drop_path(y)
+
+
+class ConvNeXtV2(nnx.Module):
+    def __init__(self, config: ConvNeXtConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.dtype)
+        dims = config.dims
+        stem = nnx.List([
+            _conv(config.in_channels, dims[0], config.stem_kernel, stride=config.stem_kernel, dtype=dtype,
+                  rngs=rngs),
+            layer_norm(dims[0], dtype=dtype, rngs=rngs),
+        ])
+        layers = [stem]
+        for stage in range(1, len(dims)):
+            kernel = config.last_downsample if stage == len(dims) - 1 else config.downsample_kernel
+            layers.append(nnx.List([
+                layer_norm(dims[stage - 1], dtype=dtype, rngs=rngs),
+                _conv(dims[stage - 1], dims[stage], kernel, stride=kernel, dtype=dtype, rngs=rngs),
+            ]))
+        self.downsample_layers = nnx.List(layers)
+
+        total_blocks = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
+        stages, cursor = [], 0
+        for stage, depth in enumerate(config.depths):
+            stages.append(nnx.List([
+                Block(dims[stage], rates[cursor + b], dtype=dtype, rngs=rngs) for b in range(depth)
+            ]))
+            cursor += depth
+        self.stages = nnx.List(stages)
+        self.norm = layer_norm(dims[-1], dtype=dtype, rngs=rngs)
+
+    @property
+    def feature_channels(self) -> tuple[int, ...]:
+        return tuple(self.config.dims)
+
+    def __call__(self, x: jax.Array) -> EncoderOutput:
+        """x: (N, D, H, W, C_in), D/H/W multiples of the total stride. Returns pooled feature + raw stages."""
+        stride = self.config.total_stride
+        bad = [size for size, s in zip(x.shape[1:4], stride) if size % s]
+        if x.ndim != 5 or bad or x.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"ConvNeXtV2 expects (N, D, H, W, {self.config.in_channels}) with D, H, W multiples of {stride}; "
+                f"got {x.shape}"
+            )
+        stage_outputs = []
+        for downsample, blocks in zip(self.downsample_layers, self.stages):
+            for layer in downsample:
+                x = layer(x)
+            for block in blocks:
+                x = block(x)
+            stage_outputs.append(x)
+        pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)).astype(x.dtype))
+        return EncoderOutput(pooled=pooled, stages=tuple(stage_outputs))
+
+    def hidden_states(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """The four stage maps that dense heads (UPerNet) consume."""
+        return self(x).stages
