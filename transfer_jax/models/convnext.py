@@ -41,14 +41,6 @@ class ConvNeXtConfig:
             stride = [s * k for s, k in zip(stride, kernel)]
         return tuple(stride)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "ConvNeXtConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ConvNeXtConfig: unknown fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
 
 class EncoderOutput(NamedTuple):
     pooled: jax.Array  # (N, C_last): LayerNorm of the global spatial mean
@@ -165,3 +157,27 @@ class ConvNeXtV2(nnx.Module):
     def hidden_states(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """The four stage maps that dense heads (UPerNet) consume."""
         return self(x).stages
+
+
+def layer_id(path: tuple, depths: tuple[int, ...], scheme: str = "group") -> int:
+    """Upstream's layer index for layer-wise lr decay (`util/convnext_optim.py`), on an encoder param path.
+
+    "group" (upstream default) bins blocks in threes as written for a 27-block stage 2; "single" gives every
+    block its own index. Parameters outside the encoder stages (final norm) get the top encoder index.
+    """
+    head, *rest = [str(p) for p in path]
+    if scheme == "single":
+        if head == "downsample_layers":
+            return sum(depths[: int(rest[0])]) + 1
+        if head == "stages":
+            return sum(depths[: int(rest[0])]) + int(rest[1]) + 1
+        return sum(depths) + 1
+    if scheme != "group":
+        raise ValueError(f"layer decay scheme must be 'group' or 'single', got {scheme!r}")
+    if head == "downsample_layers":
+        stage = int(rest[0])
+        return {0: 0, 1: 2, 2: 3}.get(stage, 12)
+    if head == "stages":
+        stage, block = int(rest[0]), int(rest[1])
+        return {0: 1, 1: 2}.get(stage, 3 + block // 3 if stage == 2 else 12)
+    return 13

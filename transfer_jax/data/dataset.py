@@ -1,0 +1,61 @@
+"""From the `data` config block to checked, prepared train / val / test case lists."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from transfer_jax.data.augment import AugmentConfig
+from transfer_jax.data.errors import DataError
+from transfer_jax.data.manifest import Case, read_manifest
+from transfer_jax.data.phantom import PhantomConfig, default_phantom_manifest
+from transfer_jax.data.preprocess import PreparedCase, PreprocessConfig, preprocess_cases
+
+
+@dataclasses.dataclass
+class PreparedSplits:
+    manifest: str
+    paths: dict[str, list[str]]  # split -> prepared case files, manifest order
+    case_ids: dict[str, list[str]]
+    skipped: list[DataError]
+
+
+def preprocess_config(data_config) -> PreprocessConfig:
+    return PreprocessConfig(
+        spacing=None if data_config.spacing is None else tuple(data_config.spacing),
+        crop_size=tuple(data_config.crop_size), region_margin=data_config.region_margin,
+        channels=tuple(data_config.channels),
+    )
+
+
+def augment_config(data_config) -> AugmentConfig:
+    return AugmentConfig(**data_config.augment.to_dict())
+
+
+def resolve_manifest(data_config) -> str:
+    """The configured manifest, or the embedded phantom dataset (generated on first use) when none is given."""
+    if data_config.manifest:
+        return data_config.manifest
+    return default_phantom_manifest(PhantomConfig(**data_config.phantom.to_dict()))
+
+
+def prepare_splits(data_config, cache_dir: str, task, log=print) -> PreparedSplits:
+    manifest = resolve_manifest(data_config)
+    cases: list[Case] = read_manifest(manifest)
+
+    def validate(case: Case, path: str) -> None:
+        task.validate_case(case, PreparedCase.load(path))
+
+    report = preprocess_cases(cases, preprocess_config(data_config), cache_dir, on_bad_case=data_config.on_bad_case,
+                              workers=data_config.preprocess_workers, validate=validate)
+    for problem in report.problems:
+        log(f"skipping bad case: {problem}")
+    paths, ids = {}, {}
+    for split in ("train", "val", "test"):
+        chosen = [c for c in cases if c.split == split and c.case_id in report.paths]
+        paths[split] = [report.paths[c.case_id] for c in chosen]
+        ids[split] = [c.case_id for c in chosen]
+    if not paths["train"]:
+        raise DataError(f"no usable training cases in {manifest}")
+    if not paths["val"]:
+        raise DataError(f"no usable validation cases (split == 'val') in {manifest}")
+    return PreparedSplits(manifest=os.path.abspath(manifest), paths=paths, case_ids=ids, skipped=report.problems)

@@ -1,0 +1,118 @@
+"""The dataset manifest: one CSV row per case.
+
+Columns (header required, order free):
+
+| column        | required | meaning                                                                  |
+|---------------|----------|--------------------------------------------------------------------------|
+| `case_id`     | yes      | unique identifier, used in logs, predictions and errors                  |
+| `t2`          | yes      | T2-weighted NIfTI; defines the reference grid                            |
+| `adc`         | yes      | ADC map NIfTI (resampled onto the T2 grid if its grid differs)           |
+| `dwi`         | yes      | high-b DWI NIfTI (likewise)                                              |
+| `gland_mask`  | no       | prostate mask NIfTI (values 0/1), used for cropping and segmentation    |
+| `lesion_mask` | no       | lesion mask NIfTI (integer labels, > 0 = lesion)                         |
+| `label`       | no       | case-level integer label (e.g. PI-RADS - 2) for classification           |
+| `split`       | yes      | `train`, `val` or `test`                                                 |
+
+Paths are relative to the manifest's folder (absolute paths are kept as they are). Empty cells mean "absent".
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Optional
+
+from transfer_jax.data.errors import DataError
+
+REQUIRED_COLUMNS = ("case_id", "t2", "adc", "dwi", "split")
+OPTIONAL_COLUMNS = ("gland_mask", "lesion_mask", "label")
+SPLITS = ("train", "val", "test")
+SEQUENCES = ("t2", "adc", "dwi")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    case_id: str
+    t2: str
+    adc: str
+    dwi: str
+    split: str
+    gland_mask: Optional[str] = None
+    lesion_mask: Optional[str] = None
+    label: Optional[str] = None  # kept as text: tasks decide how to parse and validate it
+
+    def path(self, role: str) -> Optional[str]:
+        return getattr(self, role)
+
+
+def read_manifest(path: str) -> list[Case]:
+    """Parse and validate a manifest; every problem found is reported in one DataError."""
+    if not os.path.isfile(path):
+        raise DataError("manifest not found", path=path)
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DataError(
+                f"manifest is missing required column(s) {missing}; it has {header}. Required: "
+                f"{list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}",
+                path=path,
+            )
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+
+    problems, cases, seen = [], [], set()
+    for line, row in enumerate(rows, start=2):
+        case_id = row["case_id"]
+        if not case_id:
+            problems.append(f"line {line}: empty case_id")
+            continue
+        if case_id in seen:
+            problems.append(f"line {line}: duplicate case_id {case_id!r}")
+            continue
+        seen.add(case_id)
+        if row["split"] not in SPLITS:
+            problems.append(f"line {line} (case {case_id!r}): split {row['split']!r} is not one of {SPLITS}")
+            continue
+        empty = [c for c in SEQUENCES if not row[c]]
+        if empty:
+            problems.append(f"line {line} (case {case_id!r}): empty path in column(s) {empty}")
+            continue
+
+        def resolve(column: str) -> Optional[str]:
+            value = row.get(column, "")
+            if not value:
+                return None
+            return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+        cases.append(Case(
+            case_id=case_id, t2=resolve("t2"), adc=resolve("adc"), dwi=resolve("dwi"), split=row["split"],
+            gland_mask=resolve("gland_mask"), lesion_mask=resolve("lesion_mask"), label=row.get("label") or None,
+        ))
+    if problems:
+        raise DataError("invalid manifest:\n  " + "\n  ".join(problems), path=path)
+    if not cases:
+        raise DataError("manifest has no cases", path=path)
+    return cases
+
+
+def write_manifest(path: str, cases: list[Case]) -> None:
+    """Write cases with paths relative to the manifest's folder (the inverse of read_manifest)."""
+    base = os.path.dirname(os.path.abspath(path))
+    columns = list(REQUIRED_COLUMNS[:1]) + list(SEQUENCES) + ["gland_mask", "lesion_mask", "label", "split"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for case in cases:
+            row = {}
+            for column in columns:
+                value = getattr(case, column)
+                if value is not None and column in SEQUENCES + ("gland_mask", "lesion_mask"):
+                    value = os.path.relpath(value, base)
+                row[column] = "" if value is None else value
+            writer.writerow(row)
+
+
+def cases_in_split(cases: list[Case], split: str) -> list[Case]:
+    return [c for c in cases if c.split == split]

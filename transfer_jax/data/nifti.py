@@ -1,0 +1,132 @@
+"""NIfTI reading and affine-aware resampling.
+
+Array convention (the upstream one): a NIfTI volume with voxel axes (i, j, k) is returned as an array of shape
+(D, H, W) = (k, j, i), i.e. the reversed NIfTI axes, without any reorientation; this is also what SimpleITK's
+`GetArrayFromImage` gives. `Grid.affine_dhw` maps (d, h, w, 1) voxel indices to world millimetres, so resampling
+between two grids is one 4x4 matrix: target index -> world -> source index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from transfer_jax.data.errors import DataError
+
+# (d, h, w) -> (i, j, k): reverse the axes.
+_DHW_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A voxel grid: shape in (D, H, W) and the NIfTI affine (i, j, k) -> world (RAS mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def affine_dhw(self) -> np.ndarray:
+        return self.affine @ _DHW_TO_IJK
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along (D, H, W)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine_dhw[:3, :3], axis=0))
+
+    def with_spacing(self, spacing_dhw: tuple[float, float, float]) -> "Grid":
+        """Same origin (centre of voxel 0) and direction, new voxel size; size rounded like SimpleITK pipelines."""
+        old = np.asarray(self.spacing)
+        new = np.asarray(spacing_dhw, dtype=np.float64)
+        shape = tuple(max(1, int(round(n * o / s))) for n, o, s in zip(self.shape, old, new))
+        scale = np.diag([*(new / old)[::-1], 1.0])  # in (i, j, k) order
+        return Grid(shape=shape, affine=self.affine @ scale)
+
+    def crop(self, start_dhw: tuple[int, int, int], shape_dhw: tuple[int, int, int]) -> "Grid":
+        """Sub-grid starting at a (possibly negative) voxel offset: the geometry of a crop or pad."""
+        shift = np.eye(4)
+        shift[:3, 3] = np.asarray(start_dhw, dtype=np.float64)[::-1]
+        return Grid(shape=tuple(int(s) for s in shape_dhw), affine=self.affine @ shift)
+
+
+@dataclasses.dataclass
+class Volume:
+    array: np.ndarray  # (D, H, W) float32
+    grid: Grid
+    path: str
+
+
+def read_volume(path: str, *, case_id: str | None = None, role: str = "image") -> Volume:
+    """Read one 3-D NIfTI as float32 (D, H, W); every failure becomes a DataError naming the case and file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{role} file does not exist", case_id=case_id, path=path)
+    try:
+        image = nib.load(path)
+        shape = image.shape
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise DataError(
+                f"{role} must be a 3-D volume, got shape {image.shape} ({len(image.shape)}-D)",
+                case_id=case_id, path=path,
+            )
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+    except DataError:
+        raise
+    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise DataError(
+            f"cannot read {role}: the file is truncated or not a valid NIfTI ({type(exc).__name__}: {exc})",
+            case_id=case_id, path=path,
+        ) from None
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise DataError(f"{role} has {int(bad.sum())} NaN/Inf voxel(s)", case_id=case_id, path=path)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError(f"{role} has a singular or non-finite affine:\n{affine}", case_id=case_id, path=path)
+    return Volume(array=np.ascontiguousarray(data.transpose(2, 1, 0)), grid=Grid(tuple(shape[::-1]), affine),
+                  path=path)
+
+
+def source_index_map(source: Grid, target: Grid) -> np.ndarray:
+    """4x4 matrix taking target (d, h, w, 1) voxel indices to source voxel indices."""
+    return np.linalg.inv(source.affine_dhw) @ target.affine_dhw
+
+
+def overlap_fraction(source: Grid, target: Grid, samples: int = 16) -> float:
+    """Fraction of the target grid (probed on a samples^3 lattice) that falls inside the source grid."""
+    axes = [np.linspace(0, n - 1, min(n, samples)) for n in target.shape]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    homog = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+    src = (source_index_map(source, target) @ homog.T)[:3].T
+    inside = np.all((src >= -0.5) & (src <= np.asarray(source.shape) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def resample(volume: Volume, target: Grid, *, order: int = 1) -> np.ndarray:
+    """Sample `volume` on `target` (trilinear for images, order 0 for label maps); outside the source is 0."""
+    if volume.grid.shape == target.shape and np.allclose(volume.grid.affine, target.affine, atol=1e-5):
+        return volume.array
+    matrix = source_index_map(volume.grid, target)
+    return ndimage.affine_transform(
+        volume.array, matrix[:3, :3], offset=matrix[:3, 3], output_shape=target.shape, order=order,
+        mode="constant", cval=0.0, prefilter=False,
+    ).astype(np.float32)
+
+
+def write_like(array_dhw: np.ndarray, grid: Grid, path: str, *, reference: str | None = None) -> None:
+    """Write a (D, H, W) array as NIfTI on `grid`, copying the reference header's orientation codes if given."""
+    header = None
+    if reference is not None:
+        header = nib.load(reference).header.copy()
+        header.set_data_dtype(array_dhw.dtype)
+    image = nib.Nifti1Image(np.asarray(array_dhw).transpose(2, 1, 0), grid.affine, header=header)
+    image.set_qform(grid.affine, code=1)
+    image.set_sform(grid.affine, code=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".partial.nii.gz" if path.endswith(".gz") else path + ".partial.nii"
+    nib.save(image, tmp)
+    os.replace(tmp, path)

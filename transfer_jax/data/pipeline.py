@@ -1,0 +1,108 @@
+"""Grain pipelines from prepared cases to host batches.
+
+Training: source -> this process's slice -> deterministic shuffle (new order every epoch) -> repeat ->
+random crop/zoom/flip/intensity jitter (per-element seeds, so resuming reproduces the stream) -> task targets ->
+batch -> optional worker processes. The iterator's state is a small dict saved with every checkpoint.
+
+Evaluation: the centre crop of each case, in manifest order, batched with a `valid` flag so the last batch can be
+padded to a fixed size (one compiled eval step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from transfer_jax.data.augment import AugmentConfig, center_crop, random_crop
+from transfer_jax.data.errors import DataError
+from transfer_jax.data.preprocess import PreparedCase
+
+
+class PreparedCaseSource:
+    """Random access over cached prepared cases; each worker process loads files on demand."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        case = PreparedCase.load(self.paths[index])
+        return {"image": case.image, "gland": case.gland, "lesion": case.lesion, "label": case.label,
+                "case_index": np.int32(index)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Augment(grain.transforms.RandomMap):
+    crop_size: tuple[int, int, int]
+    config: AugmentConfig
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        return random_crop(element, self.crop_size, self.config, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CenterCrop(grain.transforms.Map):
+    crop_size: tuple[int, int, int]
+
+    def map(self, element: dict) -> dict:
+        return center_crop(element, self.crop_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskSample(grain.transforms.Map):
+    task: object
+
+    def map(self, element: dict) -> dict:
+        sample = self.task.make_sample(element)
+        sample["case_index"] = element["case_index"]
+        return sample
+
+
+def train_dataset(paths: list[str], task, *, crop_size, augment: AugmentConfig, per_process_batch: int,
+                  seed: int, workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+    process, processes = jax.process_index(), jax.process_count()
+    source = grain.MapDataset.source(PreparedCaseSource(paths))
+    local = source[process::processes]
+    if len(local) == 0:
+        raise DataError(f"process {process} of {processes} received no training cases ({len(paths)} in total)")
+    ds = (
+        local.shuffle(seed=seed)
+        .repeat()
+        .random_map(_Augment(tuple(crop_size), augment), seed=seed + 1)
+        .map(_TaskSample(task))
+        .batch(per_process_batch, drop_remainder=True)
+    )
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(4, per_process_batch)),
+                                              prefetch_buffer_size=prefetch))
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+    return it
+
+
+def eval_batches(paths: list[str], task, *, crop_size, per_process_batch: int) -> Iterator[dict]:
+    """Centre-cropped evaluation batches of exactly `per_process_batch` rows for this process's slice of cases.
+
+    Every process yields the same number of batches (collectives need it); padding rows have valid=False.
+    """
+    process, processes = jax.process_index(), jax.process_count()
+    ds = grain.MapDataset.source(PreparedCaseSource(paths)).map(_CenterCrop(tuple(crop_size))).map(_TaskSample(task))
+    local = list(range(process, len(ds), processes))
+    per_process = -(-len(ds) // processes)
+    num_batches = -(-per_process // per_process_batch)
+    template = None
+    for b in range(num_batches):
+        indices = local[b * per_process_batch:(b + 1) * per_process_batch]
+        rows = [ds[i] for i in indices]
+        if template is None:
+            template = rows[0] if rows else ds[0]
+        valid = np.zeros(per_process_batch, bool)
+        valid[: len(rows)] = True
+        rows += [template] * (per_process_batch - len(rows))
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["valid"] = valid
+        yield batch

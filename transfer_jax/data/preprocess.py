@@ -1,0 +1,236 @@
+"""From a manifest row to model-ready arrays: read, put every sequence on one grid, normalise, crop around the gland.
+
+Steps (ProFound's conventions, `profound.md` §1.1):
+1. the T2 grid, resampled to the target spacing (same origin and direction), is the reference grid;
+2. DWI, ADC and the masks are sampled from their own grids onto it in one affine-aware interpolation
+   (trilinear for images, nearest for masks), so sequences acquired on other grids line up;
+3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero);
+4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
+   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre.
+
+Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from transfer_jax.data.errors import BadCasesError, DataError
+from transfer_jax.data.manifest import Case
+from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
+
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    spacing: Optional[tuple[float, float, float]] = (1.0, 0.5, 0.5)  # mm along (D, H, W); None keeps T2's
+    crop_size: tuple[int, int, int] = (64, 224, 224)  # (D, H, W) voxels fed to the model
+    region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
+    channels: tuple[str, ...] = ("t2", "dwi", "adc")
+    min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
+    gland_mask_values: tuple[int, ...] = (0, 1)
+    lesion_mask_values: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+
+    @property
+    def region_size(self) -> tuple[int, int, int]:
+        return tuple(int(np.ceil(c * self.region_margin)) for c in self.crop_size)
+
+
+@dataclasses.dataclass
+class PreparedCase:
+    case_id: str
+    image: np.ndarray  # (D, H, W, C) float32, the stored region
+    gland: Optional[np.ndarray]  # (D, H, W) uint8 or None
+    lesion: Optional[np.ndarray]  # (D, H, W) uint8 (1 = lesion) or None
+    region_grid: Grid  # world geometry of `image`
+    source_grid: Grid  # the T2 file's own grid, for writing predictions back
+    label: Optional[str]
+
+    def save(self, path: str) -> None:
+        arrays = {"image": self.image}
+        if self.gland is not None:
+            arrays["gland"] = self.gland
+        if self.lesion is not None:
+            arrays["lesion"] = self.lesion
+        meta = {
+            "case_id": self.case_id, "label": self.label,
+            "region_shape": list(self.region_grid.shape), "region_affine": self.region_grid.affine.tolist(),
+            "source_shape": list(self.source_grid.shape), "source_affine": self.source_grid.affine.tolist(),
+        }
+        tmp = path + ".partial.npz"
+        np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "PreparedCase":
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(
+                case_id=meta["case_id"], image=z["image"], gland=z["gland"] if "gland" in z else None,
+                lesion=z["lesion"] if "lesion" in z else None, label=meta["label"],
+                region_grid=Grid(tuple(meta["region_shape"]), np.asarray(meta["region_affine"])),
+                source_grid=Grid(tuple(meta["source_shape"]), np.asarray(meta["source_affine"])),
+            )
+
+
+def zscore_nonzero(channel: np.ndarray) -> np.ndarray:
+    """MONAI NormalizeIntensity(nonzero=True): z-score the non-zero voxels only, std 0 treated as 1."""
+    nonzero = channel != 0
+    if not nonzero.any():
+        return channel
+    values = channel[nonzero]
+    mean, std = float(values.mean()), float(values.std())
+    out = channel.copy()
+    out[nonzero] = (values - mean) / (std if std > 0 else 1.0)
+    return out
+
+
+def _check_mask(volume: Volume, allowed: tuple[int, ...], case_id: str, role: str) -> None:
+    values = np.unique(volume.array)
+    non_integer = values[values != np.round(values)]
+    if non_integer.size:
+        raise DataError(f"{role} must hold integer labels, found values like {non_integer[:5].tolist()}",
+                        case_id=case_id, path=volume.path)
+    unexpected = sorted(set(values.astype(int).tolist()) - set(allowed))
+    if unexpected:
+        raise DataError(f"{role} has unexpected label value(s) {unexpected}; allowed: {list(allowed)}",
+                        case_id=case_id, path=volume.path)
+
+
+def _on_reference(volume: Volume, target: Grid, reference: Grid, config: PreprocessConfig, case_id: str,
+                  role: str, order: int) -> np.ndarray:
+    fraction = overlap_fraction(volume.grid, reference)
+    if fraction < config.min_overlap:
+        raise DataError(
+            f"{role} grid covers only {fraction:.0%} of the T2 grid (need >= {config.min_overlap:.0%}): the "
+            "sequences do not overlap in world space; check the affines/registration",
+            case_id=case_id, path=volume.path,
+        )
+    return resample(volume, target, order=order)
+
+
+def _region_start(center: np.ndarray, region: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(int(round(c - r / 2)) for c, r in zip(center, region))
+
+
+def crop_or_pad(array: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    """Window of `size` starting at `start` (may be negative or run past the end: zero padding)."""
+    out = np.zeros(tuple(size) + array.shape[len(size):], dtype=array.dtype)
+    src, dst = [], []
+    for s, n, total in zip(start, size, array.shape):
+        lo, hi = max(s, 0), min(s + n, total)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
+    t2 = read_volume(case.t2, case_id=case.case_id, role="t2")
+    target = t2.grid if config.spacing is None else t2.grid.with_spacing(tuple(config.spacing))
+    channels = {"t2": resample(t2, target, order=1)}
+    for role in ("adc", "dwi"):
+        volume = read_volume(case.path(role), case_id=case.case_id, role=role)
+        channels[role] = _on_reference(volume, target, t2.grid, config, case.case_id, role, order=1)
+    unknown = [c for c in config.channels if c not in channels]
+    if unknown:
+        raise DataError(f"unknown channel(s) {unknown} in data.channels; available: {sorted(channels)}")
+    image = np.stack([zscore_nonzero(channels[c]) for c in config.channels], axis=-1)
+
+    masks = {}
+    for role, allowed in (("gland_mask", config.gland_mask_values), ("lesion_mask", config.lesion_mask_values)):
+        path = case.path(role)
+        if path is None:
+            masks[role] = None
+            continue
+        volume = read_volume(path, case_id=case.case_id, role=role)
+        _check_mask(volume, allowed, case.case_id, role)
+        masks[role] = (_on_reference(volume, target, t2.grid, config, case.case_id, role, order=0) > 0)
+
+    gland = masks["gland_mask"]
+    if gland is not None and gland.any():
+        center = np.argwhere(gland).mean(axis=0)
+    else:
+        center = (np.asarray(target.shape) - 1) / 2.0
+    region = config.region_size
+    start = _region_start(center, region)
+    as_region = lambda a: None if a is None else crop_or_pad(a.astype(np.uint8), start, region)  # noqa: E731
+    return PreparedCase(
+        case_id=case.case_id, image=crop_or_pad(image, start, region), gland=as_region(gland),
+        lesion=as_region(masks["lesion_mask"]), region_grid=target.crop(start, region), source_grid=t2.grid,
+        label=case.label,
+    )
+
+
+def cache_key(case: Case, config: PreprocessConfig) -> str:
+    """Changes when the preprocessing settings or any input file (path, size, mtime) change."""
+    files = []
+    for role in ("t2", "adc", "dwi", "gland_mask", "lesion_mask"):
+        path = case.path(role)
+        if path is not None and os.path.exists(path):
+            st = os.stat(path)
+            files.append([role, os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        else:
+            files.append([role, path])
+    blob = json.dumps([CACHE_VERSION, dataclasses.asdict(config), case.case_id, case.label, files], default=list)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class PreprocessReport:
+    paths: dict[str, str]  # case_id -> cached npz of the prepared case
+    problems: list[DataError]
+
+
+def _prepare_to_cache(args) -> tuple[str, Optional[str], Optional[DataError]]:
+    case, config, path = args
+    if os.path.exists(path):
+        return case.case_id, path, None
+    try:
+        prepare_case(case, config).save(path)
+        return case.case_id, path, None
+    except DataError as exc:
+        return case.case_id, None, exc
+
+
+def preprocess_cases(cases: list[Case], config: PreprocessConfig, cache_dir: str, *, on_bad_case: str = "error",
+                     workers: int = 0, validate=None) -> PreprocessReport:
+    """Prepare every case once into `cache_dir` (a pre-flight check: nothing reaches training unchecked).
+
+    `validate(case, prepared_path)` may raise DataError for task-specific problems (e.g. a missing mask).
+    With on_bad_case='error' all problems are raised together before any training starts; with 'skip' the bad
+    cases are left out and returned in the report.
+    """
+    if on_bad_case not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
+    os.makedirs(cache_dir, exist_ok=True)
+    jobs = [(c, config, os.path.join(cache_dir, f"{c.case_id}-{cache_key(c, config)}.npz")) for c in cases]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_prepare_to_cache, jobs))
+    else:
+        results = [_prepare_to_cache(job) for job in jobs]
+    paths, problems = {}, []
+    by_id = {c.case_id: c for c in cases}
+    for case_id, path, problem in results:
+        if problem is None and validate is not None:
+            try:
+                validate(by_id[case_id], path)
+            except DataError as exc:
+                problem = exc
+        if problem is not None:
+            problems.append(problem)
+        else:
+            paths[case_id] = path
+    if problems and on_bad_case == "error":
+        raise BadCasesError(problems)
+    return PreprocessReport(paths=paths, problems=problems)

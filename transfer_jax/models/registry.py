@@ -1,0 +1,33 @@
+"""Backbones by name, built from plain option dicts (the `model` block of a config or a converted artifact)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from flax import nnx
+
+from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
+
+
+def dataclass_from_dict(cls, values: dict[str, Any]):
+    """Build a frozen config dataclass, turning lists into tuples and naming unknown fields in the error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; expected a subset of {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _profound_conv(options: dict, rngs: nnx.Rngs) -> ConvNeXtV2:
+    return ConvNeXtV2(dataclass_from_dict(ConvNeXtConfig, options), rngs=rngs)
+
+
+BACKBONES: dict[str, Callable[[dict, nnx.Rngs], nnx.Module]] = {
+    "profound_conv": _profound_conv,
+}
+
+
+def build_backbone(name: str, options: dict, *, rngs: nnx.Rngs) -> nnx.Module:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+    return BACKBONES[name](dict(options), rngs)

@@ -1,0 +1,64 @@
+"""What every downstream task provides to the one training loop.
+
+A task turns prepared cases into numeric samples (`make_sample`, numpy, in the data workers), builds the model for
+a backbone (`build_model`), and defines the loss (`loss`, jittable), the per-case evaluation statistics
+(`eval_stats`, jittable, small arrays) and how those reduce to reported metrics (`summarize`, host, at the eval
+cadence). The primary metric and its direction drive checkpoint selection, early stopping and the study.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from transfer_jax.data.errors import DataError
+from transfer_jax.data.manifest import Case
+
+
+class Task(abc.ABC):
+    name: str = ""
+    primary_metric: str = ""
+    direction: str = "max"  # "max" or "min"
+
+    def __init__(self, config):
+        self.config = config
+
+    # -- data (numpy) -----------------------------------------------------------------------------------------
+    def validate_case(self, case: Case, prepared: Any) -> None:
+        """Raise DataError when a case cannot serve this task (e.g. no mask for segmentation)."""
+
+    @abc.abstractmethod
+    def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
+        """From an (augmented) prepared-case dict to the arrays one batch element holds; must keep `image`."""
+
+    # -- model ------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        ...
+
+    # -- jitted -----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, outputs: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        ...
+
+    @abc.abstractmethod
+    def eval_stats(self, outputs: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-sample statistics, leading axis = batch (padding rows are dropped on the host via `valid`)."""
+
+    # -- host -------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def summarize(self, stats: dict[str, np.ndarray]) -> dict[str, float]:
+        """Reduce the concatenated per-case statistics of a full evaluation to scalar metrics."""
+
+    def is_better(self, value: float, best: float | None) -> bool:
+        if best is None or not np.isfinite(best):
+            return bool(np.isfinite(value))
+        return value > best if self.direction == "max" else value < best
+
+
+def require(condition: bool, message: str, case: Case, path: str | None = None) -> None:
+    if not condition:
+        raise DataError(message, case_id=case.case_id, path=path)

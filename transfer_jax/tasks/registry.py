@@ -1,0 +1,16 @@
+"""Tasks by the name used in `config.task.name`."""
+from __future__ import annotations
+
+from transfer_jax.tasks.base import Task
+from transfer_jax.tasks.segmentation import SegmentationTask
+
+TASKS: dict[str, type[Task]] = {
+    SegmentationTask.name: SegmentationTask,
+}
+
+
+def get_task(config) -> Task:
+    name = config.task.name
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} in config.task.name; available: {sorted(TASKS)}")
+    return TASKS[name](config)

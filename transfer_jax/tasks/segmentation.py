@@ -1,0 +1,143 @@
+"""Gland and lesion segmentation: label map 0 = background, 1 = gland, 2 = lesion (lesion wins where they overlap).
+
+Loss: MONAI-style DiceCE (softmax; soft Dice per sample and foreground class, smooth 1e-5; CE over all classes)
+on the main logits plus `aux_weight` x the same on the auxiliary head (upstream: 0.4). Metric: Dice per class per
+case on the argmax prediction, cases with an empty ground truth skipped for that class (MONAI ignore_empty).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transfer_jax.models.registry import build_backbone, dataclass_from_dict
+from transfer_jax.models.upernet import SegmentationOutput, UPerNet, UPerNetConfig
+from transfer_jax.tasks.base import Task, require
+
+SMOOTH = 1e-5
+
+
+def soft_dice_loss(probs: jax.Array, onehot: jax.Array, *, include_background: bool,
+                   class_weights: jax.Array | None = None) -> jax.Array:
+    """1 - (2 sum(p g) + s) / (sum(p) + sum(g) + s) per (sample, class), weighted mean over classes and batch."""
+    spatial = tuple(range(1, probs.ndim - 1))
+    intersection = jnp.sum(probs * onehot, axis=spatial)
+    denominator = jnp.sum(probs, axis=spatial) + jnp.sum(onehot, axis=spatial)
+    dice = 1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)
+    if class_weights is not None:
+        dice = dice * class_weights
+    if not include_background:
+        dice = dice[:, 1:]
+    return jnp.mean(dice)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:
+    """Mean voxel CE; with class weights the weighted mean sum(w_y nll) / sum(w_y), as torch does."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    if class_weights is None:
+        return jnp.mean(nll)
+    w = class_weights[labels]
+    return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, include_background: bool = False,
+                 class_weights: jax.Array | None = None) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    dice = soft_dice_loss(jax.nn.softmax(logits, axis=-1), onehot, include_background=include_background,
+                          class_weights=class_weights)
+    return dice + cross_entropy(logits, labels, class_weights)
+
+
+def dice_counts(pred: jax.Array, labels: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+    """Per-sample, per-class |P & G|, |P| and |G| of hard label maps: (B, K) each."""
+    spatial = tuple(range(1, pred.ndim))
+    p = jax.nn.one_hot(pred, num_classes, dtype=jnp.float32)
+    g = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    axes = tuple(a for a in spatial)
+    return {
+        "intersection": jnp.sum(p * g, axis=axes),
+        "pred_sum": jnp.sum(p, axis=axes),
+        "target_sum": jnp.sum(g, axis=axes),
+    }
+
+
+def dice_from_counts(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """(cases, K) Dice with NaN where the ground truth is empty (skipped in means)."""
+    inter, pred, target = stats["intersection"], stats["pred_sum"], stats["target_sum"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2.0 * inter / (pred + target)
+    return np.where(target > 0, dice, np.nan)
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    primary_metric = "dice_mean"
+    direction = "max"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.class_names = ("background",) + tuple(config.task.classes)
+        unknown = [c for c in config.task.classes if c not in ("gland", "lesion")]
+        if unknown:
+            raise ValueError(f"task.classes: unknown class(es) {unknown}; segmentation supports 'gland', 'lesion'")
+        self.num_classes = len(self.class_names)
+        weights = config.task.get("class_weights")
+        self.class_weights = None if not weights else tuple(float(w) for w in weights)
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise ValueError(f"task.class_weights has {len(self.class_weights)} entries; expected "
+                             f"{self.num_classes} for classes {self.class_names}")
+
+    def validate_case(self, case, prepared) -> None:
+        for cls in self.config.task.classes:
+            column = f"{cls}_mask"
+            require(case.path(column) is not None,
+                    f"segmentation of {cls!r} needs a {column!r} in the manifest, but the cell is empty", case)
+        require(prepared.gland is None or prepared.gland.any() or "gland" not in self.config.task.classes,
+                "the gland mask is empty inside the cropped region", case, case.gland_mask)
+
+    def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
+        label = np.zeros(sample["image"].shape[:3], np.int32)
+        for index, cls in enumerate(self.config.task.classes, start=1):
+            label[sample[cls] > 0] = index
+        return {"image": sample["image"], "label": label}
+
+    def build_model(self, rngs: nnx.Rngs) -> UPerNet:
+        model = self.config.model
+        encoder = build_backbone(model.backbone, model.backbone_options.to_dict(), rngs=rngs)
+        head = dataclass_from_dict(UPerNetConfig, {**model.head_options.to_dict(), "num_classes": self.num_classes,
+                                                   "dtype": model.backbone_options.get("dtype", "float32")})
+        return UPerNet(encoder, head, in_channels=encoder.feature_channels, rngs=rngs)
+
+    def _loss_one(self, logits, labels):
+        weights = None if self.class_weights is None else jnp.asarray(self.class_weights, jnp.float32)
+        return dice_ce_loss(logits, labels, include_background=False, class_weights=weights)
+
+    def loss(self, outputs: SegmentationOutput, batch):
+        main = self._loss_one(outputs.logits, batch["label"])
+        metrics = {"loss_main": main}
+        total = main
+        if outputs.aux_logits is not None:
+            aux = self._loss_one(outputs.aux_logits, batch["label"])
+            total = main + self.config.task.aux_weight * aux
+            metrics["loss_aux"] = aux
+        return total, metrics
+
+    def eval_stats(self, outputs: SegmentationOutput, batch):
+        pred = jnp.argmax(outputs.logits, axis=-1)
+        return dice_counts(pred, batch["label"], self.num_classes)
+
+    def summarize(self, stats):
+        dice = dice_from_counts(stats)
+        metrics = {}
+        per_class = []
+        for k, name in enumerate(self.class_names[1:], start=1):
+            column = dice[:, k]
+            value = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
+            metrics[f"dice/{name}"] = value
+            per_class.append(value)
+        finite = [v for v in per_class if np.isfinite(v)]
+        metrics["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
+        return metrics

@@ -1,0 +1,261 @@
+"""The fine-tuning loop: config -> data -> sharded state -> one compiled, donated step -> eval -> checkpoints.
+
+Host <-> device traffic is kept to batches in and scalars out: step metrics stay on device and are fetched once
+per `log_every` steps; evaluation statistics are fetched once per evaluation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from transfer_jax.data.dataset import augment_config, prepare_splits
+from transfer_jax.data.pipeline import eval_batches, train_dataset
+from transfer_jax.models.convnext import layer_id as convnext_layer_id
+from transfer_jax.tasks.registry import get_task
+from transfer_jax.train import distributed
+from transfer_jax.train.checkpoint import RunCheckpointer
+from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, create_mesh, global_batch
+from transfer_jax.train.optim import make_optimizer
+from transfer_jax.train.state import abstract_state, count_params, init_state
+from transfer_jax.train.step import compiled_flops, describe_memory, make_eval_step, make_train_step
+from transfer_jax.train.writer import MetricWriter
+
+
+class SimulatedPreemption(RuntimeError):
+    """Raised by `config.debug.preempt_after_step`: the run stops hard right after a checkpoint, like a kill."""
+
+
+def _backbone_layer_fn(config):
+    if config.model.backbone == "profound_conv":
+        depths = tuple(config.model.backbone_options.depths)
+        scheme = config.optimizer.layer_decay_scheme
+        return (lambda path: convnext_layer_id(tuple(p.key if hasattr(p, "key") else p for p in path)[1:], depths,
+                                               scheme)), sum(depths)
+    return None, 0
+
+
+def _fetch(tree):
+    """Device -> host for small results; gathers across processes when the arrays span several hosts."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+class Evaluator:
+    def __init__(self, task, graph, paths, crop_size, per_process_batch, mesh, compute_dtype):
+        self.task, self.paths, self.mesh = task, paths, mesh
+        self.crop_size, self.per_process_batch = crop_size, per_process_batch
+        self.step = jax.jit(make_eval_step(graph, task, compute_dtype))
+
+    def __call__(self, state) -> dict[str, float]:
+        stats, losses, valid = [], [], []
+        for batch in eval_batches(self.paths, self.task, crop_size=self.crop_size,
+                                  per_process_batch=self.per_process_batch):
+            device_batch = global_batch(batch, self.mesh)
+            batch_stats, loss = self.step(state.params, state.rest, device_batch)
+            stats.append(batch_stats)
+            losses.append(loss)
+            valid.append(device_batch["valid"])
+        stats, losses, valid = _fetch((stats, losses, valid))
+        mask = np.concatenate(valid)
+        merged = {k: np.concatenate([s[k] for s in stats])[mask] for k in stats[0]}
+        metrics = self.task.summarize(merged)
+        metrics["loss"] = float(np.mean(losses))
+        return metrics
+
+
+def _config_snapshot(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Run (or resume) one fine-tuning run; returns the run summary also written to `workdir/summary.json`."""
+    distributed.initialize(config.distributed)
+    workdir = os.path.abspath(workdir)
+    writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
+    try:
+        return _run(config, workdir, writer)
+    finally:
+        writer.close()
+
+
+def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
+    wall_start = time.time()
+    log = writer.log
+    log(f"transfer_jax: task={config.task.name} backbone={config.model.backbone} workdir={workdir}")
+    log(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es), python {platform.python_version()}")
+
+    mesh = create_mesh(config.mesh.data, config.mesh.fsdp)
+    task = get_task(config)
+    per_process_batch = check_batch_divisible(config.batch_size, mesh)
+    eval_per_process = check_batch_divisible(config.eval_batch_size, mesh)
+    compute_dtype = jnp.dtype(config.model.backbone_options.get("dtype", "float32"))
+
+    cache_dir = config.data.cache_dir or os.path.join(workdir, "preprocessed")
+    splits = prepare_splits(config.data, cache_dir, task, log=log)
+    log(f"data: {splits.manifest}: train {len(splits.paths['train'])}, val {len(splits.paths['val'])}, "
+        f"test {len(splits.paths['test'])} cases, {len(splits.skipped)} skipped")
+
+    def build(rngs):
+        return task.build_model(rngs)
+
+    from transfer_jax.train.state import model_graph
+
+    _, abstract_params, _ = model_graph(build)
+    layer_fn, num_layers = _backbone_layer_fn(config)
+    tx, schedule, opt_info = make_optimizer(
+        config.optimizer, abstract_params, total_steps=config.total_steps, backbone_layer_id=layer_fn,
+        num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith("encoder."),
+    )
+    state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, config.mesh.strategy)
+    log(f"model: {count_params(state.params):,} parameters ({len(opt_info['frozen'])} frozen tensors), "
+        f"sharding={config.mesh.strategy}, mesh={dict(mesh.shape)}")
+
+    train_iter = iter(train_dataset(
+        splits.paths["train"], task, crop_size=tuple(config.data.crop_size), augment=augment_config(config.data),
+        per_process_batch=per_process_batch, seed=config.seed, workers=config.data.workers,
+        prefetch=config.data.prefetch,
+    ))
+    checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    meta: dict[str, Any] = {"history": [], "best": None, "best_step": None, "evals_without_improvement": 0}
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, meta = checkpointer.restore(latest, abstract_state(state, shardings), train_iter)
+        log(f"resumed from checkpoint at step {latest}")
+    start_step = int(jax.device_get(state.step))
+
+    evaluator = Evaluator(task, graph, splits.paths["val"], tuple(config.data.crop_size), eval_per_process, mesh,
+                          compute_dtype)
+    train_step = make_train_step(graph, task, tx, schedule, compute_dtype)
+    step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
+
+    finished = start_step >= config.total_steps or meta.get("stopped_early", False)
+    throughput: dict[str, float] = {}
+    if not finished:
+        batch = global_batch(next(train_iter), mesh)
+        compile_start = time.time()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_seconds = time.time() - compile_start
+        memory = describe_memory(compiled)
+        flops = compiled_flops(compiled)
+        log(f"compiled train step in {compile_seconds:.1f}s; memory per device (MiB): "
+            + ", ".join(f"{k}={v:.1f}" for k, v in memory.items())
+            + (f"; XLA flops/step/device={flops:.3g}" if flops else ""))
+        throughput = {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops, **memory}
+        state, meta, throughput = _train(config, state, compiled, batch, train_iter, mesh, evaluator, checkpointer,
+                                         writer, meta, start_step, task, throughput)
+    checkpointer.close()
+
+    summary = {
+        "task": config.task.name, "backbone": config.model.backbone, "workdir": workdir,
+        "primary_metric": task.primary_metric, "direction": task.direction,
+        "best": meta["best"], "best_step": meta["best_step"],
+        "final": meta["history"][-1]["metrics"] if meta["history"] else None,
+        "steps": int(jax.device_get(state.step)), "stopped_early": bool(meta.get("stopped_early", False)),
+        "history": meta["history"], "throughput": throughput,
+        "skipped_cases": [str(p) for p in splits.skipped], "manifest": splits.manifest,
+        "wall_seconds": time.time() - wall_start, "config": _config_snapshot(config),
+    }
+    summary["steps_to_95pct_best"] = steps_to_fraction_of_best(meta["history"], task, 0.95)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    if splits.skipped:
+        log(f"{len(splits.skipped)} case(s) were skipped:\n" + "\n".join(f"  - {p}" for p in splits.skipped))
+    final = summary["final"] or {}
+    log(f"done: {task.primary_metric} final={final.get(task.primary_metric, float('nan')):.4f} "
+        f"best={summary['best'] if summary['best'] is not None else float('nan'):.4f} (step {summary['best_step']}), "
+        f"steps={summary['steps']}, wall={summary['wall_seconds']:.0f}s, outputs in {workdir}")
+    return summary
+
+
+def steps_to_fraction_of_best(history: list[dict], task, fraction: float) -> Optional[int]:
+    """First evaluated step whose primary metric reaches `fraction` of the best value (convergence speed)."""
+    values = [(h["step"], h["metrics"].get(task.primary_metric)) for h in history]
+    values = [(s, v) for s, v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    best = max(v for _, v in values) if task.direction == "max" else min(v for _, v in values)
+    for step, value in values:
+        reached = value >= fraction * best if task.direction == "max" else value <= best / fraction
+        if reached:
+            return step
+    return None
+
+
+def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, checkpointer, writer, meta,
+           start_step, task, throughput):
+    log = writer.log
+    total = config.total_steps
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not config.logging.progress_bar or jax.process_index() != 0)
+    pending = None  # metrics of the last step of the current logging window (still on device)
+    window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
+    steady: list[float] = []
+    batch = first_batch
+    step = start_step
+    while step < total:
+        state, metrics = compiled(state, batch)
+        step += 1
+        window_steps += 1
+        pending = metrics
+        bar.update(1)
+        last = step == total
+        if step % config.log_every == 0 or last:
+            scalars = {k: float(v) for k, v in jax.device_get(pending).items()}
+            elapsed = time.time() - window_start - paused
+            step_time = elapsed / max(window_steps, 1)
+            scalars.update(step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
+                           data_wait_fraction=data_wait / max(elapsed, 1e-9))
+            if step > start_step + config.log_every:  # the first window includes warm-up
+                steady.append(step_time)
+            writer.write(step, scalars, prefix="train/")
+            if scalars["data_wait_fraction"] > 0.05 and step > start_step + config.log_every:
+                log(f"hint: {scalars['data_wait_fraction']:.0%} of the step time is spent waiting for data; "
+                    "raise data.workers or cache preprocessed cases on faster storage")
+            window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
+        pause_start = time.time()
+        if step % config.eval_every == 0 or last:
+            metrics_eval = evaluator(state)
+            writer.write(step, metrics_eval, prefix="val/")
+            value = metrics_eval.get(task.primary_metric, float("nan"))
+            meta["history"].append({"step": step, "metrics": metrics_eval})
+            if task.is_better(value, meta["best"]):
+                meta["best"], meta["best_step"] = value, step
+                meta["evals_without_improvement"] = 0
+            else:
+                meta["evals_without_improvement"] += 1
+            patience = config.early_stopping_patience
+            if patience and meta["evals_without_improvement"] >= patience:
+                meta["stopped_early"] = True
+                log(f"early stopping at step {step}: no improvement of {task.primary_metric} in {patience} evals")
+                last = True
+        if step % config.checkpoint_every == 0 or last:
+            checkpointer.save(step, state, train_iter, meta)
+            if config.debug.preempt_after_step and step >= config.debug.preempt_after_step:
+                checkpointer.wait()
+                raise SimulatedPreemption(f"simulated preemption after the checkpoint of step {step}")
+        paused += time.time() - pause_start
+        if last:
+            break
+        fetch_start = time.time()
+        batch = global_batch(next(train_iter), mesh)
+        data_wait += time.time() - fetch_start
+    bar.close()
+    if steady:
+        step_time = float(np.median(steady))
+        throughput.update(steady_step_seconds=step_time, volumes_per_second=config.batch_size / step_time)
+    return state, meta, throughput

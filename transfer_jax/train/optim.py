@@ -1,0 +1,81 @@
+"""AdamW with linear warm-up + half-cycle cosine, layer-wise lr decay, weight-decay masks and frozen parameters.
+
+Matches the upstream fine-tuning recipe (`util/lr_sched.py`, `util/convnext_optim.py`): a parameter's lr is
+lr(t) * ld^(L + 1 - layer_id) for backbone parameters and lr(t) for heads; weight decay (decoupled, scaled by the
+same lr) skips 1-D tensors, biases and GRN gamma/beta; frozen parameters get no update and no optimizer moments.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import jax
+import optax
+
+PathFn = Callable[[tuple], Optional[int]]
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=min_lr,
+    )
+
+
+def _no_decay(path: str, shape) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return len(shape) <= 1 or last in ("bias", "gamma", "beta") or path.endswith("pos_embed") or "token" in last
+
+
+def make_optimizer(config, params, *, total_steps: int, backbone_layer_id: PathFn | None, num_backbone_layers: int,
+                   is_backbone: Callable[[str], bool]):
+    """Build the optax transformation for `params` (a pytree) from the `optimizer` config block.
+
+    Parameters sharing an lr scale form one group (as torch param groups do); frozen parameters form a group that
+    keeps no optimizer state. Returns (tx, schedule, info); info lists frozen paths and lr scales for the log.
+    """
+    schedule = learning_rate_schedule(config.lr, total_steps, config.warmup_steps, config.min_lr)
+    frozen_res = [re.compile(p) for p in config.frozen_patterns]
+    labels, info = {}, {"frozen": [], "lr_scale": {}}
+    scales: dict[str, float] = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_str(path)
+        if (config.freeze_backbone and is_backbone(name)) or any(r.search(name) for r in frozen_res):
+            labels[name] = "frozen"
+            info["frozen"].append(name)
+            continue
+        scale = 1.0
+        if is_backbone(name) and config.layer_decay < 1.0 and backbone_layer_id is not None:
+            scale = float(config.layer_decay ** (num_backbone_layers + 1 - backbone_layer_id(path)))
+        labels[name] = f"lr_scale={scale:.6g}"
+        scales[labels[name]] = scale
+        info["lr_scale"][name] = scale
+
+    def by_path(fn):
+        return lambda tree: jax.tree_util.tree_map_with_path(lambda p, leaf: fn(path_str(p), leaf), tree)
+
+    decay_mask = by_path(lambda name, leaf: not _no_decay(name, leaf.shape))
+    groups = {
+        label: optax.chain(
+            optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+            optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(lambda step, k=scale: schedule(step) * k),
+        )
+        for label, scale in scales.items()
+    }
+    groups["frozen"] = optax.set_to_zero()
+    label_tree = by_path(lambda name, _: labels[name])
+    frozen_tree = by_path(lambda name, _: labels[name] == "frozen")
+    tx = optax.chain(
+        # Frozen parameters get no gradient at all, as with requires_grad=False, so they do not count in clipping.
+        optax.masked(optax.set_to_zero(), frozen_tree),
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
+        optax.multi_transform(groups, label_tree),
+    )
+    return tx, schedule, info
