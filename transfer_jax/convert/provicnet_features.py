@@ -1,0 +1,229 @@
+"""ProViCNet inference over slices: a fixed-size, data-sharded batch runner and the feature extractor.
+
+* :func:`make_data_mesh` -- a 1-D ``('data',)`` mesh with ``AxisType.Auto`` over the local devices.
+* :func:`run_in_batches` -- run a jitted function over the leading axis of host arrays in fixed-size batches
+  (the last one zero-padded, results trimmed), each batch placed with ``NamedSharding(mesh, P('data'))``; one
+  compilation per function since every batch has the same shape.
+* :func:`predict_slices` -- a :class:`~transfer_jax.models.provicnet.ProViCNet` over a case's slice stack
+  (e.g. :class:`transfer_jax.data.slices.SliceStack`: ``predict_slices(model, stack.images,
+  stack.slice_position)``), eval mode, returning any of ``logits`` [S, 256, 256, 4], ``patch_tokens``
+  [S, 1024, 384], ``cls`` [S, 384] (final-norm tokens).
+* :func:`predict_fusion` -- the mpMRI fusion head over the three sequences' patch tokens.
+* :func:`extract_features` -- ``python -m transfer_jax.extract --model provicnet --params DIR --input IN.npz
+  --output OUT.npz``: IN holds ``image`` float32 [N, C, 448, 448] (upstream NCHW), ``slice_index`` [N] and
+  ``num_slices`` [N] (raw values, as upstream's position input); OUT gets float32 ``patch_tokens`` [N, 1024, 384]
+  and ``cls`` [N, 384] after the final norm, and ``seg_logits`` [N, 256, 256, 4] (channels last, eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
+from transfer_jax.models.provicnet import FUSION_SEQUENCES, FusionModalities, ProViCNet
+
+SLICE_OUTPUTS = ("logits", "patch_tokens", "cls")
+
+
+def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """1-D data-parallel mesh ``('data',)`` with Auto axis types (classic sharding propagation)."""
+    count = num_devices or jax.device_count()
+    return jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_size_for(mesh: jax.sharding.Mesh, requested: int) -> int:
+    """``requested`` rounded up to a multiple of the mesh's data axis (each device gets whole rows)."""
+    devices = mesh.shape["data"]
+    return max(1, math.ceil(requested / devices)) * devices
+
+
+def run_in_batches(
+    fn: Callable[[dict[str, jax.Array]], Mapping[str, jax.Array]],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, np.ndarray]:
+    """Apply ``fn`` to ``inputs`` (host arrays sharing the leading length N) batch by batch; concatenated numpy.
+
+    ``batch_size`` must be a multiple of the data axis size. The last batch is padded with zero rows so every call
+    has the same shape (no recompilation); the padded rows are cut from the outputs. Each output must have the
+    batch as its leading axis.
+    """
+    devices = mesh.shape["data"]
+    if batch_size % devices:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {devices} devices on the 'data' axis")
+    lengths = {name: len(array) for name, array in inputs.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"inputs differ in their leading (batch) length: {lengths}")
+    total = next(iter(lengths.values()))
+    sharding = NamedSharding(mesh, P("data"))
+    collected: dict[str, list[np.ndarray]] = {}
+    for start in range(0, total, batch_size):
+        valid = min(batch_size, total - start)
+        batch = {}
+        for name, array in inputs.items():
+            chunk = np.asarray(array[start : start + valid])
+            if valid < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)])
+            batch[name] = jax.device_put(chunk, sharding)
+        for name, value in fn(batch).items():
+            collected.setdefault(name, []).append(np.asarray(value)[:valid])
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def _replicated(tree, mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def slice_model_fn(
+    model: ProViCNet, mesh: jax.sharding.Mesh, outputs: Sequence[str] = SLICE_OUTPUTS
+) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]]:
+    """A jitted ``batch -> outputs`` function of an eval-mode copy of ``model`` (weights replicated on ``mesh``).
+
+    The batch holds ``images`` NHWC and ``slice_position`` [B, 2].
+    """
+    unknown = sorted(set(outputs) - set(SLICE_OUTPUTS))
+    if unknown:
+        raise ValueError(f"unknown outputs {unknown}; choose from {SLICE_OUTPUTS}")
+    graphdef, state = nnx.split(model)
+    state = _replicated(state, mesh)
+
+    @jax.jit
+    def apply(state, batch):
+        net = nnx.merge(graphdef, state)
+        net.eval()
+        features = net.forward_features(batch["images"], batch["slice_position"])
+        result = {}
+        if "logits" in outputs:
+            result["logits"] = net.head(net.feature_map(features, batch["images"]))
+        if "patch_tokens" in outputs:
+            result["patch_tokens"] = features.patch_tokens
+        if "cls" in outputs:
+            result["cls"] = features.cls_token
+        return result
+
+    return lambda batch: apply(state, batch)
+
+
+def predict_slices(
+    model: ProViCNet,
+    images: np.ndarray,
+    slice_position: np.ndarray,
+    *,
+    layout: str = "NCHW",
+    outputs: Sequence[str] = ("logits",),
+    batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, np.ndarray]:
+    """Run a slice model over a case's stacks: ``images`` [S, C, H, W] (``layout='NCHW'``, the data path's) or
+    [S, H, W, C], ``slice_position`` [S, 2] raw ``(j, n)``. Returns the requested ``outputs`` as float32 numpy.
+
+    Batches of ``batch_size`` (rounded up to a multiple of the device count) sharded over ``mesh`` (default: all
+    devices).
+    """
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D [S, C, H, W] or [S, H, W, C], got shape {images.shape}")
+    if layout == "NCHW":
+        images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    position = np.asarray(slice_position, dtype=np.float32)
+    if position.shape != (images.shape[0], 2):
+        raise ValueError(f"slice_position must be [{images.shape[0]}, 2], got {position.shape}")
+    mesh = mesh or make_data_mesh()
+    fn = slice_model_fn(model, mesh, outputs)
+    return run_in_batches(fn, {"images": images, "slice_position": position},
+                          batch_size=batch_size_for(mesh, batch_size), mesh=mesh)
+
+
+def predict_fusion(
+    fusion: FusionModalities,
+    tokens: Mapping[str, np.ndarray],
+    *,
+    batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> np.ndarray:
+    """Fusion logits [S, 8 g, 8 g, classes] from ``tokens[name]`` [S, g * g, width] for ``T2W``, ``ADC``, ``DWI``
+    (the sequence models' ``patch_tokens`` from :func:`predict_slices`)."""
+    missing = [name for name in FUSION_SEQUENCES if name not in tokens]
+    if missing:
+        raise KeyError(f"fusion needs patch tokens for {list(FUSION_SEQUENCES)}; missing {missing}")
+    mesh = mesh or make_data_mesh()
+    graphdef, state = nnx.split(fusion)
+    state = _replicated(state, mesh)
+
+    @jax.jit
+    def apply(state, batch):
+        net = nnx.merge(graphdef, state)
+        net.eval()
+        return {"logits": net(*(batch[name] for name in FUSION_SEQUENCES))}
+
+    inputs = {name: np.asarray(tokens[name], np.float32) for name in FUSION_SEQUENCES}
+    return run_in_batches(lambda batch: apply(state, batch), inputs,
+                          batch_size=batch_size_for(mesh, batch_size), mesh=mesh)["logits"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature extraction (registered as "provicnet" in transfer_jax.extract.EXTRACTORS)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_extraction_input(path: str | os.PathLike, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(images NCHW float32, slice_position [N, 2])`` from an input ``.npz``; errors name the file and field."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: input file does not exist")
+    try:
+        data = np.load(path)
+    except Exception as exc:  # zipfile / pickle errors for non-npz files
+        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("image", "slice_index", "num_slices") if k not in data.files]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}; expected 'image' float32 [N, C, 448, 448], "
+                         "'slice_index' [N] and 'num_slices' [N]")
+    images = data["image"]
+    if images.ndim != 4 or images.shape[1] != in_channels:
+        raise ValueError(f"{path}: field 'image' has shape {images.shape}, expected [N, {in_channels}, H, W] "
+                         "(upstream NCHW layout; 448 x 448 for the released models)")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{path}: field 'image' has dtype {images.dtype}, expected float32 z-scored slices")
+    count = images.shape[0]
+    fields = {}
+    for key in ("slice_index", "num_slices"):
+        value = np.asarray(data[key])
+        if value.shape != (count,):
+            raise ValueError(f"{path}: field {key!r} has shape {value.shape}, expected ({count},) (one per image)")
+        fields[key] = value.astype(np.float32)
+    return images.astype(np.float32), np.stack([fields["slice_index"], fields["num_slices"]], axis=1)
+
+
+def extract_features(
+    params: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Write ``patch_tokens``, ``cls`` and ``seg_logits`` of a converted ProViCNet slice model; returns shapes."""
+    model = load_provicnet(params, expect=SLICE_MODEL_NAME)
+    images, position = read_extraction_input(input_path, model.config.input_channels)
+    result = predict_slices(model, images, position, outputs=SLICE_OUTPUTS, batch_size=batch_size, mesh=mesh)
+    arrays = {
+        "patch_tokens": result["patch_tokens"].astype(np.float32),
+        "cls": result["cls"].astype(np.float32),
+        "seg_logits": result["logits"].astype(np.float32),
+    }
+    output_path = os.fspath(output_path)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    np.savez(output_path, **arrays)
+    return {name: tuple(value.shape) for name, value in arrays.items()}
