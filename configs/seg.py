@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from configs.common import apply_full, apply_smoke, base_config, parse_arg
+from transfer_jax.config import apply_full, apply_smoke, base_config, parse_arg
 
 TINY_CONVNEXT = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
 

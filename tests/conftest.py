@@ -1,17 +1,20 @@
 """Test-wide JAX set-up: 8 fake CPU devices, so every sharding path runs on a laptop or CI box."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Generated phantom datasets go to a per-machine temp folder, not the user's cache.
+os.environ.setdefault("TRANSFER_JAX_DATA_DIR", os.path.join(tempfile.gettempdir(), "transfer_jax_test_data"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-_CACHE = os.environ.get("TRANSFER_JAX_TEST_CACHE")
-if _CACHE:
-    jax.config.update("jax_compilation_cache_dir", _CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Tests build the same small models many times: a persistent compilation cache turns recompiles into loads.
+_CACHE = os.environ.get("TRANSFER_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "transfer_jax_xla_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 SAMPLE_DIR = os.path.join(SHARED, "data", "prostate_mri_sample")

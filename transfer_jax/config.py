@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-3, min_lr=0.0, warmup_steps=20, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
         layer_decay=1.0, layer_decay_scheme="group", freeze_backbone=False, frozen_patterns=(), grad_clip=0.0))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, strategy="replicate"))
+    # strategy "fsdp" splits parameters (and optimizer moments) of >= fsdp_min_size elements over the fsdp axis
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, strategy="replicate", fsdp_min_size=4096))
     c.distributed = ml_collections.ConfigDict(dict(
         auto=False, coordinator_address="", num_processes=0, process_id=-1))
     c.logging = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True))
@@ -68,9 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
-    """A few steps on a handful of tiny phantom volumes: what CI and tests run end to end."""
-    c.batch_size = 2
-    c.eval_batch_size = 2
+    """A few steps on a handful of tiny phantom volumes: what CI and tests run end to end.
+
+    The batch of 8 splits evenly over the 8 simulated CPU devices the tests use.
+    """
+    c.batch_size = 8
+    c.eval_batch_size = 8
     c.total_steps = 4
     c.log_every = 2
     c.eval_every = 2

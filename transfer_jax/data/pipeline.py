@@ -77,8 +77,8 @@ def train_dataset(paths: list[str], task, *, crop_size, augment: AugmentConfig, 
         .map(_TaskSample(task))
         .batch(per_process_batch, drop_remainder=True)
     )
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(4, per_process_batch)),
-                                              prefetch_buffer_size=prefetch))
+    threads = max(1, min(4, per_process_batch))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
     return it

@@ -119,7 +119,8 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         config.optimizer, abstract_params, total_steps=config.total_steps, backbone_layer_id=layer_fn,
         num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith("encoder."),
     )
-    state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, config.mesh.strategy)
+    state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, config.mesh.strategy,
+                                         config.mesh.fsdp_min_size)
     log(f"model: {count_params(state.params):,} parameters ({len(opt_info['frozen'])} frozen tensors), "
         f"sharding={config.mesh.strategy}, mesh={dict(mesh.shape)}")
 

@@ -50,8 +50,8 @@ def param_sharding(shape: tuple[int, ...], mesh: Mesh, strategy: str, min_size: 
     return replicated(mesh)
 
 
-def tree_shardings(abstract_tree, mesh: Mesh, strategy: str):
-    return jax.tree.map(lambda x: param_sharding(tuple(x.shape), mesh, strategy), abstract_tree)
+def tree_shardings(abstract_tree, mesh: Mesh, strategy: str, min_size: int = 2 ** 12):
+    return jax.tree.map(lambda x: param_sharding(tuple(x.shape), mesh, strategy, min_size), abstract_tree)
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -49,7 +49,8 @@ def model_graph(build: Callable[[nnx.Rngs], nnx.Module]) -> tuple[ModelGraph, An
     return ModelGraph(train=train_def, eval=eval_def), params, rest
 
 
-def init_state(build, tx, key: jax.Array, mesh, strategy: str) -> tuple[TrainState, ModelGraph, Any]:
+def init_state(build, tx, key: jax.Array, mesh, strategy: str, min_size: int = 2 ** 12
+               ) -> tuple[TrainState, ModelGraph, Any]:
     """Create params and optimizer state directly with their final shardings (no host copy of the weights)."""
     graph, abstract_params, abstract_rest = model_graph(build)
 
@@ -60,25 +61,26 @@ def init_state(build, tx, key: jax.Array, mesh, strategy: str) -> tuple[TrainSta
         _, params, rest = split_model(model)
         return params, rest
 
-    shardings = (tree_shardings(abstract_params, mesh, strategy), tree_shardings(abstract_rest, mesh, "replicate"))
+    shardings = (tree_shardings(abstract_params, mesh, strategy, min_size),
+                 tree_shardings(abstract_rest, mesh, "replicate"))
     params, rest = jax.jit(init_model, out_shardings=shardings)(key)
-    state = init_train_state(params, rest, tx, mesh, strategy)
-    return state, graph, state_shardings(state, mesh, strategy)
+    state = init_train_state(params, rest, tx, mesh, strategy, min_size)
+    return state, graph, state_shardings(state, mesh, strategy, min_size)
 
 
-def init_train_state(params, rest, tx, mesh, strategy: str) -> TrainState:
-    opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh, strategy)
+def init_train_state(params, rest, tx, mesh, strategy: str, min_size: int = 2 ** 12) -> TrainState:
+    opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh, strategy, min_size)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
     return TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
 
 
-def state_shardings(state: TrainState, mesh, strategy: str) -> TrainState:
+def state_shardings(state: TrainState, mesh, strategy: str, min_size: int = 2 ** 12) -> TrainState:
     return TrainState(
         step=replicated(mesh),
-        params=tree_shardings(state.params, mesh, strategy),
+        params=tree_shardings(state.params, mesh, strategy, min_size),
         rest=tree_shardings(state.rest, mesh, "replicate"),
-        opt_state=tree_shardings(state.opt_state, mesh, strategy),
+        opt_state=tree_shardings(state.opt_state, mesh, strategy, min_size),
     )
 
 

@@ -1,0 +1,61 @@
+"""Small builders shared by the tests: NIfTI files, manifests and configs."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import nibabel as nib
+import numpy as np
+
+from transfer_jax.data.manifest import Case, write_manifest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def write_nifti(path: str, array_ijk: np.ndarray, affine: np.ndarray | None = None, dtype=np.float32) -> str:
+    affine = np.eye(4) if affine is None else affine
+    image = nib.Nifti1Image(np.asarray(array_ijk).astype(dtype), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def sample_case(sample_dir: str, split: str = "val", case_id: str = "10503_1000512") -> Case:
+    join = lambda name: os.path.join(sample_dir, f"sample_{name}.nii.gz")  # noqa: E731
+    return Case(case_id=case_id, t2=join("t2"), adc=join("adc"), dwi=join("dwi"), split=split,
+                gland_mask=join("mask"), lesion_mask=join("lesions"))
+
+
+def load_config(name: str, arg: str | None = None):
+    """configs/<name>.py loaded the way the command line does (by path)."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def smoke_config(**overrides):
+    """configs/seg.py:smoke with dotted-key overrides."""
+    config = load_config("seg", "smoke")
+    config.logging.tensorboard = True
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def tiny_manifest(directory: str, num_cases: int = 4) -> str:
+    """A small synthetic manifest (phantom cases) in `directory`."""
+    from transfer_jax.data.phantom import PhantomConfig, generate_phantom_dataset
+
+    return generate_phantom_dataset(directory, PhantomConfig(num_cases=num_cases, num_val=1, num_test=1))
+
+
+def write_manifest_for(directory: str, cases: list[Case]) -> str:
+    path = os.path.join(directory, "manifest.csv")
+    write_manifest(path, cases)
+    return path
