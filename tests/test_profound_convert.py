@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -195,3 +194,222 @@ def test_artifact_refuses_to_clobber_and_reports_non_artifacts(tmp_path):
         artifact.load_converted(tmp_path / "other")
     with pytest.raises(artifact.ArtifactError, match="no such directory"):
         artifact.load_converted(tmp_path / "absent")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ProFound converter
+
+from transfer_jax.convert.profound import (  # noqa: E402
+    CONV_MODEL,
+    VIT_MODEL,
+    convert_profound,
+    convert_to_artifact,
+    load_profound,
+)
+from transfer_jax.convert.torch_pickle import CheckpointReadError, load_state_dict  # noqa: E402
+
+TINY_CONV = {"in_channels": 3, "depths": (1, 1, 2, 1), "dims": (8, 16, 24, 32), "stem_kernel": (4, 4, 4),
+             "downsample_kernel": (2, 2, 2), "last_downsample": (1, 1, 1)}
+
+
+def _subset(config, expected):
+    return {k: config[k] for k in expected} == expected
+
+
+def _save_safetensors(path, state_dict):
+    import safetensors.numpy
+
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+    return path
+
+
+def test_fcmae_checkpoint_sizes_dropped_decoder_and_initialised_norm():
+    converted = convert_profound(fixture("conv_fcmae.pth"))
+    assert converted.model_name == CONV_MODEL and converted.source_kind == "fcmae" and converted.epoch == 799
+    assert _subset(converted.config["encoder"], TINY_CONV) and converted.config["head"] is None
+    report = converted.report
+    dropped = set(report.ignored)
+    assert {"mask_token", "proj.weight", "proj.bias", "pred.weight", "pred.bias"} <= dropped
+    assert all(k in ("mask_token",) or k.split(".")[0] in ("proj", "decoder", "pred") for k in dropped)
+    assert set(report.initialised) == {"encoder.norm.scale", "encoder.norm.bias"}
+    assert "ones" in report.initialised["encoder.norm.scale"]
+    np.testing.assert_array_equal(converted.state["encoder.norm.scale"], 1.0)
+    np.testing.assert_array_equal(converted.state["encoder.norm.bias"], 0.0)
+    # Every encoder tensor of the checkpoint is consumed; the sparse kernels became dense Flax kernels.
+    sd = load_state_dict(fixture("conv_fcmae.pth"))
+    assert set(report.consumed) == {k for k in sd if k.startswith("encoder.")}
+    assert sd["encoder.downsample_layers.3.1.kernel"].shape == (24, 32)
+    np.testing.assert_array_equal(converted.state["encoder.downsample_layers.3.1.kernel"][0, 0, 0],
+                                  sd["encoder.downsample_layers.3.1.kernel"])
+    assert converted.state["encoder.stages.0.0.dwconv.kernel"].shape == (7, 7, 7, 1, 8)
+    assert converted.state["encoder.downsample_layers.1.1.kernel"].shape == (2, 2, 2, 8, 16)
+
+
+def test_sizes_are_inferred_for_every_checkpoint_kind():
+    classifier = convert_profound(fixture("conv_classifier.pth.tar"))
+    assert _subset(classifier.config["encoder"], TINY_CONV)
+    assert classifier.config["head"] == {"type": "classification", "num_classes": 4, "bottleneck_dim": 12}
+    upernet = convert_profound(fixture("conv_upernet.pth.tar"))
+    assert _subset(upernet.config["head"], {"type": "upernet", "num_classes": 1, "hidden_size": 8,
+                                            "auxiliary_channels": 4, "pool_scales": (1, 2, 3, 6)})
+    mae = convert_profound(fixture("vit_mae.pth"), num_heads=3, with_decoder=True, decoder_num_heads=2)
+    assert mae.model_name == VIT_MODEL
+    assert _subset(mae.config["encoder"], {"img_size": (16, 32, 32), "patch_size": (4, 8, 8), "width": 24,
+                                           "depth": 4, "num_heads": 3, "mlp_ratio": 4.0, "in_channels": 3})
+    assert _subset(mae.config["decoder"], {"width": 12, "depth": 1, "num_heads": 2, "mask_ratio": 0.75,
+                                           "norm_pix_loss": False})
+    assert any("inferred from the stored sin-cos position table" in n for n in mae.report.notes)
+    vit_cls = convert_profound(fixture("vit_classifier.pth.tar"), num_heads=3)
+    assert vit_cls.config["head"] == {"type": "classification", "num_classes": 3, "bottleneck_dim": 10}
+
+
+def test_mae_decoder_is_dropped_unless_kept():
+    encoder_only = convert_profound(fixture("vit_mae.pth"), num_heads=3)
+    assert "decoder_pred.weight" in encoder_only.report.ignored
+    assert not any(k.startswith("decoder") for k in encoder_only.state)
+    kept = convert_profound(fixture("vit_mae.pth"), num_heads=3, with_decoder=True, decoder_num_heads=2)
+    assert kept.report.ignored == {}
+    assert kept.state["decoder.decoder_pred.kernel"].shape == (12, 4 * 8 * 8 * 3)
+
+
+def test_vit_head_count_without_default_is_asked_for():
+    with pytest.raises(ConversionError, match=r"--num-heads"):
+        convert_profound(fixture("vit_mae.pth"))
+
+
+def test_truncated_checkpoint(tmp_path):
+    data = open(fixture("conv_fcmae.pth"), "rb").read()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(CheckpointReadError, match="cut.pth"):
+        convert_profound(path)
+
+
+def test_checkpoint_of_the_other_model_is_named():
+    with pytest.raises(ConversionError) as info:
+        convert_profound(fixture("vit_mae.pth"), variant="conv")
+    message = str(info.value)
+    assert "vit_mae.pth" in message and "ProFound-Conv" in message and "ProFound-ViT" in message
+    with pytest.raises(ConversionError, match="ProFound-Conv"):
+        convert_profound(fixture("conv_classifier.pth.tar"), variant="vit")
+
+
+def test_not_a_profound_checkpoint(tmp_path):
+    path = _save_safetensors(tmp_path / "other.safetensors", {"backbone.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ConversionError, match="not a ProFound checkpoint.*backbone.weight"):
+        convert_profound(path)
+
+
+def test_renamed_key_and_wrong_shape_are_reported_together(tmp_path):
+    sd = load_state_dict(fixture("conv_classifier.pth.tar"))
+    sd["encoder.stages.1.0.pwconv1.wieght"] = sd.pop("encoder.stages.1.0.pwconv1.weight")
+    sd["head.3.bias"] = np.zeros(7, np.float32)  # head.3.weight says 4 classes
+    sd["encoder.stages.0.0.grn.gamma"] = np.zeros((1, 1, 1, 1, 33), np.float32)
+    path = _save_safetensors(tmp_path / "edited.safetensors", sd)
+    with pytest.raises(ConversionError) as info:
+        convert_profound(path)
+    problems = info.value.problems
+    message = str(info.value)
+    assert message.startswith(f"cannot convert {path} into ProFound-Conv + classification head (4 classes): "
+                              f"{len(problems)} problem(s):")
+    assert any("'encoder.stages.1.0.pwconv1.wieght'" in p and "no rule" in p for p in problems)
+    assert any("missing target 'encoder.stages.1.0.pwconv1.kernel' (16, 64)" in p for p in problems)
+    assert any("'head.3.bias'" in p and "expected (4,)" in p for p in problems)
+    assert any("'encoder.stages.0.0.grn.gamma'" in p and "(32,)" in p for p in problems)
+    assert len(problems) == 4
+
+
+def test_artifact_round_trip_rebuilds_the_model(tmp_path):
+    converted = convert_to_artifact(fixture("conv_classifier.pth.tar"), tmp_path / "cls")
+    model, config = load_profound(tmp_path / "cls", expect=CONV_MODEL)
+    assert config["head"]["num_classes"] == 4
+    np.testing.assert_array_equal(model.head[1].var[...], converted.state["head.1.var"])
+    meta = json.load(open(tmp_path / "cls" / "model.json"))
+    assert meta["conversion"]["source_kind"] == "conv" and meta["conversion"]["checkpoint_epoch"] == 3
+    assert meta["conversion"]["ignored"] == {"head.1.num_batches_tracked": meta["conversion"]["ignored"][
+        "head.1.num_batches_tracked"]}
+    with pytest.raises(artifact.ArtifactError, match="expected 'profound_vit'"):
+        load_profound(tmp_path / "cls", expect=VIT_MODEL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands end to end (subprocess, as a user runs them)
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_convert_script_and_extract_command_conv(tmp_path):
+    out = tmp_path / "conv_cls"
+    result = _run("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
+                  "--output", str(out), "--variant", "conv")
+    assert result.returncode == 0, result.stderr
+    assert "64,432 trainable parameters" in result.stdout
+    assert "head.1.num_batches_tracked" in result.stdout
+    again = _run("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
+                 "--output", str(out))
+    assert again.returncode == 1 and "overwrite" in again.stderr
+
+    features = tmp_path / "features.npz"
+    result = _run("-m", "transfer_jax.extract", "--model", "profound_conv", "--params", str(out),
+                  "--input", fixture("inputs.npz"), "--output", str(features), "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    got = np.load(features)
+    ref = np.load(fixture("conv_classifier_ref.npz"))
+    assert sorted(got.files) == ["logits", "pooled", "stage1", "stage2", "stage3", "stage4"]
+    for name, ref_name in [("stage1", "stage1"), ("stage4", "stage4"), ("pooled", "pooled"),
+                           ("logits", "logits_eval")]:
+        assert got[name].dtype == np.float32
+        np.testing.assert_allclose(got[name], ref[ref_name], atol=1e-3, err_msg=name)
+
+
+def test_convert_script_reports_every_problem(tmp_path):
+    sd = load_state_dict(fixture("conv_upernet.pth.tar"))
+    sd["decode_head.fpn_convs.0.conv.weight"] = sd["decode_head.fpn_convs.0.conv.weight"][:, :4]
+    sd["decode_head.extra.weight"] = np.zeros(2, np.float32)
+    path = _save_safetensors(tmp_path / "broken.safetensors", sd)
+    result = _run("scripts/convert_profound.py", "--checkpoint", str(path), "--output", str(tmp_path / "x"))
+    assert result.returncode == 1
+    assert "2 problem(s)" in result.stderr
+    assert "decode_head.fpn_convs.0.conv.weight" in result.stderr and "decode_head.extra.weight" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_extract_command_vit_tokens(tmp_path):
+    out = tmp_path / "vit"
+    result = _run("scripts/convert_profound.py", "--checkpoint", fixture("vit_mae.pth"), "--output", str(out),
+                  "--variant", "vit", "--num-heads", "3")
+    assert result.returncode == 0, result.stderr
+    features = tmp_path / "vit.npz"
+    result = _run("-m", "transfer_jax.extract", "--model", "profound_vit", "--params", str(out),
+                  "--input", fixture("inputs.npz"), "--output", str(features))
+    assert result.returncode == 0, result.stderr
+    got = np.load(features)
+    ref = np.load(fixture("vit_mae_ref.npz"))
+    assert sorted(got.files) == ["cls", "tokens"]
+    assert got["tokens"].shape == (2, 1 + 64, 24)
+    np.testing.assert_allclose(got["cls"], ref["cls"], atol=1e-3)
+    np.testing.assert_allclose(got["tokens"][:, 0], ref["cls"], atol=1e-3)
+    np.testing.assert_allclose(got["tokens"][:, 1:], ref["tokens"], atol=1e-3)
+    wrong = _run("-m", "transfer_jax.extract", "--model", "profound_conv", "--params", str(out),
+                 "--input", fixture("inputs.npz"), "--output", str(tmp_path / "no.npz"))
+    assert wrong.returncode != 0 and "expected 'profound_conv'" in wrong.stderr
+
+
+def test_extract_from_manifest(tmp_path):
+    from transfer_jax.convert.features import extract_profound_conv
+    from transfer_jax.data.phantom import PhantomConfig, generate_phantom_dataset
+
+    manifest = generate_phantom_dataset(str(tmp_path / "phantom"), PhantomConfig(num_cases=3, num_val=1,
+                                                                                 num_test=1))
+    convert_to_artifact(fixture("conv_upernet.pth.tar"), tmp_path / "seg")
+    shapes = extract_profound_conv(tmp_path / "seg", manifest, tmp_path / "m.npz", split="test",
+                                   crop_size=(16, 32, 32))
+    assert shapes["seg_logits"] == (1, 16, 32, 32, 1) and shapes["case_id"] == (1,)
+    got = np.load(tmp_path / "m.npz")
+    assert list(got["case_id"]) == ["phantom0002"]
+    assert np.isfinite(got["pooled"]).all()

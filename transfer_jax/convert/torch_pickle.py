@@ -5,7 +5,9 @@ Public API (shared by every converter in `transfer_jax.convert`):
 * `load_torch_checkpoint(path)` -> the unpickled top-level object (usually a dict) with every tensor turned into a
   `numpy.ndarray`.
 * `load_state_dict(path)` -> `dict[str, np.ndarray]`: the flat parameter dict, unwrapped from a `model` /
-  `state_dict` top-level key when the file is a training checkpoint.
+  `state_dict` top-level key when the file is a training checkpoint (`extract_state_dict(obj)` does the same for
+  an object already returned by `load_torch_checkpoint`, so other top-level entries such as `args` or `epoch`
+  can be read without loading the file twice).
 * `CheckpointReadError` (a `ValueError`) for unreadable files, `UnsafeCheckpointError` for pickles that reference
   anything outside the allow-list below. Both messages name the file.
 
@@ -43,6 +45,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "load_torch_checkpoint",
     "load_state_dict",
+    "extract_state_dict",
     "STATE_DICT_KEYS",
 ]
 
@@ -406,7 +409,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     work. Every value must be an array; anything else is reported with its key.
     """
     path = os.fspath(path)
-    obj = load_torch_checkpoint(path)
+    return extract_state_dict(load_torch_checkpoint(path), path)
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, np.ndarray]:
+    """`load_state_dict` on an already loaded checkpoint object (`path` only names it in errors)."""
+    path = os.fspath(path)
     if not isinstance(obj, dict):
         raise CheckpointReadError(path, f"top-level object is a {type(obj).__name__}, not a dict")
     for key in STATE_DICT_KEYS:

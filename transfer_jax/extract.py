@@ -1,0 +1,72 @@
+"""Feature extraction entry point (thin): converted artifact + volumes -> features .npz.
+
+    python -m transfer_jax.extract --model profound_conv --params DIR --input IN.npz --output OUT.npz
+    python -m transfer_jax.extract --model profound_vit --params DIR --manifest data/manifest.csv --split test \\
+        --crop 64 256 256 --output OUT.npz
+
+`--params` is an artifact written by `scripts/convert_*.py`. What each model writes is documented by its
+extractor (`transfer_jax.convert.features` for ProFound, `transfer_jax.convert.provicnet_features` for ProViCNet).
+
+`EXTRACTORS` maps a model name to `fn(params, input_path, output_path, *, batch_size, ...) -> {name: shape}`; a
+port registers its own entry here. Entries are imported lazily, so one model's dependencies never load another's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+__all__ = ["EXTRACTORS", "MANIFEST_MODELS", "get_extractor", "main"]
+
+# model name -> "module:function"
+EXTRACTORS: dict[str, str] = {
+    "profound_conv": "transfer_jax.convert.features:extract_profound_conv",
+    "profound_vit": "transfer_jax.convert.features:extract_profound_vit",
+    "provicnet": "transfer_jax.convert.provicnet_features:extract_features",
+}
+# Extractors that also read a dataset manifest (3-D volumes through the data pipeline's preprocessing).
+MANIFEST_MODELS = ("profound_conv", "profound_vit")
+
+
+def get_extractor(model: str) -> Callable[..., dict]:
+    if model not in EXTRACTORS:
+        raise SystemExit(f"unknown --model {model!r}; available: {', '.join(sorted(EXTRACTORS))}")
+    module, name = EXTRACTORS[model].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m transfer_jax.extract", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=sorted(EXTRACTORS))
+    parser.add_argument("--params", required=True, help="converted artifact directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help=".npz with 'image' (N, C, D, H, W) float32, upstream layout")
+    source.add_argument("--manifest", help=f"dataset manifest CSV ({', '.join(MANIFEST_MODELS)} only)")
+    parser.add_argument("--split", help="with --manifest: only cases of this split (train/val/test)")
+    parser.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"),
+                        help="with --manifest: centre-crop size (default: the ViT's img_size; required for conv)")
+    parser.add_argument("--output", required=True, help="output .npz")
+    parser.add_argument("--batch-size", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    extractor = get_extractor(args.model)
+    options = {"batch_size": args.batch_size}
+    if args.manifest is not None:
+        if args.model not in MANIFEST_MODELS:
+            parser.error(f"--manifest is not supported for --model {args.model}; pass --input")
+        options.update(split=args.split, crop_size=args.crop)
+        source_path = args.manifest
+    else:
+        if args.split is not None or args.crop is not None:
+            parser.error("--split and --crop only apply with --manifest")
+        source_path = args.input
+    shapes = extractor(args.params, source_path, args.output, **options)
+    for name, shape in shapes.items():
+        print(f"{name}: {shape}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
