@@ -38,18 +38,29 @@ def load(name, **options):
     return instantiate(converted.model_name, converted.config, converted.state), converted
 
 
-def check_conv_encoder(encoder, image, ref):
-    """Stem, every block, every stage and the pooled feature against the torch hooks."""
+@nnx.jit
+def conv_encoder_trace(encoder, image):
+    """Stem output, every block output (by torch module name) and the encoder output, in one compiled call."""
+    trace = {}
     x = image
     for s, (downsample, blocks) in enumerate(zip(encoder.downsample_layers, encoder.stages)):
         for layer in downsample:
             x = layer(x)
-        if s == 0 and "stem" in ref:
-            close(x, ref["stem"], "stem")
+        if s == 0:
+            trace["stem"] = x
         for b, block in enumerate(blocks):
             x = block(x)
-            close(x, ref[f"block.stages.{s}.{b}"], f"stage {s} block {b}")
-    out = encoder(image)
+            trace[f"block.stages.{s}.{b}"] = x
+    return trace, encoder(image)
+
+
+def check_conv_encoder(encoder, image, ref):
+    """Stem, every block, every stage and the pooled feature against the torch hooks."""
+    trace, out = conv_encoder_trace(encoder, image)
+    for name, value in trace.items():
+        if name in ref:
+            close(value, ref[name], name)
+    assert sum(k.startswith("block.") for k in ref.files) == sum(k.startswith("block.") for k in trace)
     for s, stage in enumerate(out.stages):
         close(stage, ref[f"stage{s + 1}"], f"stage{s + 1}")
     close(out.pooled, ref["pooled"], "pooled")

@@ -7,20 +7,21 @@
 `--params` is an artifact written by `scripts/convert_*.py`. What each model writes is documented by its
 extractor (`transfer_jax.convert.features` for ProFound, `transfer_jax.convert.provicnet_features` for ProViCNet).
 
-`EXTRACTORS` maps a model name to `fn(params, input_path, output_path, *, batch_size, ...) -> {name: shape}`; a
-port registers its own entry here. Entries are imported lazily, so one model's dependencies never load another's.
+`EXTRACTORS` maps a model name to `fn(params, input_path, output_path, *, batch_size, ...) -> {name: shape}` (or to
+a "module:function" string, imported on first use so one model's dependencies never load another's); a port
+registers its own entry here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Callable
+from typing import Callable, Union
 
 __all__ = ["EXTRACTORS", "MANIFEST_MODELS", "get_extractor", "main"]
 
-# model name -> "module:function"
-EXTRACTORS: dict[str, str] = {
+# model name -> the extractor, or "module:function" to import it on first use
+EXTRACTORS: dict[str, Union[str, Callable[..., dict]]] = {
     "profound_conv": "transfer_jax.convert.features:extract_profound_conv",
     "profound_vit": "transfer_jax.convert.features:extract_profound_vit",
     "provicnet": "transfer_jax.convert.provicnet_features:extract_features",
@@ -32,7 +33,10 @@ MANIFEST_MODELS = ("profound_conv", "profound_vit")
 def get_extractor(model: str) -> Callable[..., dict]:
     if model not in EXTRACTORS:
         raise SystemExit(f"unknown --model {model!r}; available: {', '.join(sorted(EXTRACTORS))}")
-    module, name = EXTRACTORS[model].split(":")
+    entry = EXTRACTORS[model]
+    if callable(entry):
+        return entry
+    module, name = entry.split(":")
     return getattr(importlib.import_module(module), name)
 
 

@@ -1,15 +1,16 @@
 """ProFound checkpoints -> Flax NNX state: key tables, size inference, model registry, artifact writing.
 
-Handled checkpoint kinds (detected from the keys; see `/work/shared/specs/profound.md` §2.2, §3.2, §4.2, §5, §7):
+Handled checkpoint kinds, detected from the keys (spec `profound.md` §2.2, §3.2, §4.2, §5, §7):
 
-| kind | keys | Flax model (`model.json` name) |
-|---|---|---|
-| `fcmae` | FCMAE pretraining: `encoder.*` in the sparse Minkowski layout (`.kernel`, `.ln.`, `.linear.`), decoder keys | ProFound-Conv encoder (`profound_conv`) |
-| `conv` | dense encoder, bare (`downsample_layers.*`) or as `encoder.*` of a fine-tuned model | `profound_conv` |
-| `conv` + `head.*` | fine-tuned `Classifier` | `profound_conv` with a classification head |
-| `conv` + `decode_head.*` | fine-tuned `UperNet` (`hidden_norm.*`, `auxiliary_head.*`) | `profound_conv` with a UPerNet head |
-| `mae` | MAE pretraining (`patch_embed.*`, `blocks.*`, decoder keys) | ProFound-ViT (`profound_vit`), decoder optional |
-| `vit` + `head.*` / `decode_head.*` | fine-tuned ViT classifier / ViT UPerNet (`adapter.*`) | `profound_vit` with that head |
+* `fcmae`: FCMAE pretraining, `encoder.*` in the sparse Minkowski layout (`.kernel`, `.ln.`, `.linear.`) plus
+  decoder keys -> the ProFound-Conv encoder (model name `profound_conv`).
+* `conv`: a dense encoder, bare (`downsample_layers.*`) or as `encoder.*` of a fine-tuned model, optionally with a
+  classification `head.*` or a UPerNet (`decode_head.*`, `auxiliary_head.*`, `hidden_norm.*`) -> `profound_conv`
+  with that head.
+* `mae`: MAE pretraining (`patch_embed.*`, `blocks.*`, decoder keys) -> ProFound-ViT (`profound_vit`), decoder
+  kept on request.
+* `vit`: a fine-tuned ViT (`encoder.patch_embed.*`) with `head.*` or a UPerNet with `adapter.*` -> `profound_vit`
+  with that head.
 
 Every artifact's state starts with `encoder` (the backbone, torch prefix `encoder.`), followed by `head`
 (classification), `hidden_norm` + `decode_head` + `auxiliary_head` (+ `adapter` for the ViT) for UPerNet, or
@@ -69,8 +70,9 @@ from transfer_jax.models.vit_adapter import ViTAdapter
 
 __all__ = [
     "CONV_MODEL", "VIT_MODEL", "ConvertedProFound", "EncoderOnly", "build_model", "convert_profound",
-    "convert_to_artifact", "load_profound", "instantiate", "summary", "detect_kind", "conv_encoder_rules", "sparse_conv_encoder_rules",
-    "vit_encoder_rules", "mae_decoder_rules", "classifier_head_rules", "upernet_rules", "vit_adapter_rules",
+    "convert_to_artifact", "load_profound", "instantiate", "summary", "detect_kind", "conv_encoder_rules",
+    "sparse_conv_encoder_rules", "vit_encoder_rules", "mae_decoder_rules", "classifier_head_rules", "upernet_rules",
+    "vit_adapter_rules",
 ]
 
 CONV_MODEL = "profound_conv"
