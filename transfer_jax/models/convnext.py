@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import DropPath, gelu, layer_norm, trunc_normal
+from transfer_jax.models.layers import DepthwiseConv, DropPath, gelu, layer_norm, trunc_normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ConvNeXtConfig:
     downsample_kernel: tuple[int, int, int] = (2, 2, 2)
     last_downsample: tuple[int, int, int] = (1, 1, 1)
     dtype: str = "float32"
+    depthwise_impl: str = "auto"  # see layers.DepthwiseConv: a speed choice, identical results
 
     def __post_init__(self):
         if len(self.depths) != len(self.dims):
@@ -84,8 +85,9 @@ class GRN(nnx.Module):
 class Block(nnx.Module):
     """ConvNeXt-V2 block: depthwise 7^3 conv -> LN -> Linear 4C -> GELU -> GRN -> Linear C, plus residual."""
 
-    def __init__(self, dim: int, drop_path: float, *, dtype, rngs: nnx.Rngs):
-        self.dwconv = _conv(dim, dim, (7, 7, 7), groups=dim, padding=((3, 3),) * 3, dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, drop_path: float, *, dtype, rngs: nnx.Rngs, depthwise_impl: str = "auto"):
+        self.dwconv = DepthwiseConv(dim, (7, 7, 7), kernel_init=trunc_normal(0.02), dtype=dtype, rngs=rngs,
+                                    implementation=depthwise_impl)
         self.norm = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.pwconv1 = _linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
         self.grn = GRN(4 * dim, dtype=dtype)
@@ -125,7 +127,8 @@ class ConvNeXtV2(nnx.Module):
         stages, cursor = [], 0
         for stage, depth in enumerate(config.depths):
             stages.append(nnx.List([
-                Block(dims[stage], rates[cursor + b], dtype=dtype, rngs=rngs) for b in range(depth)
+                Block(dims[stage], rates[cursor + b], dtype=dtype, rngs=rngs,
+                      depthwise_impl=config.depthwise_impl) for b in range(depth)
             ]))
             cursor += depth
         self.stages = nnx.List(stages)
