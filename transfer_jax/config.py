@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, strategy="replicate", fsdp_min_size=4096))
     c.distributed = ml_collections.ConfigDict(dict(
         auto=False, coordinator_address="", num_processes=0, process_id=-1))
+    # Alignment between the initial and the current weights, measured at every evaluation on a fixed probe set.
+    c.alignment = ml_collections.ConfigDict(dict(
+        enabled=True, probe_size=32, sites=("pooled", "stage1", "stage2", "stage3", "stage4"),
+        estimators=("unbiased",), kernel="gaussian", bandwidth="median", multipliers=(1.0,), permutations=200,
+        tests=("permutation",), cka=True))
     c.logging = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True))
     c.debug = ml_collections.ConfigDict(dict(preempt_after_step=0))
     return c
@@ -85,6 +90,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.data.phantom.num_test = 1
     c.data.crop_size = (16, 32, 32)
     c.data.spacing = (3.0, 2.0, 2.0)
+    c.alignment.probe_size = 16
+    c.alignment.permutations = 50
     c.logging.progress_bar = False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
@@ -31,3 +32,17 @@ def build_backbone(name: str, options: dict, *, rngs: nnx.Rngs) -> nnx.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
     return BACKBONES[name](dict(options), rngs)
+
+
+def encoder_feature_sites(encoder: nnx.Module, x) -> dict:
+    """Named (N, D) features of an encoder, the sites where alignment (MMD/CKA) is measured.
+
+    ProFound-Conv: `pooled` (the normed global feature) and `stage1`..`stage4` (raw stage maps, spatially averaged).
+    """
+    if isinstance(encoder, ConvNeXtV2):
+        out = encoder(x)
+        sites = {"pooled": out.pooled}
+        for i, stage in enumerate(out.stages, start=1):
+            sites[f"stage{i}"] = stage.astype(jnp.float32).mean(axis=(1, 2, 3))
+        return {k: v.astype(jnp.float32) for k, v in sites.items()}
+    raise ValueError(f"no alignment feature sites defined for {type(encoder).__name__}")

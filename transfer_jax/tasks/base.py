@@ -16,6 +16,7 @@ from flax import nnx
 
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.manifest import Case
+from transfer_jax.models.registry import encoder_feature_sites
 
 
 class Task(abc.ABC):
@@ -40,6 +41,10 @@ class Task(abc.ABC):
         ...
 
     # -- jitted -----------------------------------------------------------------------------------------------
+    def probe_features(self, model: nnx.Module, images: jax.Array) -> dict[str, jax.Array]:
+        """Encoder features at the alignment sites (pretrained vs fine-tuned comparisons use these)."""
+        return encoder_feature_sites(model.encoder, images)
+
     @abc.abstractmethod
     def loss(self, outputs: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         ...

@@ -25,6 +25,7 @@ from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, create_mesh, global_batch
 from transfer_jax.train.optim import make_optimizer
+from transfer_jax.train.probe import AlignmentProbe, probe_images
 from transfer_jax.train.state import abstract_state, count_params, init_state
 from transfer_jax.train.step import compiled_flops, describe_memory, make_eval_step, make_train_step
 from transfer_jax.train.writer import MetricWriter
@@ -44,12 +45,17 @@ def _backbone_layer_fn(config):
 
 
 def _fetch(tree):
-    """Device -> host for small results; gathers across processes when the arrays span several hosts."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    """The only device -> host transfers of the loop: small results at the logging / evaluation cadence.
 
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+    Gathers across processes when the arrays span several hosts. Everything else stays on device, which tests
+    check by running the loop under `jax.transfer_guard_device_to_host("disallow")`.
+    """
+    with jax.transfer_guard_device_to_host("allow"):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(tree, tiled=True)
+        return jax.device_get(tree)
 
 
 class Evaluator:
@@ -123,6 +129,14 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
                                          config.mesh.fsdp_min_size)
     log(f"model: {count_params(state.params):,} parameters ({len(opt_info['frozen'])} frozen tensors), "
         f"sharding={config.mesh.strategy}, mesh={dict(mesh.shape)}")
+    probe = None
+    if config.alignment.enabled:
+        images = probe_images(splits.paths["val"], config.data.crop_size, config.alignment.probe_size,
+                              multiple_of=mesh.devices.size)
+        probe = AlignmentProbe(config.alignment, task, graph, mesh, compute_dtype, images, config.eval_batch_size)
+        # Computed from the initial weights before any restore: a resumed run rebuilds them deterministically.
+        probe.set_reference(state.params, state.rest)
+        log(f"alignment: {probe.size} probe inputs, sites {list(probe.sites)}, spec {probe.spec}")
 
     train_iter = iter(train_dataset(
         splits.paths["train"], task, crop_size=tuple(config.data.crop_size), augment=augment_config(config.data),
@@ -135,7 +149,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     if latest is not None:
         state, meta = checkpointer.restore(latest, abstract_state(state, shardings), train_iter)
         log(f"resumed from checkpoint at step {latest}")
-    start_step = int(jax.device_get(state.step))
+    start_step = int(_fetch(state.step))
 
     evaluator = Evaluator(task, graph, splits.paths["val"], tuple(config.data.crop_size), eval_per_process, mesh,
                           compute_dtype)
@@ -156,8 +170,8 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
             + ", ".join(f"{k}={v:.1f}" for k, v in memory.items())
             + (f"; XLA flops/step/device={flops:.3g}" if flops else ""))
         throughput = {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops, **memory}
-        state, meta, throughput = _train(config, state, compiled, batch, train_iter, mesh, evaluator, checkpointer,
-                                         writer, meta, start_step, task, throughput)
+        state, meta, throughput = _train(config, state, compiled, batch, train_iter, mesh, evaluator, probe,
+                                         checkpointer, writer, meta, start_step, task, throughput)
     checkpointer.close()
 
     summary = {
@@ -165,7 +179,8 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         "primary_metric": task.primary_metric, "direction": task.direction,
         "best": meta["best"], "best_step": meta["best_step"],
         "final": meta["history"][-1]["metrics"] if meta["history"] else None,
-        "steps": int(jax.device_get(state.step)), "stopped_early": bool(meta.get("stopped_early", False)),
+        "steps": int(_fetch(state.step)), "stopped_early": bool(meta.get("stopped_early", False)),
+        "init": config.init.mode, "alignment": alignment_summary(meta.get("alignment", {})),
         "history": meta["history"], "throughput": throughput,
         "skipped_cases": [str(p) for p in splits.skipped], "manifest": splits.manifest,
         "wall_seconds": time.time() - wall_start, "config": _config_snapshot(config),
@@ -197,7 +212,33 @@ def steps_to_fraction_of_best(history: list[dict], task, fraction: float) -> Opt
     return None
 
 
-def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, checkpointer, writer, meta,
+def alignment_summary(trajectories: dict) -> dict:
+    """Per site: the last measurement of every quantity plus the MMD² trajectory over steps."""
+    summary = {}
+    for site, records in trajectories.items():
+        last = dict(records[-1]["values"]) if records else {}
+        p_values = [v for k, v in last.items() if k.startswith("p_value_unbiased")]
+        summary[site] = {
+            **last, "p_value": p_values[0] if p_values else None,
+            "trajectory": [[r["step"], r["values"].get("mmd2_unbiased")] for r in records],
+        }
+    return summary
+
+
+def _measure_alignment(probe, state, step, seed, writer, meta) -> float:
+    start = time.time()
+    measured = _fetch(probe(state.params, state.rest, jax.random.fold_in(jax.random.key(seed + 7), step)))
+    seconds = time.time() - start
+    flat = {}
+    for site, values in measured.items():
+        values = {k: float(v) for k, v in values.items()}
+        meta.setdefault("alignment", {}).setdefault(site, []).append({"step": step, "values": values})
+        flat.update({f"{site}/{k}": v for k, v in values.items()})
+    writer.write(step, flat, prefix="align/")
+    return seconds
+
+
+def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, probe, checkpointer, writer, meta,
            start_step, task, throughput):
     log = writer.log
     total = config.total_steps
@@ -206,6 +247,9 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, ch
     pending = None  # metrics of the last step of the current logging window (still on device)
     window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
     steady: list[float] = []
+    run_start, alignment_seconds = time.time(), 0.0
+    if probe is not None and start_step == 0:
+        alignment_seconds += _measure_alignment(probe, state, 0, config.seed, writer, meta)
     batch = first_batch
     step = start_step
     while step < total:
@@ -216,7 +260,7 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, ch
         bar.update(1)
         last = step == total
         if step % config.log_every == 0 or last:
-            scalars = {k: float(v) for k, v in jax.device_get(pending).items()}
+            scalars = {k: float(v) for k, v in _fetch(pending).items()}
             elapsed = time.time() - window_start - paused
             step_time = elapsed / max(window_steps, 1)
             scalars.update(step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
@@ -232,6 +276,8 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, ch
         if step % config.eval_every == 0 or last:
             metrics_eval = evaluator(state)
             writer.write(step, metrics_eval, prefix="val/")
+            if probe is not None:
+                alignment_seconds += _measure_alignment(probe, state, step, config.seed, writer, meta)
             value = metrics_eval.get(task.primary_metric, float("nan"))
             meta["history"].append({"step": step, "metrics": metrics_eval})
             if task.is_better(value, meta["best"]):
@@ -256,6 +302,9 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, ch
         batch = global_batch(next(train_iter), mesh)
         data_wait += time.time() - fetch_start
     bar.close()
+    if probe is not None:
+        throughput.update(alignment_seconds=alignment_seconds,
+                          alignment_share=alignment_seconds / max(time.time() - run_start, 1e-9))
     if steady:
         step_time = float(np.median(steady))
         throughput.update(steady_step_seconds=step_time, volumes_per_second=config.batch_size / step_time)

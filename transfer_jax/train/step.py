@@ -27,7 +27,7 @@ def make_train_step(graph: ModelGraph, task, tx: optax.GradientTransformation, s
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True, graph=False)(state.params, rest)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
 
     return train_step

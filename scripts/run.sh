@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then fine-tune on the embedded default data (or pass your own flags).
+#   scripts/run.sh                                  # configs/seg.py on the synthetic phantom, outputs in runs/seg
+#   scripts/run.sh --config=configs/seg.py:full --workdir=runs/seg-full --config.data.manifest=/data/picai.csv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh
+if [ "$#" -eq 0 ]; then
+  set -- --config=configs/seg.py --workdir=runs/seg
+fi
+exec .venv/bin/python -m transfer_jax.main "$@"
