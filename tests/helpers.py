@@ -38,6 +38,8 @@ def load_config(name: str, arg: str | None = None):
 def smoke_config(**overrides):
     """configs/seg.py:smoke with dotted-key overrides."""
     config = load_config("seg", "smoke")
+    # One device keeps compile times low; the sharded paths have their own tests (test_sharding, multihost).
+    config.mesh.num_devices = 1
     config.logging.tensorboard = True
     for key, value in overrides.items():
         target = config

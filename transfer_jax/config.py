@@ -54,13 +54,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.mode = "scratch"  # "scratch" or "pretrained"
     c.init.checkpoint = ""  # converted artifact folder (scripts/convert_*.py) for mode="pretrained"
+    c.init.dont_load = ()  # regexes of parameter paths left at initialisation (e.g. a head with other classes)
 
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr=0.0, warmup_steps=20, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
         layer_decay=1.0, layer_decay_scheme="group", freeze_backbone=False, frozen_patterns=(), grad_clip=0.0))
 
     # strategy "fsdp" splits parameters (and optimizer moments) of >= fsdp_min_size elements over the fsdp axis
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, strategy="replicate", fsdp_min_size=4096))
+    # num_devices: 0 = every visible device; N = the first N (single-process runs only)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, strategy="replicate", fsdp_min_size=4096,
+                                            num_devices=0))
     c.distributed = ml_collections.ConfigDict(dict(
         auto=False, coordinator_address="", num_processes=0, process_id=-1))
     # Alignment between the initial and the current weights, measured at every evaluation on a fixed probe set.

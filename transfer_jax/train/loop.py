@@ -25,6 +25,7 @@ from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, create_mesh, global_batch
 from transfer_jax.train.optim import make_optimizer
+from transfer_jax.train.pretrained import adopt_architecture, load_into
 from transfer_jax.train.probe import AlignmentProbe, probe_images
 from transfer_jax.train.state import abstract_state, count_params, init_state
 from transfer_jax.train.step import compiled_flops, describe_memory, make_eval_step, make_train_step
@@ -103,7 +104,18 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     log(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es), python {platform.python_version()}")
 
-    mesh = create_mesh(config.mesh.data, config.mesh.fsdp)
+    if config.init.mode not in ("scratch", "pretrained"):
+        raise ValueError(f"init.mode must be 'scratch' or 'pretrained', got {config.init.mode!r}")
+    init_label = config.init.mode
+    if config.init.mode == "pretrained" and config.init.checkpoint:
+        for change in adopt_architecture(config):
+            log(f"architecture from {config.init.checkpoint}: {change}")
+    elif config.init.mode == "pretrained":
+        init_label = "pretrained-random-standin"
+        log("WARNING: init.mode='pretrained' but no init.checkpoint is given: the backbone starts from a RANDOM "
+            "stand-in. Point init.checkpoint at a converted or pretrained artifact (scripts/convert_*.py, "
+            "configs/pretrain_*.py) for a real transfer measurement.")
+    mesh = create_mesh(config.mesh.data, config.mesh.fsdp, num_devices=config.mesh.num_devices)
     task = get_task(config)
     per_process_batch = check_batch_divisible(config.batch_size, mesh)
     eval_per_process = check_batch_divisible(config.eval_batch_size, mesh)
@@ -129,6 +141,12 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
                                          config.mesh.fsdp_min_size)
     log(f"model: {count_params(state.params):,} parameters ({len(opt_info['frozen'])} frozen tensors), "
         f"sharding={config.mesh.strategy}, mesh={dict(mesh.shape)}")
+    if init_label == "pretrained":
+        params, rest, report = load_into(state.params, state.rest, config.init.checkpoint,
+                                         dont_load=tuple(config.init.dont_load),
+                                         shardings=lambda _: (shardings.params, shardings.rest))
+        state = state.replace(params=params, rest=rest)
+        log(report.describe())
     probe = None
     if config.alignment.enabled:
         images = probe_images(splits.paths["val"], config.data.crop_size, config.alignment.probe_size,
@@ -180,7 +198,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         "best": meta["best"], "best_step": meta["best_step"],
         "final": meta["history"][-1]["metrics"] if meta["history"] else None,
         "steps": int(_fetch(state.step)), "stopped_early": bool(meta.get("stopped_early", False)),
-        "init": config.init.mode, "alignment": alignment_summary(meta.get("alignment", {})),
+        "init": init_label, "alignment": alignment_summary(meta.get("alignment", {})),
         "history": meta["history"], "throughput": throughput,
         "skipped_cases": [str(p) for p in splits.skipped], "manifest": splits.manifest,
         "wall_seconds": time.time() - wall_start, "config": _config_snapshot(config),

@@ -14,8 +14,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def create_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+def create_mesh(data: int = -1, fsdp: int = 1, devices=None, num_devices: int = 0) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all, or the first `num_devices` of each process)."""
+    if devices is None:
+        devices = jax.devices()
+        if num_devices:
+            if jax.process_count() > 1:
+                raise ValueError("mesh.num_devices only applies to single-process runs; use all devices")
+            if num_devices > len(devices):
+                raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices are visible")
+            devices = devices[:num_devices]
     n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must divide the number of devices ({n})")
