@@ -1,0 +1,332 @@
+"""Study statistics and report from synthetic run summaries (no training)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from transfer_jax.study import analysis, report
+from transfer_jax.study.analysis import RunRecord
+
+
+def write_summary(workdir, *, best, direction="max", steps_to_95=10, steps=40, alignment=None, init=None,
+                  metric="score", task="segmentation", stopped_early=False):
+    os.makedirs(workdir, exist_ok=True)
+    summary = {"task": task, "backbone": "b", "primary_metric": metric, "direction": direction, "best": best,
+               "best_step": steps, "final": {metric: best}, "steps": steps, "stopped_early": stopped_early,
+               "history": [{"step": steps, "metrics": {metric: best}}], "steps_to_95pct_best": steps_to_95,
+               "wall_seconds": 1.0, "config": {"init": {"mode": init or "scratch"}, "total_steps": steps}}
+    if init is not None:
+        summary["init"] = init
+    if alignment is not None:
+        summary["alignment"] = alignment
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return workdir
+
+
+def site(mmd2, p_value=0.01, cka=0.9, trajectory=None):
+    return {"mmd2_unbiased": mmd2, "p_value": p_value, "cka_linear": cka,
+            "trajectory": trajectory if trajectory is not None else [[0, 0.0], [20, mmd2 / 2], [40, mmd2]]}
+
+
+def pair(tmp_path, backbone, task, *, pretrained=None, scratch=None):
+    """Run records of one (backbone, task) pair; a None summary is a run that did not produce one."""
+    records = []
+    for init, fields in (("pretrained", pretrained), ("scratch", scratch)):
+        workdir = os.path.join(tmp_path, "runs", f"{backbone}-{task}-{init}")
+        if fields is not None:
+            write_summary(workdir, **fields)
+        records.append(RunRecord(backbone, task, init, workdir, "trained" if fields is not None else "skipped",
+                                 "" if fields is not None else "no config"))
+    return records
+
+
+# Five backbone x task pairs: alignment (MMD²) goes down as gain and speed-up go up, with one tie in MMD².
+MMD2 = [0.05, 0.10, 0.10, 0.30, 0.45]
+PRETRAINED_BEST = [0.90, 0.80, 0.74, 0.66, 0.61]
+SCRATCH_BEST = [0.60, 0.62, 0.60, 0.60, 0.60]
+PRETRAINED_STEPS = [10, 20, 20, 30, 40]
+SCRATCH_STEPS = [40, 40, 40, 40, 40]
+
+
+def matrix_records(tmp_path):
+    records = []
+    for i, (mmd2, p, s, ps, ss) in enumerate(zip(MMD2, PRETRAINED_BEST, SCRATCH_BEST, PRETRAINED_STEPS,
+                                                 SCRATCH_STEPS)):
+        backbone, task = ("profound_conv", "profound_vit")[i % 2], ("seg", "cls", "sr", "distortion", "synthesis")[i]
+        alignment = {"pooled": site(mmd2)}
+        if i < 2:  # a site only two rows report: too few points for a correlation
+            alignment["stage4"] = site(2 * mmd2)
+        records += pair(tmp_path, backbone, task,
+                        pretrained=dict(best=p, steps_to_95=ps, alignment=alignment, init="pretrained"),
+                        scratch=dict(best=s, steps_to_95=ss, alignment={"pooled": site(1.0)}, init="scratch"))
+    return records
+
+
+def expected_relative_gains():
+    return [(p - s) / abs(s) for p, s in zip(PRETRAINED_BEST, SCRATCH_BEST)]
+
+
+# -- gains and rows -----------------------------------------------------------------------------------------------
+
+def test_gains_are_positive_when_pretraining_helps_for_both_directions():
+    assert analysis.gains(0.8, 0.5, "max") == pytest.approx((0.3, 0.6))
+    assert analysis.gains(0.5, 0.8, "max") == pytest.approx((-0.3, -0.375))
+    # "min" metric (e.g. an error): lower pretrained value is better -> positive gain.
+    assert analysis.gains(0.2, 0.4, "min") == pytest.approx((0.2, 0.5))
+    assert analysis.gains(0.6, 0.4, "min") == pytest.approx((-0.2, -0.5))
+    # relative to |scratch|, so a negative scratch value does not flip the sign
+    assert analysis.gains(-1.0, -2.0, "max") == pytest.approx((1.0, 0.5))
+    absolute, relative = analysis.gains(0.3, 0.0, "max")
+    assert absolute == pytest.approx(0.3) and relative is None
+    assert analysis.gains(None, 0.5, "max") == (None, None)
+    with pytest.raises(ValueError, match="direction"):
+        analysis.gains(0.1, 0.2, "up")
+
+
+def test_row_from_a_pretrained_and_a_scratch_summary(tmp_path):
+    trajectory = [[40, 0.2], [0, 0.0], [20, 0.1]]
+    records = pair(tmp_path, "profound_conv", "seg",
+                   pretrained=dict(best=0.75, steps_to_95=10, init="pretrained",
+                                   alignment={"pooled": site(0.2, p_value=0.003, cka=0.8, trajectory=trajectory)}),
+                   scratch=dict(best=0.5, steps_to_95=30))
+    (row,) = analysis.build_rows(records)
+    assert (row.backbone, row.task, row.task_name, row.primary_metric, row.direction) == (
+        "profound_conv", "seg", "segmentation", "score", "max")
+    assert row.pretrained_best == 0.75 and row.scratch_best == 0.5
+    assert row.absolute_gain == pytest.approx(0.25)
+    assert row.relative_gain == pytest.approx(0.5)
+    assert (row.pretrained_steps_to_95, row.scratch_steps_to_95) == (10, 30)
+    assert row.convergence_speedup == pytest.approx(3.0)
+    assert row.pretrained_init == "pretrained"
+    pooled = row.alignment["pooled"]
+    assert (pooled.mmd2, pooled.p_value, pooled.cka) == (0.2, 0.003, 0.8)
+    assert pooled.trajectory == ((0, 0.0), (20, 0.1), (40, 0.2))  # sorted by step
+    assert row.notes == []
+
+
+def test_min_direction_metric_counts_a_lower_pretrained_value_as_a_gain(tmp_path):
+    records = pair(tmp_path, "profound_conv", "sr",
+                   pretrained=dict(best=0.03, direction="min", metric="mae", init="pretrained"),
+                   scratch=dict(best=0.04, direction="min", metric="mae"))
+    (row,) = analysis.build_rows(records)
+    assert row.direction == "min"
+    assert row.relative_gain == pytest.approx(0.25)
+    assert row.absolute_gain == pytest.approx(0.01)
+
+
+def test_missing_scratch_run_and_missing_alignment_give_na_not_errors(tmp_path):
+    records = pair(tmp_path, "provicnet", "cls", pretrained=dict(best=0.7), scratch=None)
+    (row,) = analysis.build_rows(records)
+    assert row.scratch_best is None and row.relative_gain is None and row.convergence_speedup is None
+    assert row.alignment == {}
+    assert "no scratch run" in row.notes and "no alignment in the pretrained summary" in row.notes
+    # The summary's missing `init` key falls back to the config snapshot, labelled as such.
+    assert row.pretrained_init == "scratch (from config)"
+
+    result = analysis.analyze(records, bootstrap=100, seed=0)
+    assert result.sites == [] and result.correlations == []
+    outputs = report.write_report(str(tmp_path / "study"), result)
+    text = open(outputs["report.md"]).read()
+    assert "Alignment: n/a" in text and "no scratch run" in text
+    with open(outputs["results.csv"]) as f:
+        (values,) = list(csv.DictReader(f))
+    assert values["scratch_best"] == "n/a" and values["relative_gain"] == "n/a"
+    assert float(values["pretrained_best"]) == 0.7
+    assert not os.path.exists(os.path.join(tmp_path, "study", "plots", "scatter_mmd2_vs_relative_gain.png"))
+
+
+def test_a_run_without_summary_file_counts_as_missing(tmp_path):
+    records = pair(tmp_path, "profound_conv", "seg", pretrained=dict(best=0.7), scratch=dict(best=0.6))
+    os.remove(os.path.join(records[1].workdir, "summary.json"))
+    (row,) = analysis.build_rows(records)
+    assert row.scratch_best is None and "no scratch run" in row.notes
+
+
+def test_random_standin_and_mismatched_metrics_are_flagged(tmp_path):
+    records = pair(tmp_path, "profound_vit", "seg",
+                   pretrained=dict(best=0.7, init="pretrained-random-standin"),
+                   scratch=dict(best=0.6, metric="other"))
+    (row,) = analysis.build_rows(records)
+    assert row.relative_gain is None
+    assert any("random stand-in" in note for note in row.notes)
+    assert any("primary_metric differs" in note for note in row.notes)
+
+
+def test_non_finite_best_is_missing(tmp_path):
+    records = pair(tmp_path, "profound_conv", "seg", pretrained=dict(best=float("nan")), scratch=dict(best=0.5))
+    (row,) = analysis.build_rows(records)
+    assert row.pretrained_best is None and row.relative_gain is None
+
+
+# -- correlations -------------------------------------------------------------------------------------------------
+
+X_TIES = [0.3, 0.1, 0.1, 0.7, 0.5, 0.9, 0.5, 0.2]
+Y_TIES = [2.0, 1.0, 3.0, 5.0, 5.0, 8.0, 4.0, 0.5]
+
+
+@pytest.mark.parametrize("method, reference", [("pearson", stats.pearsonr), ("spearman", stats.spearmanr)])
+def test_coefficients_and_p_values_match_scipy_with_ties(method, reference):
+    expected = reference(X_TIES, Y_TIES)
+    assert analysis.correlation_coefficient(X_TIES, Y_TIES, method) == pytest.approx(expected.statistic, abs=1e-12)
+    result = analysis.correlate(X_TIES, Y_TIES, site="pooled", target="relative_gain", method=method,
+                                resamples=500, seed=1)
+    assert result.n == len(X_TIES)
+    assert result.coefficient == pytest.approx(expected.statistic, abs=1e-12)
+    assert result.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+
+
+def test_spearman_is_invariant_to_monotone_transforms_and_pearson_is_not():
+    x = np.array(X_TIES)
+    assert analysis.correlation_coefficient(np.exp(5 * x), Y_TIES, "spearman") == pytest.approx(
+        analysis.correlation_coefficient(x, Y_TIES, "spearman"))
+    assert analysis.correlation_coefficient(np.exp(5 * x), Y_TIES, "pearson") != pytest.approx(
+        analysis.correlation_coefficient(x, Y_TIES, "pearson"))
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_bootstrap_interval_contains_the_estimate_and_is_deterministic_per_seed(method):
+    point = analysis.correlation_coefficient(X_TIES, Y_TIES, method)
+    low, high, degenerate = analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7)
+    assert -1.0 <= low < point < high <= 1.0
+    assert analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7) == (low, high, degenerate)
+    # a narrower level gives a nested interval
+    low90, high90, _ = analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7, level=0.9)
+    assert low <= low90 <= high90 <= high
+
+
+def test_bootstrap_interval_depends_on_the_seed_and_the_data():
+    # Pearson on continuous data (Spearman's bounds are ranks, so two seeds can share them).
+    first = analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=1)
+    assert analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=2)[:2] != first[:2]
+    assert analysis.bootstrap_interval(X_TIES, Y_TIES[::-1], "pearson", resamples=300, seed=1)[:2] != first[:2]
+
+
+def test_degenerate_resamples_are_skipped_and_counted():
+    # n = 3 with y = [1, 1, 2]: a resample has constant y when all three draws come from the first two points
+    # ((2/3)^3) or are all the third ((1/3)^3): probability 1/3; constant x (1/9) is a subset of those.
+    resamples = 6000
+    low, high, degenerate = analysis.bootstrap_interval([1.0, 2.0, 3.0], [1.0, 1.0, 2.0], "pearson",
+                                                        resamples=resamples, seed=0)
+    assert degenerate / resamples == pytest.approx(1 / 3, abs=0.03)
+    assert low is not None and high is not None and np.isfinite([low, high]).all()
+    result = analysis.correlate([1.0, 2.0, 3.0], [1.0, 1.0, 2.0], site="s", target="relative_gain",
+                                method="pearson", resamples=resamples, seed=0)
+    assert result.degenerate_resamples == degenerate and result.resamples == resamples
+
+
+def test_too_few_points_and_constant_inputs_give_no_coefficient():
+    two = analysis.correlate([0.1, 0.2], [1.0, 2.0], site="s", target="relative_gain", method="spearman",
+                             resamples=100, seed=0)
+    assert two.n == 2 and two.coefficient is None and two.ci_low is None and "n < 3" in two.note
+    flat = analysis.correlate([0.1, 0.1, 0.1], [1.0, 2.0, 3.0], site="s", target="relative_gain",
+                              method="pearson", resamples=100, seed=0)
+    assert flat.coefficient is None and flat.note == "constant input"
+
+
+def test_study_correlations_over_rows_per_site_and_target(tmp_path):
+    result = analysis.analyze(matrix_records(tmp_path), bootstrap=1000, seed=3)
+    assert result.sites == ["pooled", "stage4"]
+    assert len(result.rows) == 5
+    by_key = {(c.site, c.target, c.method): c for c in result.correlations}
+    gains = expected_relative_gains()
+    for method, reference in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+        gain = by_key[("pooled", "relative_gain", method)]
+        assert gain.n == 5
+        assert gain.coefficient == pytest.approx(reference(MMD2, gains).statistic, abs=1e-12)
+        assert gain.coefficient < 0  # built so that better alignment goes with larger gains
+        assert gain.ci_low <= gain.coefficient <= gain.ci_high
+        speed = by_key[("pooled", "convergence_speedup", method)]
+        speedups = [s / p for s, p in zip(SCRATCH_STEPS, PRETRAINED_STEPS)]
+        assert speed.coefficient == pytest.approx(reference(MMD2, speedups).statistic, abs=1e-12)
+        steps = by_key[("pooled", "pretrained_steps_to_95", method)]
+        assert steps.coefficient == pytest.approx(reference(MMD2, PRETRAINED_STEPS).statistic, abs=1e-12)
+        sparse = by_key[("stage4", "relative_gain", method)]
+        assert sparse.n == 2 and sparse.coefficient is None
+    # The scratch runs' alignment (drift from random init) never enters the correlations.
+    assert all(row.mmd2("pooled") != 1.0 for row in result.rows)
+
+
+def test_correlations_skip_rows_missing_the_target(tmp_path):
+    records = matrix_records(tmp_path)
+    os.remove(os.path.join(records[1].workdir, "summary.json"))  # first row loses its scratch run
+    result = analysis.analyze(records, bootstrap=0, seed=0)
+    gain = next(c for c in result.correlations if (c.site, c.target, c.method) == ("pooled", "relative_gain",
+                                                                                   "pearson"))
+    assert gain.n == 4
+    assert gain.coefficient == pytest.approx(stats.pearsonr(MMD2[1:], expected_relative_gains()[1:]).statistic)
+    assert gain.ci_low is None and "no bootstrap" in gain.note
+    steps = next(c for c in result.correlations
+                 if (c.site, c.target, c.method) == ("pooled", "pretrained_steps_to_95", "pearson"))
+    assert steps.n == 5  # needs only the pretrained run
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+
+def test_report_files_columns_and_sample_sizes(tmp_path):
+    result = analysis.analyze(matrix_records(tmp_path), bootstrap=500, seed=0)
+    study_dir = tmp_path / "study"
+    run_configs = {"profound_conv-seg-pretrained": {"total_steps": 40, "init": {"mode": "pretrained"}}}
+    outputs = report.write_report(str(study_dir), result, run_configs=run_configs,
+                                  study_config={"study": {"tasks": ["seg"]}})
+    with open(outputs["results.csv"]) as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, list(reader)
+    assert columns == report.result_columns(["pooled", "stage4"])
+    assert columns[:3] == ["backbone", "task", "task_name"]
+    assert {"relative_gain", "convergence_speedup", "mmd2_pooled", "mmd2_p_pooled", "cka_pooled", "mmd2_stage4",
+            "notes"} <= set(columns)
+    assert len(rows) == 5
+    assert [float(r["relative_gain"]) for r in rows] == pytest.approx(expected_relative_gains())
+    assert [float(r["mmd2_pooled"]) for r in rows] == pytest.approx(MMD2)
+    assert rows[2]["mmd2_stage4"] == "n/a"
+
+    with open(outputs["correlations.csv"]) as f:
+        correlations = list(csv.DictReader(f))
+    assert len(correlations) == 2 * 3 * 2  # sites x targets x methods
+    assert {r["n"] for r in correlations if r["site"] == "pooled"} == {"5"}
+
+    markdown = open(outputs["report.md"]).read()
+    page = open(outputs["report.html"]).read()
+    for text in (markdown, page):
+        assert "n = 5" in text and "n = 2" in text
+        assert "How to read this" in text and "tiny" in text
+        assert "profound_conv" in text and "bootstrap" in text
+    assert page.count("data:image/png;base64,") == 5  # self-contained: every plot embedded
+    for name in ("gain_by_task", "scatter_mmd2_vs_relative_gain", "scatter_mmd2_vs_convergence_speedup",
+                 "scatter_mmd2_vs_pretrained_steps_to_95", "mmd2_trajectories"):
+        path = study_dir / "plots" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{name}.png" in markdown
+
+    env = json.loads((study_dir / "environment.json").read_text())
+    for package in ("jax", "flax", "optax", "numpy"):
+        assert env["packages"][package] not in ("", None)
+    assert env["python"].count(".") == 2 and env["platform"]
+    assert json.loads((study_dir / "configs" / "profound_conv-seg-pretrained.json").read_text()) == \
+        run_configs["profound_conv-seg-pretrained"]
+    assert json.loads((study_dir / "configs" / "study.json").read_text())["study"]["tasks"] == ["seg"]
+
+
+def test_a_second_report_removes_plots_the_data_no_longer_supports(tmp_path):
+    study_dir = str(tmp_path / "study")
+    report.write_report(study_dir, analysis.analyze(matrix_records(tmp_path), bootstrap=50, seed=0))
+    assert os.path.exists(os.path.join(study_dir, "plots", "mmd2_trajectories.png"))
+    no_alignment = pair(tmp_path / "other", "profound_conv", "seg", pretrained=dict(best=0.7),
+                        scratch=dict(best=0.6))
+    report.write_report(study_dir, analysis.analyze(no_alignment, bootstrap=50, seed=0))
+    assert not os.path.exists(os.path.join(study_dir, "plots", "mmd2_trajectories.png"))
+    assert os.path.exists(os.path.join(study_dir, "plots", "gain_by_task.png"))
+
+
+def test_discover_runs_finds_run_folders_with_summaries(tmp_path):
+    records = matrix_records(tmp_path)
+    found = analysis.discover_runs(os.path.join(tmp_path, "runs"))
+    assert sorted(r.name for r in found) == sorted(r.name for r in records)
+    os.makedirs(os.path.join(tmp_path, "runs", "not-a-run"))
+    assert len(analysis.discover_runs(os.path.join(tmp_path, "runs"))) == len(records)

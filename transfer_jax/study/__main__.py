@@ -1,0 +1,41 @@
+"""Run (or resume) the transfer study and write its report.
+
+    python -m transfer_jax.study --config=configs/study.py:smoke --workdir=studies/smoke
+    python -m transfer_jax.study --config=configs/study.py:cpu --workdir=studies/cpu \
+        --config.study.tasks="('seg',)" --config.study.overrides.total_steps=30
+
+Re-running with the same workdir skips finished runs and resumes the others from their checkpoints.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# New attributes are accepted so that `--config.study.overrides.<field>=...` can add overrides; the study
+# validates every field of its block, and overrides must name existing fields of the task configs.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py:smoke.",
+                                          lock_config=False, accept_new_attributes=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Study folder: runs/, results.csv, report.md, report.html, ...")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Cache compiled XLA programs in <workdir>/xla_cache: a backbone's pretrained and "
+    "scratch runs compile the same programs.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax, XLA) would drown the run log
+    import jax
+
+    jax.config.config_with_absl()
+    if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), "xla_cache"))
+    from transfer_jax.study.runner import run_study
+
+    run_study(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
