@@ -36,6 +36,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert resumed["steps"] == 6
 
     a, b = _final_params(straight, 6), _final_params(interrupted, 6)
+    a, b = (a["params"], a["opt_state"]), (b["params"], b["opt_state"])
     leaves_a = jax.tree_util.tree_leaves_with_path(a)
     leaves_b = dict(jax.tree_util.tree_leaves_with_path(b))
     assert leaves_a

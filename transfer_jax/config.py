@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ""  # CSV (see README); empty = the embedded synthetic phantom dataset
     c.data.phantom = ml_collections.ConfigDict(dict(num_cases=24, num_val=4, num_test=4, seed=0))
-    c.data.spacing = (2.0, 1.5, 1.5)  # mm along (D, H, W); ProFound: (1.0, 0.5, 0.5)
+    c.data.spacing = (2.0, 1.0, 1.0)  # mm along (D, H, W); ProFound: (1.0, 0.5, 0.5)
     c.data.crop_size = (32, 64, 64)  # (D, H, W); ProFound: (64, 224, 224)
     c.data.region_margin = 1.25
     c.data.channels = ("t2", "dwi", "adc")

@@ -266,10 +266,31 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
     window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
     steady: list[float] = []
     run_start, alignment_seconds = time.time(), 0.0
-    if probe is not None and start_step == 0:
-        alignment_seconds += _measure_alignment(probe, state, 0, config.seed, writer, meta)
-    batch = first_batch
-    step = start_step
+
+    def evaluate(step: int) -> bool:
+        """Validation metrics and alignment at `step`; True when early stopping says to stop."""
+        nonlocal alignment_seconds
+        metrics_eval = evaluator(state)
+        writer.write(step, metrics_eval, prefix="val/")
+        if probe is not None:
+            alignment_seconds += _measure_alignment(probe, state, step, config.seed, writer, meta)
+        value = metrics_eval.get(task.primary_metric, float("nan"))
+        meta["history"].append({"step": step, "metrics": metrics_eval})
+        if task.is_better(value, meta["best"]):
+            meta["best"], meta["best_step"] = value, step
+            meta["evals_without_improvement"] = 0
+        else:
+            meta["evals_without_improvement"] += 1
+        patience = config.early_stopping_patience
+        if patience and meta["evals_without_improvement"] >= patience:
+            meta["stopped_early"] = True
+            log(f"early stopping at step {step}: no improvement of {task.primary_metric} in {patience} evals")
+            return True
+        return False
+
+    if start_step == 0:  # the untrained (pretrained or scratch) starting point: step 0 of every curve
+        evaluate(0)
+    batch, step = first_batch, start_step
     while step < total:
         state, metrics = compiled(state, batch)
         step += 1
@@ -292,22 +313,7 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
             window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
         pause_start = time.time()
         if step % config.eval_every == 0 or last:
-            metrics_eval = evaluator(state)
-            writer.write(step, metrics_eval, prefix="val/")
-            if probe is not None:
-                alignment_seconds += _measure_alignment(probe, state, step, config.seed, writer, meta)
-            value = metrics_eval.get(task.primary_metric, float("nan"))
-            meta["history"].append({"step": step, "metrics": metrics_eval})
-            if task.is_better(value, meta["best"]):
-                meta["best"], meta["best_step"] = value, step
-                meta["evals_without_improvement"] = 0
-            else:
-                meta["evals_without_improvement"] += 1
-            patience = config.early_stopping_patience
-            if patience and meta["evals_without_improvement"] >= patience:
-                meta["stopped_early"] = True
-                log(f"early stopping at step {step}: no improvement of {task.primary_metric} in {patience} evals")
-                last = True
+            last = evaluate(step) or last
         if step % config.checkpoint_every == 0 or last:
             checkpointer.save(step, state, train_iter, meta)
             if config.debug.preempt_after_step and step >= config.debug.preempt_after_step:
