@@ -41,6 +41,10 @@ class Task(abc.ABC):
         ...
 
     # -- jitted -----------------------------------------------------------------------------------------------
+    def forward(self, model: nnx.Module, batch: dict[str, jax.Array], compute_dtype) -> Any:
+        """Run the model on a batch (tasks whose models take more than the image override this)."""
+        return model(batch["image"].astype(compute_dtype))
+
     def probe_features(self, model: nnx.Module, images: jax.Array) -> dict[str, jax.Array]:
         """Encoder features at the alignment sites (pretrained vs fine-tuned comparisons use these)."""
         return encoder_feature_sites(model.encoder, images)

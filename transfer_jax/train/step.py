@@ -10,16 +10,11 @@ from flax import nnx
 from transfer_jax.train.state import ModelGraph, TrainState
 
 
-def _model_input(batch, compute_dtype):
-    return batch["image"].astype(compute_dtype)
-
-
 def make_train_step(graph: ModelGraph, task, tx: optax.GradientTransformation, schedule, compute_dtype):
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params, rest):
             model = graph.merge(params, rest, training=True)
-            outputs = model(_model_input(batch, compute_dtype))
-            return task.loss(outputs, batch)
+            return task.loss(task.forward(model, batch, compute_dtype), batch)
 
         rest = state.rest
         # Tree-mode NNX grad: differentiates params only and writes the forward pass's state updates (DropPath
@@ -36,7 +31,7 @@ def make_train_step(graph: ModelGraph, task, tx: optax.GradientTransformation, s
 def make_eval_step(graph: ModelGraph, task, compute_dtype):
     def eval_step(params: Any, rest: Any, batch: dict[str, jax.Array]):
         model = graph.merge(params, rest, training=False)
-        outputs = model(_model_input(batch, compute_dtype))
+        outputs = task.forward(model, batch, compute_dtype)
         loss, _ = task.loss(outputs, batch)
         stats = task.eval_stats(outputs, batch)
         return stats, loss
