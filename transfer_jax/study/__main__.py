@@ -8,8 +8,10 @@ Re-running with the same workdir skips finished runs and resumes the others from
 """
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from transfer_jax.cli import parse_flags, prepare_runtime
 
 # New attributes are accepted so that `--config.study.overrides.<field>=...` can add overrides; the study
 # validates every field of its block, and overrides must name existing fields of the task configs.
@@ -22,13 +24,9 @@ _COMPILATION_CACHE = flags.DEFINE_bool(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax, XLA) would drown the run log
+    prepare_runtime(argv)
     import jax
 
-    jax.config.config_with_absl()
     if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), "xla_cache"))
     from transfer_jax.study.runner import run_study
@@ -38,4 +36,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
