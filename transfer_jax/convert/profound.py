@@ -55,6 +55,7 @@ from transfer_jax.convert.table import (
     target_spec,
     unflatten,
 )
+from transfer_jax.models.registry import dataclass_from_dict
 from transfer_jax.convert.torch_pickle import extract_state_dict, load_torch_checkpoint
 from transfer_jax.models.classifier import Classifier, ClassifierHead
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
@@ -100,14 +101,6 @@ class EncoderOnly(nnx.Module):
         return self.encoder(x)
 
 
-def _dataclass(cls, values: Mapping[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def build_model(model_name: str, config: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
     """The module an artifact's state fits: `config = {"encoder": {...}, "head": None | {...}, "decoder": ...}`.
 
@@ -117,17 +110,17 @@ def build_model(model_name: str, config: Mapping[str, Any], *, rngs: nnx.Rngs) -
     head = config.get("head")
     decoder = config.get("decoder")
     if model_name == CONV_MODEL:
-        encoder_config = _dataclass(ConvNeXtConfig, config["encoder"])
+        encoder_config = dataclass_from_dict(ConvNeXtConfig, config["encoder"])
         encoder = ConvNeXtV2(encoder_config, rngs=rngs)
         width, levels, adapter, tokens = encoder_config.dims[-1], tuple(encoder_config.dims), None, False
         if decoder:
             raise ValueError("profound_conv artifacts carry no decoder")
     elif model_name == VIT_MODEL:
-        encoder_config = _dataclass(ViTConfig, config["encoder"])
+        encoder_config = dataclass_from_dict(ViTConfig, config["encoder"])
         if decoder:
             if head:
                 raise ValueError("a profound_vit artifact holds either an MAE decoder or a head, not both")
-            return MAE(encoder_config, _dataclass(MAEDecoderConfig, decoder), rngs=rngs)
+            return MAE(encoder_config, dataclass_from_dict(MAEDecoderConfig, decoder), rngs=rngs)
         encoder = ProFoundViT(encoder_config, rngs=rngs)
         width = encoder_config.width
         levels = encoder.feature_channels
@@ -144,7 +137,7 @@ def build_model(model_name: str, config: Mapping[str, Any], *, rngs: nnx.Rngs) -
         return Classifier(encoder, ClassifierHead(width, int(options["num_classes"]),
                                                   bottleneck_dim=int(options.get("bottleneck_dim", 256)), rngs=rngs))
     if head.get("type") == "upernet":
-        return UPerNet(encoder, _dataclass(UPerNetConfig, options), in_channels=tuple(levels), rngs=rngs,
+        return UPerNet(encoder, dataclass_from_dict(UPerNetConfig, options), in_channels=tuple(levels), rngs=rngs,
                        adapter=adapter, token_hidden_states=tokens)
     raise ValueError(f"unknown head type {head.get('type')!r}; expected 'classification' or 'upernet'")
 
