@@ -162,7 +162,8 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         prefetch=config.data.prefetch,
     ))
     checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    meta: dict[str, Any] = {"history": [], "best": None, "best_step": None, "evals_without_improvement": 0}
+    meta: dict[str, Any] = {"history": [], "best": None, "best_step": None, "evals_without_improvement": 0,
+                            "config": _config_snapshot(config)}
     latest = checkpointer.latest_step()
     if latest is not None:
         state, meta = checkpointer.restore(latest, abstract_state(state, shardings), train_iter)
