@@ -3,6 +3,7 @@
     python -m transfer_jax.main --config=configs/seg.py --workdir=runs/seg
     python -m transfer_jax.main --config=configs/seg.py:smoke ...      # CI-sized
     python -m transfer_jax.main --config=configs/seg.py:full ...       # ConvNeXt-V2 Tiny at 64x224x224
+    python -m transfer_jax.main --config=configs/seg.py:provicnet ...  # ProViCNet 2.5-D slices (see provicnet_config)
 """
 import ml_collections
 
@@ -13,6 +14,8 @@ TINY_CONVNEXT = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone, preset = parse_arg(arg)
+    if backbone == "provicnet":
+        return provicnet_config(preset)
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
         name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=()))
@@ -36,4 +39,70 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.head_options.hidden_size = 512
         c.model.head_options.auxiliary_channels = 256
         c.optimizer.layer_decay = 0.6
+    return c
+
+
+# ProViCNet slice model sizes per preset (DINOv2 ViT with 4 registers; `full` = the released ViT-S/14).
+PROVICNET_SIZES = {
+    "smoke": dict(image_size=112, crop=(4, 64, 64), spacing=(3.0, 1.5, 1.5),
+                  vit=dict(width=32, depth=2, num_heads=2, pos_grid=8), head=(16, 8),
+                  cl=dict(hidden=64, bottleneck=16, out_dim=128, num_layers=3)),
+    "default": dict(image_size=112, crop=(16, 64, 64), spacing=(3.0, 1.0, 1.0),
+                    vit=dict(width=128, depth=4, num_heads=2, pos_grid=8), head=(32, 16),
+                    cl=dict(hidden=256, bottleneck=64, out_dim=1024, num_layers=3)),
+    "full": dict(image_size=448, crop=(20, 256, 256), spacing=(3.0, 0.5, 0.5),
+                 vit=dict(width=384, depth=12, num_heads=6, pos_grid=37), head=(128, 64),
+                 cl=dict(hidden=2048, bottleneck=256, out_dim=65536, num_layers=3)),
+}
+
+
+def provicnet_config(preset: str) -> ml_collections.ConfigDict:
+    """ProViCNet (pimed/ProViCNet) fine-tuned on slices of one sequence (tasks/slice_segmentation.py).
+
+    Every slice of a (gland-centred) crop becomes a 3-slice stack resized to `task.image_size`; labels stay at the
+    crop's in-plane size, which must be the output size 8 * image_size / 14. Presets:
+    * smoke: ViT width 32, depth 2, 112 px input (8 x 8 patches) -> 64 x 64 labels, 4 slices per case; CPU tests.
+    * default: ViT width 128, depth 4, 112 px -> 64 x 64 labels (1 mm), 16 slices (3 mm) per case, batch 2 cases
+      = 32 slices per step: a few minutes on a 2-core CPU. Reduced sizes; not the released geometry.
+    * full: the released ViT-S/14 at 448 px with 256 x 256 labels (0.5 mm) and 20 slices (3 mm), upstream's data
+      geometry; pair it with init.checkpoint = a converted T2_best.pth (scripts/convert_provicnet.py).
+    Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);
+    `task.contrastive_alpha` > 0 adds the label-guided patch contrastive loss (upstream 0.05). Optimiser: Adam
+    (weight decay 0) at one lr for all parameters (upstream: 1e-3 head, 5e-5 backbone, not reproduced), CL_Head
+    frozen as upstream never optimises it.
+    """
+    sizes = PROVICNET_SIZES[preset]
+    c = base_config()
+    c.task = ml_collections.ConfigDict(dict(
+        name="provicnet_segmentation", sequence="t2", image_size=sizes["image_size"], edge="clamp",
+        class_weights=(0.02, 0.04, 0.5, 0.5), eval_class_weights=(0.0, 0.0, 0.5, 0.5),
+        contrastive_alpha=0.0, contrastive_max_pairs=30, contrastive_upper=62, contrastive_lower=2,
+        contrastive_margin=0.5))
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "provicnet"
+    # ProViCNetConfig fields, nested as in a converted artifact's config (init.checkpoint adopts them).
+    c.model.backbone_options = ml_collections.ConfigDict(dict(
+        backbone=dict(patch=14, num_registers=4, mlp_ratio=4.0, in_channels=3, **sizes["vit"]),
+        head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32"))
+    c.model.head_options = ml_collections.ConfigDict()
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.frozen_patterns = (r"^CL_Head\.",)
+    c.alignment.sites = ("cls", "mean_patch")
+    if preset == "smoke":
+        apply_smoke(c)
+    elif preset == "full":
+        apply_full(c)
+        c.batch_size = 4  # cases: 4 x 20 = 80 slices of 448 x 448 per step (upstream: 72)
+        c.eval_batch_size = 4
+    else:
+        c.batch_size = 2
+        c.eval_batch_size = 4
+        c.total_steps = 150
+        c.log_every = 25
+        c.eval_every = 50
+        c.checkpoint_every = 150
+        c.optimizer.warmup_steps = 10
+        c.alignment.probe_size = 8
+    c.data.crop_size = sizes["crop"]
+    c.data.spacing = sizes["spacing"]
     return c

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-BACKBONES = ("profound_conv",)
+BACKBONES = ("profound_conv", "provicnet")
 PRESETS = ("default", "smoke", "full")
 
 

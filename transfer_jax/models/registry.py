@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
+from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
 
 
 def dataclass_from_dict(cls, values: dict[str, Any]):
@@ -23,8 +24,14 @@ def _profound_conv(options: dict, rngs: nnx.Rngs) -> ConvNeXtV2:
     return ConvNeXtV2(dataclass_from_dict(ConvNeXtConfig, options), rngs=rngs)
 
 
+def _provicnet(options: dict, rngs: nnx.Rngs) -> ProViCNet:
+    """The whole ProViCNet slice model (ViT + slice-position tokens + conv head); its task builds it directly."""
+    return ProViCNet(ProViCNetConfig.from_dict({k: v for k, v in options.items() if k != "dtype"}), rngs=rngs)
+
+
 BACKBONES: dict[str, Callable[[dict, nnx.Rngs], nnx.Module]] = {
     "profound_conv": _profound_conv,
+    "provicnet": _provicnet,
 }
 
 
@@ -34,10 +41,11 @@ def build_backbone(name: str, options: dict, *, rngs: nnx.Rngs) -> nnx.Module:
     return BACKBONES[name](dict(options), rngs)
 
 
-def encoder_feature_sites(encoder: nnx.Module, x) -> dict:
+def encoder_feature_sites(encoder: nnx.Module, x, **kwargs) -> dict:
     """Named (N, D) features of an encoder, the sites where alignment (MMD/CKA) is measured.
 
     ProFound-Conv: `pooled` (the normed global feature) and `stage1`..`stage4` (raw stage maps, spatially averaged).
+    ProViCNet (the whole slice model; built by its task, not here): `cls` and `mean_patch` of the final-norm tokens.
     """
     if isinstance(encoder, ConvNeXtV2):
         out = encoder(x)
@@ -45,4 +53,8 @@ def encoder_feature_sites(encoder: nnx.Module, x) -> dict:
         for i, stage in enumerate(out.stages, start=1):
             sites[f"stage{i}"] = stage.astype(jnp.float32).mean(axis=(1, 2, 3))
         return {k: v.astype(jnp.float32) for k, v in sites.items()}
+    if isinstance(encoder, ProViCNet):  # per slice; kwargs: slice_position [B, 2] or None
+        out = encoder.forward_features(x, kwargs.get("slice_position"))
+        return {"cls": out.cls_token.astype(jnp.float32),
+                "mean_patch": out.patch_tokens.astype(jnp.float32).mean(axis=1)}
     raise ValueError(f"no alignment feature sites defined for {type(encoder).__name__}")

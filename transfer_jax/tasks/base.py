@@ -45,6 +45,10 @@ class Task(abc.ABC):
         """Run the model on a batch (tasks whose models take more than the image override this)."""
         return model(batch["image"].astype(compute_dtype))
 
+    def probe_inputs(self, images: np.ndarray) -> np.ndarray:
+        """Alignment probe crops (N, D, H, W, C) -> the model inputs `probe_features` takes (default: unchanged)."""
+        return images
+
     def probe_features(self, model: nnx.Module, images: jax.Array) -> dict[str, jax.Array]:
         """Encoder features at the alignment sites (pretrained vs fine-tuned comparisons use these)."""
         return encoder_feature_sites(model.encoder, images)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from transfer_jax.tasks.base import Task
 from transfer_jax.tasks.segmentation import SegmentationTask
+from transfer_jax.tasks.slice_segmentation import SliceSegmentationTask
 
 TASKS: dict[str, type[Task]] = {
     SegmentationTask.name: SegmentationTask,
+    SliceSegmentationTask.name: SliceSegmentationTask,
 }
 
 

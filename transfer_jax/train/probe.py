@@ -60,7 +60,7 @@ class AlignmentProbe:
         self.sites = tuple(config.sites)
         self.mesh = mesh
         sharding = batch_sharding(mesh)
-        self.images = jax.device_put(images, sharding)
+        self.images = jax.device_put(task.probe_inputs(images), sharding)
         self.batch_size = batch_size
         self.reference = None
 

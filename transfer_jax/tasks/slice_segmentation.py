@@ -1,0 +1,247 @@
+"""ProViCNet fine-tuning: 2.5-D slice-wise segmentation of one MRI sequence into 4 classes (spec `provicnet.md` §3).
+
+Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. The prepared cases' lesion masks are
+taken as csPCa (class 3); class 2 stays empty unless a dataset provides indolent lesions (none does yet).
+
+One batch element is one prepared (cropped, gland-centred) case: every axial slice of the crop becomes a 3-slice
+stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per sequence,
+fusion is not trained here). `make_sample` (numpy, data workers), on the augmented training crop or the
+deterministic evaluation centre crop alike:
+
+1. take the sequence's channel [D, H, W] and z-score it with the mean / std of the gland voxels (`zscore_in_gland`,
+   upstream §3.2; crops without a gland voxel fall back to the whole crop's statistics);
+2. resize every slice, image only, from the native H x W to `task.image_size` (cv2-style bilinear);
+3. stack each slice with its neighbours (`task.edge`: "clamp" = every slice is the centre of one stack, the
+   default, so per-case Dice covers every slice exactly once; "shift" = upstream's rule);
+4. labels stay at the native grid, which must be the model's output size 8 * image_size / 14 (448 -> 256);
+5. slice positions (j, n): j = 0..D-1 within the crop, n = D, raw floats as upstream (the crop is the gland-
+   centred volume; the `full` preset's 20 slices at 3 mm match upstream's 20-slice MRI volumes).
+
+Sample arrays: `image` [S, s, s, 3] float32 (S = D stacks), `label` [S, L, L] int32, `slice_position` [S, 2]
+float32, `pair_seed` int32 (a hash of the sample, seeds the contrastive pair draw). The model sees the S slices of
+the B cases of a batch as one batch of B * S slices.
+
+Loss (MONAI 1.3.1 `DiceCELoss(softmax, to_onehot_y, weight=w)`, include_background=True): soft Dice per (slice,
+class) times w[c], averaged over slices and classes, plus CE weighted as torch does. Weights: training
+`task.class_weights` (upstream [0.02, 0.04, 0.5, 0.5]), evaluation `task.eval_class_weights` (upstream
+[0, 0, 0.5, 0.5]). With `task.contrastive_alpha` = a > 0 the training loss is (1 - a) DiceCE + a L_con, the
+label-guided patch contrastive loss (`provicnet_contrastive.py`, upstream a = 0.05) on the final-norm patch tokens
+through `CL_Head` (built only then; upstream never optimises it: `configs/seg.py` freezes it).
+
+Metrics: Dice per class per case (intersections and sums added over the case's slices, cases with an empty ground
+truth skipped for that class); `dice_mean` (primary) = mean over the foreground classes present in the
+validation set (gland and csPCa on the phantom data); `dice_cancer` = mean over indolent / csPCa present.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transfer_jax.data import slices as slice_data
+from transfer_jax.models.provicnet import ContrastiveHeadConfig, ProViCNet, ProViCNetConfig
+from transfer_jax.models.registry import encoder_feature_sites
+from transfer_jax.tasks import provicnet_contrastive as contrastive
+from transfer_jax.tasks.base import Task, require
+from transfer_jax.tasks.segmentation import dice_ce_loss, dice_counts, dice_from_counts
+
+CLASS_NAMES = slice_data.CLASS_NAMES  # background, gland, indolent, csPCa
+# Model options that say how to run the model, not what it is (stripped before building ProViCNetConfig).
+RUNTIME_OPTIONS = ("dtype",)
+# Output pixels per patch token along each axis (conv_head8: three x2 up-samplings).
+HEAD_UPSAMPLING = 8
+
+
+class SliceOutput(NamedTuple):
+    logits: jax.Array  # [B * S, L, L, 4]
+    contrastive: Optional[jax.Array]  # scalar L_con (training with contrastive_alpha > 0), else None
+    training: bool
+
+
+def provicnet_config(options: dict, *, num_classes: int, contrastive_head: bool) -> ProViCNetConfig:
+    """`model.backbone_options` (ProViCNetConfig fields, nested like an artifact's config, + runtime options)."""
+    values = {k: v for k, v in dict(options).items() if k not in RUNTIME_OPTIONS}
+    values["num_classes"] = num_classes
+    if contrastive_head:
+        values["contrastive_head"] = values.get("contrastive_head") or ContrastiveHeadConfig().__dict__
+    else:
+        values["contrastive_head"] = None
+    return ProViCNetConfig.from_dict(values)
+
+
+def label_size(image_size: int, patch: int) -> int:
+    if image_size % patch:
+        raise ValueError(f"task.image_size={image_size} is not a multiple of the ViT patch size {patch}")
+    return HEAD_UPSAMPLING * (image_size // patch)
+
+
+def normalise_in_gland(volume: np.ndarray, gland: np.ndarray) -> np.ndarray:
+    """Gland z-score (upstream); crops that lost the gland (or a constant gland) use the whole crop's statistics."""
+    try:
+        return slice_data.zscore_in_gland(volume, gland)
+    except ValueError:
+        volume = volume.astype(np.float64)
+        std = volume.std()
+        return ((volume - volume.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+def slice_stacks(volume: np.ndarray, image_size: int, edge: str) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised [D, H, W] -> (NHWC stacks [D, s, s, 3], label slice per stack [D])."""
+    depth = volume.shape[0]
+    resized = slice_data.resize_bilinear(volume, (image_size, image_size))
+    channels, label_slice = slice_data.stack_layout(depth, np.arange(depth), slice_data.MRI_CHANNELS, edge)
+    return np.ascontiguousarray(resized[channels].transpose(0, 2, 3, 1)), label_slice
+
+
+def slice_positions(count: int) -> np.ndarray:
+    """[count, 2] raw (j, n) floats, j = 0..count-1, n = count."""
+    return np.stack([np.arange(count, dtype=np.float32), np.full(count, count, np.float32)], axis=1)
+
+
+class SliceSegmentationTask(Task):
+    name = "provicnet_segmentation"
+    primary_metric = "dice_mean"
+    direction = "max"
+
+    def __init__(self, config):
+        super().__init__(config)
+        task, model = config.task, config.model
+        self.class_names = CLASS_NAMES
+        self.num_classes = len(CLASS_NAMES)
+        channels = tuple(config.data.channels)
+        if task.sequence not in channels:
+            raise ValueError(f"task.sequence={task.sequence!r} is not one of data.channels {channels}")
+        self.channel = channels.index(task.sequence)
+        self.image_size = int(task.image_size)
+        patch = int(model.backbone_options.backbone.get("patch", 14))
+        self.label_size = label_size(self.image_size, patch)
+        crop = tuple(int(c) for c in config.data.crop_size)
+        if crop[1:] != (self.label_size, self.label_size):
+            raise ValueError(
+                f"data.crop_size {crop}: the in-plane size must equal the model's output size {self.label_size} "
+                f"(= 8 * task.image_size / patch = 8 * {self.image_size} / {patch}); labels are never resized")
+        self.edge = task.edge
+        if self.edge not in slice_data.EDGE_RULES:
+            raise ValueError(f"task.edge must be one of {slice_data.EDGE_RULES}, got {self.edge!r}")
+        if self.edge == "shift" and crop[0] < 2 * slice_data.MRI_CHANNELS:
+            raise ValueError(f"task.edge='shift' needs at least {2 * slice_data.MRI_CHANNELS} slices per crop, "
+                             f"data.crop_size has {crop[0]}")
+        self.class_weights = self._weights(task.class_weights, "task.class_weights")
+        self.eval_class_weights = self._weights(task.eval_class_weights, "task.eval_class_weights")
+        self.alpha = float(task.contrastive_alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"task.contrastive_alpha must be in [0, 1], got {self.alpha}")
+        if config.optimizer.freeze_backbone:
+            raise ValueError("optimizer.freeze_backbone selects 'encoder.*' parameters, which ProViCNet does not "
+                             r"have: use optimizer.frozen_patterns=('^backbone\.',) instead")
+
+    def _weights(self, values, name):
+        if not values:
+            return None
+        weights = tuple(float(w) for w in values)
+        if len(weights) != self.num_classes:
+            raise ValueError(f"{name} has {len(weights)} entries; expected {self.num_classes} for {CLASS_NAMES}")
+        return weights
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def validate_case(self, case, prepared) -> None:
+        require(case.path("gland_mask") is not None,
+                "ProViCNet needs a gland mask (its inputs are z-scored inside the gland), but the cell is empty", case)
+        require(prepared.gland is not None and bool(prepared.gland.any()),
+                "the gland mask is empty inside the cropped region", case, case.gland_mask)
+
+    def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
+        volume = sample["image"][..., self.channel]
+        gland = sample["gland"]
+        depth, height, width = volume.shape
+        if (height, width) != (self.label_size, self.label_size):
+            raise ValueError(f"slice size {height}x{width} differs from the label size {self.label_size}")
+        images, label_slice = slice_stacks(normalise_in_gland(volume, gland), self.image_size, self.edge)
+        lesion = sample.get("lesion")
+        cancer = np.zeros(volume.shape, np.uint8) if lesion is None else np.where(lesion > 0, 2, 0).astype(np.uint8)
+        labels = slice_data.four_class_labels(gland, cancer)[label_slice].astype(np.int32)
+        seed = zlib.crc32(np.ascontiguousarray(images[:, ::7, ::7]).tobytes()) & 0x7FFFFFFF
+        return {"image": images, "label": labels, "slice_position": slice_positions(len(label_slice)),
+                "pair_seed": np.int32(seed)}
+
+    # -- model --------------------------------------------------------------------------------------------------
+    def build_model(self, rngs: nnx.Rngs) -> ProViCNet:
+        options = self.config.model.backbone_options.to_dict()
+        return ProViCNet(provicnet_config(options, num_classes=self.num_classes,
+                                          contrastive_head=self.alpha > 0), rngs=rngs)
+
+    @staticmethod
+    def _flatten_slices(batch):
+        images = batch["image"]
+        count = images.shape[0] * images.shape[1]
+        return (images.reshape((count,) + images.shape[2:]), batch["slice_position"].reshape(count, 2),
+                batch["label"].reshape((count,) + batch["label"].shape[2:]))
+
+    def forward(self, model: ProViCNet, batch, compute_dtype) -> SliceOutput:
+        images, positions, labels = self._flatten_slices(batch)
+        training = not model.head.segmentation_conv[2].use_running_average
+        images = images.astype(compute_dtype)
+        if not (training and self.alpha > 0):
+            return SliceOutput(model(images, positions), None, training)
+        logits, feature_map = model(images, positions, return_features=True)
+        task = self.config.task
+        key = jax.random.fold_in(jax.random.key(self.config.seed), jnp.sum(batch["pair_seed"]))
+        pairs = contrastive.mine_contrastive_pairs(
+            key, labels, max_pairs=int(task.contrastive_max_pairs), upper=int(task.contrastive_upper),
+            lower=int(task.contrastive_lower), distant_negative=True, patch_pixels=HEAD_UPSAMPLING)
+        term = contrastive.label_guided_contrastive_loss(model.project, feature_map.astype(jnp.float32), pairs,
+                                                         margin=float(task.contrastive_margin))
+        return SliceOutput(logits, term, training)
+
+    def probe_inputs(self, images: np.ndarray) -> np.ndarray:
+        """Probe crops [N, D, H, W, C] -> [N, D, s, s, 3] slice stacks of the sequence.
+
+        The probe crops carry no gland mask, so each is z-scored over its own voxels (not the gland's).
+        """
+        out = []
+        for crop in images:
+            volume = crop[..., self.channel].astype(np.float64)
+            volume = ((volume - volume.mean()) / max(volume.std(), 1e-6)).astype(np.float32)
+            out.append(slice_stacks(volume, self.image_size, self.edge)[0])
+        return np.ascontiguousarray(np.stack(out))
+
+    def probe_features(self, model: ProViCNet, images: jax.Array) -> dict[str, jax.Array]:
+        """Sites `cls` and `mean_patch`, one row per slice: [N * D, width]."""
+        count = images.shape[0] * images.shape[1]
+        positions = jnp.tile(jnp.asarray(slice_positions(images.shape[1])), (images.shape[0], 1))
+        return encoder_feature_sites(model, images.reshape((count,) + images.shape[2:]), slice_position=positions)
+
+    # -- loss and metrics ---------------------------------------------------------------------------------------
+    def loss(self, outputs: SliceOutput, batch):
+        labels = batch["label"].reshape((-1,) + batch["label"].shape[2:])
+        weights = self.class_weights if outputs.training else self.eval_class_weights
+        weights = None if weights is None else jnp.asarray(weights, jnp.float32)
+        dice_ce = dice_ce_loss(outputs.logits, labels, include_background=True, class_weights=weights)
+        if outputs.contrastive is None:
+            return dice_ce, {"loss_dice_ce": dice_ce}
+        total = (1.0 - self.alpha) * dice_ce + self.alpha * outputs.contrastive
+        return total, {"loss_dice_ce": dice_ce, "loss_contrastive": outputs.contrastive}
+
+    def eval_stats(self, outputs: SliceOutput, batch):
+        cases, slices = batch["label"].shape[:2]
+        pred = jnp.argmax(outputs.logits, axis=-1).reshape(batch["label"].shape)
+        return dice_counts(pred, batch["label"], self.num_classes)  # summed over the case's slices: [B, K]
+
+    def summarize(self, stats):
+        dice = dice_from_counts(stats)
+        metrics = {}
+        for k, name in enumerate(self.class_names[1:], start=1):
+            column = dice[:, k]
+            metrics[f"dice/{name}"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
+
+        def mean(names):
+            finite = [metrics[f"dice/{n}"] for n in names if np.isfinite(metrics[f"dice/{n}"])]
+            return float(np.mean(finite)) if finite else float("nan")
+
+        metrics["dice_mean"] = mean(self.class_names[1:])
+        metrics["dice_cancer"] = mean(self.class_names[2:])
+        return metrics
