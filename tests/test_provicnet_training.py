@@ -62,6 +62,16 @@ def test_config_defaults_are_upstreams():
     full_task = get_task(full)
     assert (full.task.image_size, full_task.label_size) == (448, 256)
     assert full.model.backbone_options.backbone.width == 384 and full.model.backbone_options.backbone.depth == 12
+    # the released geometry fits together: 448 px stacks -> 256 x 256 logits (shapes only, nothing is computed)
+    batch = {"image": jax.ShapeDtypeStruct((1, 2, 448, 448, 3), jnp.float32),
+             "slice_position": jax.ShapeDtypeStruct((1, 2, 2), jnp.float32),
+             "label": jax.ShapeDtypeStruct((1, 2, 256, 256), jnp.int32)}
+    model = nnx.eval_shape(lambda: full_task.build_model(nnx.Rngs(0)))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    out = jax.eval_shape(lambda st, b: full_task.forward(nnx.merge(graphdef, st), b, jnp.float32).logits,
+                         state, batch)
+    assert out.shape == (2, 256, 256, 4)
     with pytest.raises(ValueError, match="output size"):
         config.data.crop_size = (16, 96, 96)
         get_task(config)
