@@ -1,8 +1,8 @@
 """Grain pipelines from prepared cases to host batches.
 
-Training: source -> this process's slice -> deterministic shuffle (new order every epoch) -> repeat ->
-random crop/zoom/flip/intensity jitter (per-element seeds, so resuming reproduces the stream) -> task targets ->
-batch -> optional worker processes. The iterator's state is a small dict saved with every checkpoint.
+Training: source -> deterministic shuffle (new order every epoch) -> repeat -> random crop/zoom/flip/intensity jitter
+(per-element seeds, so resuming reproduces the stream) -> task targets -> batch -> this process's rows of every
+global batch -> optional worker processes. The iterator's state is a small dict saved with every checkpoint.
 
 Evaluation: the centre crop of each case, in manifest order, batched with a `valid` flag so the last batch can be
 padded to a fixed size (one compiled eval step).
@@ -67,16 +67,18 @@ def train_dataset(paths: list[str], task, *, crop_size, augment: AugmentConfig, 
                   seed: int, workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
     process, processes = jax.process_index(), jax.process_count()
     source = grain.MapDataset.source(PreparedCaseSource(paths))
-    local = source[process::processes]
-    if len(local) == 0:
-        raise DataError(f"process {process} of {processes} received no training cases ({len(paths)} in total)")
+    if len(source) == 0:
+        raise DataError("no training cases: the training split is empty")
+    # One global stream (shuffle, augmentation seeds) for every process count: global batch b is the per-process
+    # batches b * processes ... b * processes + processes - 1, and this process reads (and decodes) only its own
+    # rows, so the global batch does not depend on how many processes share it.
     ds = (
-        local.shuffle(seed=seed)
+        source.shuffle(seed=seed)
         .repeat()
         .random_map(_Augment(tuple(crop_size), augment), seed=seed + 1)
         .map(_TaskSample(task))
         .batch(per_process_batch, drop_remainder=True)
-    )
+    )[process::processes]
     threads = max(1, min(4, per_process_batch))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
     if workers > 0:

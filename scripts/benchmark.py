@@ -1,0 +1,496 @@
+"""Fine-tuning throughput benchmark (a benchmark, not a test): prints tables, optionally JSON lines.
+
+    .venv/bin/python scripts/benchmark.py --quick                      # ~2-3 min on a laptop CPU
+    .venv/bin/python scripts/benchmark.py --sizes small,real --dtype fp32,bf16 --torch --data --scaling --mmd
+
+Per model x size x dtype: the train step built exactly as the trainer builds it (`train/loop.py`: task model,
+`make_optimizer` with layer decay, `init_state` with shardings, `make_train_step`, jit with donated state,
+AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB), analytic FLOPs per step
+(ConvNeXt-V2 + UPerNet: convolutions and linears at 2 FLOPs per MAC, x3 for forward + backward) against XLA's
+`cost_analysis()`, steady-state step time (median of timed windows after warm-up, `jax.block_until_ready` at
+the end of each), volumes/s and MFU against the peak of a large matmul measured in the same run.
+
+Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
+and crop and prints JAX / PyTorch ratios; `--data` times preprocessing (NIfTI decode + resample + normalise +
+crop) and the grain training pipeline with 0 and 2 workers against the step; `--scaling` runs data-parallel and
+FSDP steps over 1/2/4/8 fake CPU devices (a subprocess with --xla_force_host_platform_device_count=8;
+correctness-only on CPU: the fake devices share the same cores); `--mmd` runs configs/seg.py (default preset) for
+`--mmd-steps` steps and prints the share of training time the in-loop alignment probe takes.
+
+Sizes: `small` = the configs/seg.py `smoke` (test) and `default` presets; `real` = the `full` preset (ConvNeXt-V2
+Tiny at 64x224x224; on CPU the batch defaults to 1, see --real-batch).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TORCH_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
+SIZES = {"small": ("smoke", "default"), "real": ("full",), "smoke": ("smoke",), "default": ("default",),
+         "full": ("full",)}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few steps, small sizes, fp32: a smoke run of the benchmark")
+    p.add_argument("--models", default="profound_conv", help="comma list: profound_conv, profound_vit, provicnet")
+    p.add_argument("--sizes", default="small", help="comma list of small | real (or smoke | default | full)")
+    p.add_argument("--dtype", default="fp32", help="comma list of fp32 | bf16 (backbone_options.dtype)")
+    p.add_argument("--remat", action="store_true", help="backbone_options.remat=True (nnx.remat per block)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per row (default 10; --quick 4)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--batch", type=int, default=0, help="override the config's global batch (small sizes)")
+    p.add_argument("--real-batch", type=int, default=1, help="batch for the real (full) size")
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: os.cpu_count())")
+    p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (default 2048; --quick 1024)")
+    p.add_argument("--torch", action="store_true", help="also run scripts/bench_torch.py and print JAX/PyTorch")
+    p.add_argument("--no-compile", action="store_true", help="PyTorch: eager only (skip torch.compile)")
+    p.add_argument("--data", action="store_true", help="data pipeline throughput section")
+    p.add_argument("--scaling", action="store_true", help="1/2/4/8 fake-device data-parallel / FSDP section")
+    p.add_argument("--mmd", action="store_true", help="in-loop alignment overhead section (a short training run)")
+    p.add_argument("--mmd-steps", type=int, default=100)
+    p.add_argument("--json", default="", help="also append every row as a JSON line to this file")
+    p.add_argument("--scaling-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.steps:
+        args.steps = 4 if args.quick else 10
+    if not args.peak_n:
+        args.peak_n = 1024 if args.quick else 2048
+    args.threads = args.threads or os.cpu_count()
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs and the analytic FLOP count
+
+
+def load_config(arg: str):
+    spec = importlib.util.spec_from_file_location("bench_config_seg", os.path.join(REPO, "configs", "seg.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def bench_config(model: str, preset: str, dtype: str, args):
+    config = load_config(f"{model},{preset}" if model != "profound_conv" else preset)
+    if config.model.backbone != model:
+        raise ValueError(f"configs/seg.py:{model} builds {config.model.backbone}")
+    config.model.backbone_options.dtype = DTYPES[dtype]
+    if args.remat:
+        config.model.backbone_options.remat = True
+    if preset == "full":
+        config.batch_size = args.real_batch
+    elif args.batch:
+        config.batch_size = args.batch
+    config.logging.progress_bar = False
+    config.logging.tensorboard = False
+    return config
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def convnext_upernet_flops(config, num_classes: int, training: bool = True) -> dict:
+    """Analytic FLOPs of one train step of ConvNeXt-V2 + UPerNet (+ FCN auxiliary head in training).
+
+    Convolutions and linears only (2 FLOPs per multiply-accumulate; the depthwise 7^3 conv counts 343 MACs per
+    voxel and channel); norms, GELU, GRN, resizes, pooling and the optimizer are left out (elementwise, < a few %).
+    A train step is 3x the forward pass (backward = grad w.r.t. activations + grad w.r.t. weights).
+    """
+    bo, ho = config.model.backbone_options, config.model.head_options
+    dims, depths = tuple(bo.dims), tuple(bo.depths)
+    stem = tuple(bo.get("stem_kernel", (4, 4, 4)))
+    down = tuple(bo.get("downsample_kernel", (2, 2, 2)))
+    last = tuple(bo.get("last_downsample", (1, 1, 1)))
+    shape = [c // k for c, k in zip(config.data.crop_size, stem)]
+    cin = len(config.data.channels)
+    macs = {"stem+downsample": _prod(shape) * _prod(stem) * cin * dims[0], "blocks": 0, "head": 0}
+    vols = []
+    for i, (dim, depth) in enumerate(zip(dims, depths)):
+        if i:
+            k = last if i == len(dims) - 1 else down
+            shape = [s // kk for s, kk in zip(shape, k)]
+            macs["stem+downsample"] += _prod(shape) * _prod(k) * dims[i - 1] * dim
+        v = _prod(shape)
+        vols.append(v)
+        macs["blocks"] += depth * v * dim * (343 + 8 * dim)  # dwconv 7^3 + pwconv1 (C->4C) + pwconv2 (4C->C)
+    hidden, scales = int(ho.hidden_size), tuple(ho.get("pool_scales", (1, 2, 3, 6)))
+    head = sum(s ** 3 * dims[-1] * hidden for s in scales)  # PSP 1x1 convs
+    head += vols[-1] * 27 * (dims[-1] + len(scales) * hidden) * hidden  # PSP bottleneck 3^3
+    for i in range(len(dims) - 1):
+        head += vols[i] * dims[i] * hidden + vols[i] * 27 * hidden * hidden  # lateral 1x1 + fpn 3^3
+    head += vols[0] * 27 * len(dims) * hidden * hidden + vols[0] * hidden * num_classes  # fpn bottleneck + cls
+    if training and ho.get("use_auxiliary_head", True):
+        aux, idx = int(ho.auxiliary_channels), 2
+        head += vols[idx] * 27 * dims[idx] * aux + vols[idx] * aux * num_classes
+    macs["head"] = head
+    forward = 2 * sum(macs.values()) * config.batch_size
+    return {"forward": forward, "step": 3 * forward if training else forward,
+            **{f"fwd_{k}": 2 * v * config.batch_size for k, v in macs.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the JAX step, built as the trainer builds it
+
+
+def build_step(config, mesh, strategy="replicate"):
+    import jax
+    import jax.numpy as jnp
+
+    from transfer_jax.tasks.registry import get_task
+    from transfer_jax.train.loop import _backbone_layer_fn
+    from transfer_jax.train.mesh import batch_sharding
+    from transfer_jax.train.optim import make_optimizer
+    from transfer_jax.train.state import init_state, model_graph
+    from transfer_jax.train.step import make_train_step
+
+    task = get_task(config)
+    build = task.build_model
+    _, abstract_params, _ = model_graph(build)
+    layer_fn, num_layers = _backbone_layer_fn(config)
+    tx, schedule, _ = make_optimizer(config.optimizer, abstract_params, total_steps=config.total_steps,
+                                     backbone_layer_id=layer_fn, num_backbone_layers=num_layers,
+                                     is_backbone=lambda name: name.startswith("encoder."))
+    state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, strategy,
+                                         config.mesh.fsdp_min_size)
+    compute_dtype = jnp.dtype(config.model.backbone_options.get("dtype", "float32"))
+    step_fn = jax.jit(make_train_step(graph, task, tx, schedule, compute_dtype),
+                      in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
+    return task, state, step_fn
+
+
+def synthetic_batch(config, task, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, crop = config.batch_size, tuple(config.data.crop_size)
+    return {"image": rng.normal(size=(b, *crop, len(config.data.channels))).astype(np.float32),
+            "label": rng.integers(0, task.num_classes, size=(b, *crop)).astype(np.int32)}
+
+
+def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3):
+    """Median seconds per step over `windows` timed windows (each ends with block_until_ready)."""
+    import jax
+
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    per_window = max(1, steps // windows)
+    times = []
+    for _ in range(max(1, steps // per_window)):
+        start = time.perf_counter()
+        for _ in range(per_window):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - start) / per_window)
+    return statistics.median(times), state, metrics
+
+
+def measure_peak(n: int, dtype: str) -> float:
+    """FLOP/s of an n x n x n matmul on device 0 (the MFU denominator), best of several runs."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(DTYPES[dtype])
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(DTYPES[dtype])
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def model_row(model, preset, dtype, args, peaks):
+    import jax
+    import jax.numpy as jnp
+
+    from transfer_jax.train.mesh import create_mesh, global_batch
+    from transfer_jax.train.step import compiled_flops, describe_memory
+
+    config = bench_config(model, preset, dtype, args)
+    mesh = create_mesh(1, 1, devices=jax.devices()[:1])
+    task, state, step_fn = build_step(config, mesh)
+    batch = global_batch(synthetic_batch(config, task), mesh)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = describe_memory(compiled)
+    xla_flops = compiled_flops(compiled)
+    step_s, state, metrics = time_steps(compiled, state, batch, args.steps, args.warmup)
+    analytic = convnext_upernet_flops(config, task.num_classes) if model == "profound_conv" else None
+    flops = analytic["step"] if analytic else xla_flops
+    row = {
+        "section": "model", "model": model, "size": preset, "dtype": dtype, "remat": bool(args.remat),
+        "batch": config.batch_size, "crop": list(config.data.crop_size), "compile_s": compile_s,
+        "step_s": step_s, "volumes_per_s": config.batch_size / step_s,
+        "analytic_gflop_step": analytic["step"] / 1e9 if analytic else None,
+        "xla_gflop_step": xla_flops / 1e9, "xla_over_analytic": xla_flops / analytic["step"] if analytic else None,
+        "achieved_gflops": flops / step_s / 1e9, "peak_gflops": peaks[dtype] / 1e9,
+        "mfu": flops / step_s / peaks[dtype], "loss": float(metrics["loss"]),
+        "mem_mib": {k: round(v, 2) for k, v in memory.items()},
+    }
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sections
+
+
+def run_torch(args, rows):
+    if not os.path.exists(TORCH_PYTHON):
+        print(f"\n[torch] side venv not found at {TORCH_PYTHON}: skipped")
+        return []
+    out = []
+    for row in rows:
+        if row["model"] != "profound_conv":
+            continue
+        config = bench_config(row["model"], row["size"], row["dtype"], args)
+        bo, ho = config.model.backbone_options, config.model.head_options
+        spec = {"dims": list(bo.dims), "depths": list(bo.depths), "hidden": ho.hidden_size,
+                "aux": ho.auxiliary_channels, "num_classes": 3, "crop": list(config.data.crop_size),
+                "batch": config.batch_size, "lr": config.optimizer.lr, "weight_decay": config.optimizer.weight_decay,
+                "aux_weight": config.task.aux_weight, "dtype": row["dtype"], "size": row["size"]}
+        cmd = [TORCH_PYTHON, os.path.join(REPO, "scripts", "bench_torch.py"), "--spec", json.dumps(spec),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        if args.no_compile or args.quick:  # torch.compile takes minutes on CPU (and fails here, see RESULTS.md)
+            cmd.append("--no-compile")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
+        except subprocess.TimeoutExpired:
+            print(f"[torch] {row['size']}/{row['dtype']}: timed out")
+            continue
+        results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not results:
+            print(f"[torch] {row['size']}/{row['dtype']} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+        for r in results:
+            r.update(section="torch", jax_volumes_per_s=row["volumes_per_s"],
+                     jax_over_torch=(row["volumes_per_s"] / r["volumes_per_s"]) if r.get("volumes_per_s") else None)
+            out.append(r)
+    return out
+
+
+def data_section(args, step_rows):
+    import numpy as np
+
+    from transfer_jax.data.dataset import augment_config, preprocess_config, prepare_splits
+    from transfer_jax.data.manifest import read_manifest
+    from transfer_jax.data.phantom import PhantomConfig, default_phantom_manifest
+    from transfer_jax.data.pipeline import train_dataset
+    from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
+    from transfer_jax.data.manifest import Case
+    from transfer_jax.tasks.registry import get_task
+
+    rows = []
+    presets = [p for s in args.sizes.split(",") for p in SIZES[s]]
+    steps = {r["size"]: r for r in step_rows if r["model"] == "profound_conv" and r["dtype"] == "fp32"}
+    sample = os.path.join(os.path.dirname(REPO), "shared", "data", "prostate_mri_sample")
+    if not os.path.isdir(sample):
+        sample = "/work/shared/data/prostate_mri_sample"
+    for preset in presets:
+        config = bench_config("profound_conv", preset, "fp32", args)
+        pconfig = preprocess_config(config.data)
+        cases = read_manifest(default_phantom_manifest(PhantomConfig(**config.data.phantom.to_dict())))
+        cases = cases[: (3 if args.quick else 8)]
+        prepare_case(cases[0], pconfig)  # warm caches / imports
+        start = time.perf_counter()
+        for case in cases:
+            prepare_case(case, pconfig)
+        per = (time.perf_counter() - start) / len(cases)
+        step_vps = steps.get(preset, {}).get("volumes_per_s")
+        rows.append({"section": "data", "what": "prepare_case phantom", "size": preset, "volumes_per_s": 1 / per,
+                     "over_step": (1 / per) / step_vps if step_vps else None})
+        if os.path.isdir(sample):
+            join = lambda n: os.path.join(sample, f"sample_{n}.nii.gz")  # noqa: E731
+            real = Case(case_id="sample", t2=join("t2"), adc=join("adc"), dwi=join("dwi"), split="train",
+                        gland_mask=join("mask"), lesion_mask=join("lesions"))
+            repeats = 2 if args.quick else 4
+            start = time.perf_counter()
+            for _ in range(repeats):
+                prepare_case(real, pconfig)
+            per = (time.perf_counter() - start) / repeats
+            rows.append({"section": "data", "what": "prepare_case real sample", "size": preset,
+                         "volumes_per_s": 1 / per, "over_step": (1 / per) / step_vps if step_vps else None})
+        # the grain training pipeline over cached prepared cases
+        task = get_task(config)
+        with tempfile.TemporaryDirectory() as cache:
+            splits = prepare_splits(config.data, cache, task, log=lambda *_: None)
+            for workers in (0, 2):
+                ds = train_dataset(splits.paths["train"], task, crop_size=tuple(config.data.crop_size),
+                                   augment=augment_config(config.data), per_process_batch=config.batch_size,
+                                   seed=0, workers=workers, prefetch=config.data.prefetch)
+                it = iter(ds)
+                next(it)  # start-up (worker processes, first reads)
+                n = 3 if args.quick else 10
+                start = time.perf_counter()
+                for _ in range(n):
+                    batch = next(it)
+                vps = n * config.batch_size / (time.perf_counter() - start)
+                del it
+                rows.append({"section": "data", "what": f"grain train pipeline, {workers} workers", "size": preset,
+                             "volumes_per_s": vps, "over_step": vps / step_vps if step_vps else None,
+                             "batch_shape": list(np.shape(batch["image"]))})
+    return rows
+
+
+def scaling_child(args):
+    """Runs in a subprocess with 8 fake CPU devices: the smoke model's step over 1/2/4/8 devices."""
+    import jax
+
+    from transfer_jax.train.mesh import create_mesh, global_batch
+
+    rows = []
+    preset = "smoke"
+    config = bench_config("profound_conv", preset, "fp32", args)
+    config.batch_size = 8
+    layouts = [(n, 1, "replicate") for n in (1, 2, 4, 8)] + [(1, 2, "fsdp"), (2, 2, "fsdp"), (4, 2, "fsdp"),
+                                                             (2, 4, "fsdp")]
+    for data, fsdp, strategy in layouts:
+        mesh = create_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
+        task, state, step_fn = build_step(config, mesh, strategy)
+        batch = global_batch(synthetic_batch(config, task), mesh)
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        state, metrics = compiled(state, batch)
+        first_loss = float(metrics["loss"])
+        step_s, state, metrics = time_steps(compiled, state, batch, max(2, args.steps // 2), 0, windows=1)
+        rows.append({"section": "scaling", "devices": data * fsdp, "data": data, "fsdp": fsdp,
+                     "strategy": strategy, "batch": config.batch_size, "compile_s": compile_s, "step_s": step_s,
+                     "volumes_per_s": config.batch_size / step_s, "first_loss": first_loss})
+    for r in rows:
+        print(json.dumps(r), flush=True)
+
+
+def run_scaling(args):
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split() if "device_count" not in f) + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.abspath(__file__), "--scaling-child", "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode:
+        print(f"[scaling] failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+    if rows:
+        ref = rows[0]["first_loss"]
+        for r in rows:
+            r["loss_diff_vs_1"] = abs(r["first_loss"] - ref)
+    return rows
+
+
+def mmd_section(args):
+    from transfer_jax.train.loop import train_and_evaluate
+
+    config = load_config("default")
+    config.total_steps = args.mmd_steps
+    config.logging.progress_bar = False
+    config.logging.tensorboard = False
+    with tempfile.TemporaryDirectory() as workdir:
+        summary = train_and_evaluate(config, workdir)
+    t = summary["throughput"]
+    return [{"section": "mmd", "steps": summary["steps"], "eval_every": config.eval_every,
+             "probe_size": config.alignment.probe_size, "alignment_seconds": t.get("alignment_seconds"),
+             "alignment_share": t.get("alignment_share"), "wall_seconds": summary["wall_seconds"],
+             "steady_step_seconds": t.get("steady_step_seconds")}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# printing
+
+
+def table(rows, columns, title):
+    if not rows:
+        return
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.scaling_child:
+        scaling_child(args)
+        return
+    import jax
+
+    print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
+          f"({jax.devices()[0].device_kind}); os.cpu_count()={os.cpu_count()}; XLA CPU uses its own thread pool "
+          f"over all visible cores (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch threads={args.threads}")
+    dtypes = args.dtype.split(",")
+    peaks = {d: measure_peak(args.peak_n, d) for d in dtypes}
+    print("peak matmul " + ", ".join(f"{d}: {p / 1e9:.1f} GFLOP/s (n={args.peak_n})" for d, p in peaks.items()))
+    all_rows = []
+    for model in args.models.split(","):
+        for size in args.sizes.split(","):
+            for preset in SIZES[size]:
+                for dtype in dtypes:
+                    try:
+                        row = model_row(model, preset, dtype, args, peaks)
+                    except Exception as e:  # e.g. a backbone whose config does not exist yet
+                        print(f"[model] {model}/{preset}/{dtype}: skipped ({type(e).__name__}: {e})")
+                        continue
+                    all_rows.append(row)
+                    print(json.dumps(row), flush=True)
+    model_rows = list(all_rows)
+    table(model_rows, ["model", "size", "dtype", "batch", "crop", "compile_s", "step_s", "volumes_per_s",
+                       "analytic_gflop_step", "xla_gflop_step", "xla_over_analytic", "achieved_gflops",
+                       "peak_gflops", "mfu"], "JAX fine-tuning step (1 device)")
+    table([dict(r, **r["mem_mib"]) for r in model_rows],
+          ["model", "size", "dtype", "argument_mib", "output_mib", "temp_mib", "alias_mib", "generated_code_mib"],
+          "compiled.memory_analysis() of the train step (MiB per device)")
+    if args.torch:
+        rows = run_torch(args, model_rows)
+        all_rows += rows
+        table(rows, ["size", "dtype", "mode", "threads", "batch", "compile_s", "step_s", "volumes_per_s",
+                     "jax_volumes_per_s", "jax_over_torch", "error"], "PyTorch reference (same step) and JAX / PyTorch")
+    if args.data:
+        rows = data_section(args, model_rows)
+        all_rows += rows
+        table(rows, ["what", "size", "volumes_per_s", "over_step"],
+              "Data pipeline (volumes/s; over_step = data volumes/s / train-step volumes/s)")
+    if args.scaling:
+        rows = run_scaling(args)
+        all_rows += rows
+        table(rows, ["devices", "data", "fsdp", "strategy", "batch", "compile_s", "step_s", "volumes_per_s",
+                     "first_loss", "loss_diff_vs_1"],
+              "Data-parallel / FSDP over fake CPU devices (correctness only: they share the same cores)")
+    if args.mmd:
+        rows = mmd_section(args)
+        all_rows += rows
+        table(rows, ["steps", "eval_every", "probe_size", "alignment_seconds", "wall_seconds", "alignment_share"],
+              "In-loop alignment (MMD/CKA probe) overhead")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in all_rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
