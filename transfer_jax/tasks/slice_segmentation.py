@@ -227,7 +227,6 @@ class SliceSegmentationTask(Task):
         return total, {"loss_dice_ce": dice_ce, "loss_contrastive": outputs.contrastive}
 
     def eval_stats(self, outputs: SliceOutput, batch):
-        cases, slices = batch["label"].shape[:2]
         pred = jnp.argmax(outputs.logits, axis=-1).reshape(batch["label"].shape)
         return dice_counts(pred, batch["label"], self.num_classes)  # summed over the case's slices: [B, K]
 
