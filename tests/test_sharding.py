@@ -50,3 +50,26 @@ def test_sharded_step_matches_single_device(layout):
     for path, value in flat1:
         np.testing.assert_allclose(flat8[path], value, rtol=1e-4, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_bf16_compute_keeps_fp32_params():
+    config = smoke_config()
+    config.model.backbone_options.dtype = "bfloat16"
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.normal(size=(2, 16, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 3, size=(2, 16, 32, 32)).astype(np.int32),
+    }
+    task = get_task(config)
+    mesh = create_mesh(1, 1, devices=jax.devices()[:1])
+    _, abstract_params, _ = model_graph(task.build_model)
+    tx, schedule, _ = make_optimizer(config.optimizer, abstract_params, total_steps=10, backbone_layer_id=None,
+                                     num_backbone_layers=0, is_backbone=lambda n: n.startswith("encoder."))
+    state, graph, _ = init_state(task.build_model, tx, jax.random.key(0), mesh, "replicate")
+    model = graph.merge(state.params, state.rest, training=True)
+    outputs = task.forward(model, global_batch(batch, mesh), jnp.bfloat16)
+    assert outputs.logits.dtype == jnp.bfloat16
+    step = jax.jit(make_train_step(graph, task, tx, schedule, jnp.bfloat16))
+    new_state, metrics = step(state, global_batch(batch, mesh))
+    assert np.isfinite(float(metrics["loss"]))
+    assert {leaf.dtype for leaf in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
