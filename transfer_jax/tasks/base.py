@@ -23,6 +23,7 @@ class Task(abc.ABC):
     name: str = ""
     primary_metric: str = ""
     direction: str = "max"  # "max" or "min"
+    backbone_prefix: str = "encoder."  # parameter paths of the pretrained backbone (freezing, lr decay)
 
     def __init__(self, config):
         self.config = config

@@ -106,6 +106,7 @@ class SliceSegmentationTask(Task):
     name = "provicnet_segmentation"
     primary_metric = "dice_mean"
     direction = "max"
+    backbone_prefix = "backbone."
 
     def __init__(self, config):
         super().__init__(config)
@@ -135,9 +136,6 @@ class SliceSegmentationTask(Task):
         self.alpha = float(task.contrastive_alpha)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"task.contrastive_alpha must be in [0, 1], got {self.alpha}")
-        if config.optimizer.freeze_backbone:
-            raise ValueError("optimizer.freeze_backbone selects 'encoder.*' parameters, which ProViCNet does not "
-                             r"have: use optimizer.frozen_patterns=('^backbone\.',) instead")
 
     def _weights(self, values, name):
         if not values:

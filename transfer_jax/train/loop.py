@@ -135,7 +135,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     layer_fn, num_layers = _backbone_layer_fn(config)
     tx, schedule, opt_info = make_optimizer(
         config.optimizer, abstract_params, total_steps=config.total_steps, backbone_layer_id=layer_fn,
-        num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith("encoder."),
+        num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith(task.backbone_prefix),
     )
     state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, config.mesh.strategy,
                                          config.mesh.fsdp_min_size)

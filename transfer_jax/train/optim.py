@@ -42,6 +42,7 @@ def make_optimizer(config, params, *, total_steps: int, backbone_layer_id: PathF
     """
     schedule = learning_rate_schedule(config.lr, total_steps, config.warmup_steps, config.min_lr)
     frozen_res = [re.compile(p) for p in config.frozen_patterns]
+    lr_scale_res = [(re.compile(pattern), float(scale)) for pattern, scale in config.get("lr_scale_patterns", ())]
     labels, info = {}, {"frozen": [], "lr_scale": {}}
     scales: dict[str, float] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -53,6 +54,9 @@ def make_optimizer(config, params, *, total_steps: int, backbone_layer_id: PathF
         scale = 1.0
         if is_backbone(name) and config.layer_decay < 1.0 and backbone_layer_id is not None:
             scale = float(config.layer_decay ** (num_backbone_layers + 1 - backbone_layer_id(path)))
+        for pattern, factor in lr_scale_res:  # e.g. ProViCNet's backbone at 0.05 x the head's lr
+            if pattern.search(name):
+                scale *= factor
         labels[name] = f"lr_scale={scale:.6g}"
         scales[labels[name]] = scale
         info["lr_scale"][name] = scale
