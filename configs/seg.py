@@ -3,11 +3,12 @@
     python -m transfer_jax.main --config=configs/seg.py --workdir=runs/seg
     python -m transfer_jax.main --config=configs/seg.py:smoke ...      # CI-sized
     python -m transfer_jax.main --config=configs/seg.py:full ...       # ConvNeXt-V2 Tiny at 64x224x224
+    python -m transfer_jax.main --config=configs/seg.py:profound_vit[,smoke|full] ...  # ProFound-ViT + ViT adapter
     python -m transfer_jax.main --config=configs/seg.py:provicnet ...  # ProViCNet 2.5-D slices (see provicnet_config)
 """
 import ml_collections
 
-from transfer_jax.config import apply_full, apply_smoke, base_config, parse_arg
+from transfer_jax.config import apply_full, apply_smoke, apply_vit, base_config, parse_arg
 
 TINY_CONVNEXT = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
 
@@ -18,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return provicnet_config(preset)
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
-        name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=()))
+        name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True))
     c.model = ml_collections.ConfigDict()
     c.model.backbone = backbone
     c.model.backbone_options = ml_collections.ConfigDict(dict(
@@ -39,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.head_options.hidden_size = 512
         c.model.head_options.auxiliary_channels = 256
         c.optimizer.layer_decay = 0.6
+    if backbone == "profound_vit":  # ViT encoder; UPerNet reads token levels `out_indices` through the ViT adapter
+        apply_vit(c, preset)
     return c
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-BACKBONES = ("profound_conv", "provicnet")
+BACKBONES = ("profound_conv", "profound_vit", "provicnet")
 PRESETS = ("default", "smoke", "full")
 
 
@@ -111,3 +111,66 @@ def apply_full(c: ml_collections.ConfigDict) -> None:
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 1000
     c.data.workers = 8
+
+
+# Backbone sizes per preset for the task configs (configs/cls.py, sr.py, distortion.py, synthesis.py; seg.py keeps
+# its own conv sizes and uses `apply_vit` for profound_vit). Call after apply_smoke / apply_full (crop size).
+CONV_SIZES = {
+    "default": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
+    "smoke": dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)),
+    "full": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),  # ConvNeXt-V2 Tiny (ProFound-Conv)
+}
+VIT_SIZES = {  # out_indices: the blocks a dense (UPerNet) head reads; width: a multiple of 6 (3-D sin-cos table)
+    "default": dict(patch_size=(8, 16, 16), width=96, depth=4, num_heads=4, out_indices=(0, 1, 2, 3)),
+    "smoke": dict(patch_size=(8, 16, 16), width=48, depth=4, num_heads=2, out_indices=(0, 1, 2, 3)),
+    "full": dict(patch_size=(16, 32, 32), width=768, depth=12, num_heads=12, out_indices=(3, 5, 7, 11)),  # ViT-B
+}
+ALIGNMENT_SITES = {
+    "profound_conv": ("pooled", "stage1", "stage2", "stage3", "stage4"),
+    "profound_vit": ("cls", "mean_patch"),
+}
+
+
+def apply_vit(c: ml_collections.ConfigDict, preset: str) -> None:
+    """ProFound-ViT encoder options: img_size tied to the crop (the position table is), sizes per preset."""
+    crop = tuple(c.data.crop_size)
+    if preset == "full":
+        c.data.crop_size = crop = (64, 256, 256)  # ProFound-ViT's pretraining geometry (patch 16x32x32)
+    c.model.backbone_options = ml_collections.ConfigDict(dict(
+        img_size=crop, in_channels=len(c.data.channels), mlp_ratio=4.0, dtype="float32", **VIT_SIZES[preset]))
+    c.alignment.sites = ALIGNMENT_SITES["profound_vit"]
+
+
+def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> None:
+    """`c.model.backbone` + `c.model.backbone_options` (+ the alignment sites it provides) for a preset."""
+    c.model.backbone = backbone
+    if backbone == "profound_conv":
+        c.model.backbone_options = ml_collections.ConfigDict(dict(
+            drop_path_rate=0.1, dtype="float32", **CONV_SIZES[preset]))
+        c.alignment.sites = ALIGNMENT_SITES["profound_conv"]
+    elif backbone == "profound_vit":
+        apply_vit(c, preset)
+    else:
+        raise ValueError(f"backbone {backbone!r} is not supported by this config; use one of "
+                         f"{tuple(ALIGNMENT_SITES)}")
+
+
+def restoration_defaults(c: ml_collections.ConfigDict, preset: str) -> None:
+    """Shared blocks of the image-to-image configs (sr, distortion, synthesis): the UPerNet dense decoder without
+    its auxiliary head, the gland-mask fallback, run length; then the size preset (call apply_backbone after)."""
+    c.task.update(dict(require_gland_mask=False, ssim_window=7, aux_weight=0.4))
+    c.model = ml_collections.ConfigDict()
+    c.model.head_options = ml_collections.ConfigDict(dict(
+        hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=False))
+    # As for segmentation: upstream's optimiser never updates UPerNet's hidden_norm.
+    c.optimizer.frozen_patterns = (r"^hidden_norm\.",)
+    c.total_steps = 200
+    c.eval_every = 25
+    if preset == "smoke":
+        apply_smoke(c)
+        c.model.head_options.hidden_size = 8
+        c.model.head_options.auxiliary_channels = 8
+    elif preset == "full":
+        apply_full(c)
+        c.model.head_options.hidden_size = 512
+        c.model.head_options.auxiliary_channels = 256

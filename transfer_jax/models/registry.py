@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
+from transfer_jax.models.profound_vit import ProFoundViT, ViTConfig
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
 
 
@@ -24,6 +25,10 @@ def _profound_conv(options: dict, rngs: nnx.Rngs) -> ConvNeXtV2:
     return ConvNeXtV2(dataclass_from_dict(ConvNeXtConfig, options), rngs=rngs)
 
 
+def _profound_vit(options: dict, rngs: nnx.Rngs) -> ProFoundViT:
+    return ProFoundViT(dataclass_from_dict(ViTConfig, options), rngs=rngs)
+
+
 def _provicnet(options: dict, rngs: nnx.Rngs) -> ProViCNet:
     """The whole ProViCNet slice model (ViT + slice-position tokens + conv head); its task builds it directly."""
     return ProViCNet(ProViCNetConfig.from_dict({k: v for k, v in options.items() if k != "dtype"}), rngs=rngs)
@@ -32,6 +37,7 @@ def _provicnet(options: dict, rngs: nnx.Rngs) -> ProViCNet:
 BACKBONES: dict[str, Callable[[dict, nnx.Rngs], nnx.Module]] = {
     "profound_conv": _profound_conv,
     "provicnet": _provicnet,
+    "profound_vit": _profound_vit,
 }
 
 
@@ -46,6 +52,7 @@ def encoder_feature_sites(encoder: nnx.Module, x, **kwargs) -> dict:
 
     ProFound-Conv: `pooled` (the normed global feature) and `stage1`..`stage4` (raw stage maps, spatially averaged).
     ProViCNet (the whole slice model; built by its task, not here): `cls` and `mean_patch` of the final-norm tokens.
+    ProFound-ViT: `cls` (the normed cls token the classifier reads) and `mean_patch` (normed patch tokens, averaged).
     """
     if isinstance(encoder, ConvNeXtV2):
         out = encoder(x)
@@ -53,6 +60,9 @@ def encoder_feature_sites(encoder: nnx.Module, x, **kwargs) -> dict:
         for i, stage in enumerate(out.stages, start=1):
             sites[f"stage{i}"] = stage.astype(jnp.float32).mean(axis=(1, 2, 3))
         return {k: v.astype(jnp.float32) for k, v in sites.items()}
+    if isinstance(encoder, ProFoundViT):  # `cls`: the normed cls token; `mean_patch`: normed patch tokens averaged
+        out = encoder(x)
+        return {"cls": out.cls.astype(jnp.float32), "mean_patch": out.tokens.astype(jnp.float32).mean(axis=1)}
     if isinstance(encoder, ProViCNet):  # per slice; kwargs: slice_position [B, 2] or None
         out = encoder.forward_features(x, kwargs.get("slice_position"))
         return {"cls": out.cls_token.astype(jnp.float32),

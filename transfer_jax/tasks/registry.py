@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 from transfer_jax.tasks.base import Task
+from transfer_jax.tasks.classification import ClassificationTask
+from transfer_jax.tasks.restoration import DistortionTask, SuperResolutionTask, SynthesisTask
 from transfer_jax.tasks.segmentation import SegmentationTask
 from transfer_jax.tasks.slice_segmentation import SliceSegmentationTask
 
 TASKS: dict[str, type[Task]] = {
     SegmentationTask.name: SegmentationTask,
+    ClassificationTask.name: ClassificationTask,
+    SuperResolutionTask.name: SuperResolutionTask,
+    DistortionTask.name: DistortionTask,
+    SynthesisTask.name: SynthesisTask,
     SliceSegmentationTask.name: SliceSegmentationTask,
 }
 

@@ -2,7 +2,9 @@
 
 Loss: MONAI-style DiceCE (softmax; soft Dice per sample and foreground class, smooth 1e-5; CE over all classes)
 on the main logits plus `aux_weight` x the same on the auxiliary head (upstream: 0.4). Metric: Dice per class per
-case on the argmax prediction, cases with an empty ground truth skipped for that class (MONAI ignore_empty).
+case on the argmax prediction, cases with an empty ground truth skipped for that class (MONAI ignore_empty); with
+`task.hd95` (default True) also HD95 (mm) per class per case, computed on the host from the fetched argmax maps at
+the evaluation cadence (`hd95/<class>`, see `SegmentationTask.hd95_per_case`).
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transfer_jax.models.registry import build_backbone, dataclass_from_dict
-from transfer_jax.models.upernet import SegmentationOutput, UPerNet, UPerNetConfig
+from transfer_jax.models.upernet import SegmentationOutput, UPerNet
 from transfer_jax.tasks.base import Task, require
+from transfer_jax.tasks.dense import build_dense_model
+from transfer_jax.tasks.metrics import hausdorff95_per_class
 
 SMOOTH = 1e-5
 
@@ -84,6 +87,7 @@ class SegmentationTask(Task):
         if unknown:
             raise ValueError(f"task.classes: unknown class(es) {unknown}; segmentation supports 'gland', 'lesion'")
         self.num_classes = len(self.class_names)
+        self.hd95 = bool(config.task.get("hd95", True))
         weights = config.task.get("class_weights")
         self.class_weights = None if not weights else tuple(float(w) for w in weights)
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -105,11 +109,8 @@ class SegmentationTask(Task):
         return {"image": sample["image"], "label": label}
 
     def build_model(self, rngs: nnx.Rngs) -> UPerNet:
-        model = self.config.model
-        encoder = build_backbone(model.backbone, model.backbone_options.to_dict(), rngs=rngs)
-        head = dataclass_from_dict(UPerNetConfig, {**model.head_options.to_dict(), "num_classes": self.num_classes,
-                                                   "dtype": model.backbone_options.get("dtype", "float32")})
-        return UPerNet(encoder, head, in_channels=encoder.feature_channels, rngs=rngs)
+        # ProFound-Conv stage maps, or ProFound-ViT token levels through the ViT adapter (tasks/dense.py).
+        return build_dense_model(self.config.model, self.num_classes, rngs)
 
     def _loss_one(self, logits, labels):
         weights = None if self.class_weights is None else jnp.asarray(self.class_weights, jnp.float32)
@@ -127,7 +128,22 @@ class SegmentationTask(Task):
 
     def eval_stats(self, outputs: SegmentationOutput, batch):
         pred = jnp.argmax(outputs.logits, axis=-1)
-        return dice_counts(pred, batch["label"], self.num_classes)
+        stats = dice_counts(pred, batch["label"], self.num_classes)
+        if self.hd95:  # label maps for the host-side HD95 (fetched once per evaluation; small crops)
+            stats["pred_labels"] = pred.astype(jnp.int8)
+            stats["target_labels"] = batch["label"].astype(jnp.int8)
+        return stats
+
+    def hd95_per_case(self, stats) -> np.ndarray:
+        """(cases, K - 1) HD95 in mm per foreground class (tasks/metrics.py::hausdorff95_per_class): NaN where a
+        class is absent from both maps (skipped in means); a class present in only one map (HD95 = inf) counts as
+        the crop diagonal, the largest distance the crop allows, so that means stay finite."""
+        spacing = tuple(float(s) for s in self.config.data.spacing)
+        pred, target = np.asarray(stats["pred_labels"]), np.asarray(stats["target_labels"])
+        values = np.stack([hausdorff95_per_class(p.astype(np.int64), t.astype(np.int64), self.num_classes, spacing)
+                           for p, t in zip(pred, target)]) if len(pred) else np.zeros((0, self.num_classes - 1))
+        diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape[1:], spacing))))
+        return np.where(np.isinf(values), diagonal, values)
 
     def summarize(self, stats):
         dice = dice_from_counts(stats)
@@ -140,4 +156,9 @@ class SegmentationTask(Task):
             per_class.append(value)
         finite = [v for v in per_class if np.isfinite(v)]
         metrics["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
+        if "pred_labels" in stats:
+            hd95 = self.hd95_per_case(stats)
+            for k, name in enumerate(self.class_names[1:]):
+                column = hd95[:, k]
+                metrics[f"hd95/{name}"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
         return metrics

@@ -1,0 +1,86 @@
+"""Case-level classification: PI-RADS 2-5 (four classes) or its clinically significant binary split.
+
+Target: the manifest's `label` column, an integer 0..3 = PI-RADS - 2 (upstream's target). With `task.binary=True`
+(`configs/cls.py:...,binary`) the target is csPCa-positive = PI-RADS >= 4, i.e. `label >= 2 -> 1`, else 0.
+Rows without a label, or with a non-integer / out-of-range one, fail the pre-flight check naming the case and the
+`label` column.
+
+Model: `Classifier` = backbone + ProFound's MLP head (Linear -> BatchNorm1d -> ReLU -> Linear) on the pooled
+feature (ProFound-Conv) or the cls token (ProFound-ViT). Loss: cross-entropy (upstream `nn.CrossEntropyLoss`).
+Metrics (`tasks/metrics.py`): four-class `pirads_metrics` (primary `auroc_macro`, one-vs-rest macro AUROC; plus
+accuracy, unweighted and quadratic kappa, macro F1 and the >= 3 / >= 4 binary splits); binary `binary_metrics`
+(primary `auroc`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transfer_jax.data.errors import DataError
+from transfer_jax.tasks.base import Task
+from transfer_jax.tasks.dense import build_classifier
+from transfer_jax.tasks.metrics import PIRADS_NUM_CLASSES, binary_metrics, pirads_metrics
+
+BINARY_THRESHOLD = 2  # label (PI-RADS - 2) >= 2  <=>  PI-RADS >= 4: csPCa-positive
+
+
+def parse_label(text, case_id: str | None = None) -> int:
+    """The manifest `label` cell as an int in 0..3, or a DataError naming the case and the column."""
+    if text is None or str(text).strip() == "":
+        raise DataError("classification needs an integer 'label' (PI-RADS - 2, 0..3) in the manifest, but the "
+                        "'label' cell is empty", case_id=case_id)
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise DataError(f"the 'label' column holds {text!r}, which is not a number; expected an integer 0..3 "
+                        "(PI-RADS - 2)", case_id=case_id) from None
+    if not value.is_integer() or not 0 <= value < PIRADS_NUM_CLASSES:
+        raise DataError(f"the 'label' column holds {text!r}; expected an integer 0..3 (PI-RADS - 2)",
+                        case_id=case_id)
+    return int(value)
+
+
+def binary_target(label):
+    """PI-RADS (0..3 = PI-RADS 2..5) -> csPCa-positive (PI-RADS >= 4) as 0/1."""
+    return (np.asarray(label) >= BINARY_THRESHOLD).astype(np.int32)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    direction = "max"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.binary = bool(config.task.get("binary", False))
+        self.num_classes = 2 if self.binary else PIRADS_NUM_CLASSES
+        self.primary_metric = "auroc" if self.binary else "auroc_macro"
+
+    def validate_case(self, case, prepared) -> None:
+        parse_label(case.label, case.case_id)
+
+    def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
+        label = parse_label(sample.get("label"))
+        target = int(binary_target(label)) if self.binary else label
+        return {"image": sample["image"], "label": np.int32(target)}
+
+    def build_model(self, rngs: nnx.Rngs):
+        return build_classifier(self.config.model, self.num_classes, rngs,
+                                bottleneck_dim=int(self.config.task.get("bottleneck_dim", 256)))
+
+    def loss(self, outputs, batch):
+        logits = outputs.astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["label"][:, None].astype(jnp.int32), axis=-1)[:, 0]
+        loss = jnp.mean(nll)
+        return loss, {"loss_ce": loss}
+
+    def eval_stats(self, outputs, batch):
+        return {"probs": jax.nn.softmax(outputs.astype(jnp.float32), axis=-1), "label": batch["label"]}
+
+    def summarize(self, stats):
+        probs, labels = np.asarray(stats["probs"], np.float64), np.asarray(stats["label"]).astype(np.int64)
+        if self.binary:
+            return {k: float(v) for k, v in binary_metrics(probs[:, 1], labels).items()}
+        return {k: float(v) for k, v in pirads_metrics(probs, labels).items()}
