@@ -94,6 +94,31 @@ def test_task_trains(name, arg, tmp_path):
         assert np.isfinite(final["dice_mean"]) and "hd95/gland" in final and "hd95/lesion" in final
     if config.alignment.enabled:
         assert set(summary["alignment"]) == {"cls", "mean_patch"}
+    if config.model.backbone == "profound_conv" and name in ("cls", "sr"):
+        _check_predict(name, config, summary, tmp_path)
+
+
+def _check_predict(name, config, summary, tmp_path):
+    """`python -m transfer_jax.predict` on the finished run: CSV probabilities / NIfTI on the T2 grid."""
+    import nibabel as nib
+
+    from transfer_jax.predict import main
+
+    output = tmp_path / "predictions"
+    main(["--workdir", str(tmp_path), "--manifest", summary["manifest"], "--output", str(output)])
+    cases = read_manifest(summary["manifest"])
+    if name == "cls":
+        with open(output / "probabilities.csv") as f:
+            rows = f.read().strip().splitlines()
+        assert len(rows) == len(cases) + 1 and rows[0].startswith("case_id,prob_0")
+        probs = np.array([[float(v) for v in r.split(",")[1:5]] for r in rows[1:]])
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    else:
+        for channel in config.data.channels:
+            written = nib.load(str(output / f"{cases[0].case_id}_{channel}.nii.gz"))
+            source = nib.load(cases[0].t2)
+            assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+            assert np.isfinite(written.get_fdata()).all() and np.abs(written.get_fdata()).max() > 0
 
 
 def test_pirads_four_class_metrics_reported(tmp_path):
