@@ -292,3 +292,34 @@ def test_segmentation_hd95_from_label_maps():
     assert "dice_mean" in metrics
     off = get_task(_config("seg", "smoke", **{"task.hd95": False}))
     assert off.hd95 is False
+
+
+# -- every config x backbone x preset builds a model whose output fits the task ------------------------------------
+
+@pytest.mark.parametrize("name", ["cls", "sr", "distortion", "synthesis", "seg"])
+@pytest.mark.parametrize("backbone", ["profound_conv", "profound_vit"])
+def test_config_presets_build(name, backbone):
+    """Abstract (no FLOPs) forward of each preset's model on its crop: the ViT adapter / UPerNet pyramid, the
+    classifier width and the output channels line up at smoke, default and full sizes."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    for preset in ("default", "full"):  # smoke sizes train in test_task_trains
+        config = load_config(name, f"{backbone},{preset}")
+        task = get_task(config)
+        crop = tuple(config.data.crop_size)
+
+        def forward():
+            model = task.build_model(nnx.Rngs(0))
+            model.eval()
+            return task.forward(model, {"image": jnp.zeros((1, *crop, len(config.data.channels)))}, jnp.float32)
+
+        out = nnx.eval_shape(forward)
+        if name == "cls":
+            assert out.shape == (1, task.num_classes)
+        else:
+            channels = task.num_classes if name == "seg" else len(task.target_channels)
+            assert out.logits.shape == (1, *crop, channels), (preset, out.logits.shape)
+        if backbone == "profound_vit":
+            assert tuple(config.model.backbone_options.img_size) == crop
+            assert tuple(config.alignment.sites) == ("cls", "mean_patch")
