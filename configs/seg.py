@@ -90,6 +90,8 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     c.model.head_options = ml_collections.ConfigDict()
     c.optimizer.weight_decay = 0.0
     c.optimizer.frozen_patterns = (r"^CL_Head\.",)
+    # upstream train.py: seg head and slice tokens at lr, the DINOv2 backbone at lr x DINO_learning_rate (0.05)
+    c.optimizer.lr_scale_patterns = ((r"^backbone\.", 0.05),)
     c.alignment.sites = ("cls", "mean_patch")
     if preset == "smoke":
         apply_smoke(c)

@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr=0.0, warmup_steps=20, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
-        layer_decay=1.0, layer_decay_scheme="group", freeze_backbone=False, frozen_patterns=(), grad_clip=0.0))
+        layer_decay=1.0, layer_decay_scheme="group", freeze_backbone=False, frozen_patterns=(), grad_clip=0.0,
+        lr_scale_patterns=()))  # ((regex, factor), ...): multiplies the lr of matching parameter paths
 
     # strategy "fsdp" splits parameters (and optimizer moments) of >= fsdp_min_size elements over the fsdp axis
     # num_devices: 0 = every visible device; N = the first N (single-process runs only)
