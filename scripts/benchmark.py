@@ -298,6 +298,10 @@ def data_section(args, step_rows):
     from transfer_jax.data.manifest import Case
     from transfer_jax.tasks.registry import get_task
 
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
     rows = []
     presets = [p for s in args.sizes.split(",") for p in SIZES[s]]
     steps = {r["size"]: r for r in step_rows if r["model"] == "profound_conv" and r["dtype"] == "fp32"}

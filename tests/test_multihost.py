@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import pytest
 
 from helpers import REPO, smoke_config
@@ -58,10 +57,8 @@ def _launch(workdir: str, overrides: dict, tmp_path) -> list[str]:
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                    TRANSFER_JAX_COORDINATOR=f"localhost:{port}", TRANSFER_JAX_NUM_PROCESSES="2",
-                   TRANSFER_JAX_PROCESS_ID=str(pid), JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1",
-                   # the restart (and later test runs) load the compiled steps instead of compiling again
-                   JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or str(tmp_path / "xla"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+                   TRANSFER_JAX_PROCESS_ID=str(pid), JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1")
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no shared persistent cache between the two processes
         # each process prepares its own cache copy (no concurrent writes to one file)
         child_overrides = dict(overrides, **{"mesh.num_devices": 0,
                                              "data.cache_dir": os.path.join(workdir, f"cache{pid}")})
@@ -85,8 +82,9 @@ def _launch(workdir: str, overrides: dict, tmp_path) -> list[str]:
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    for pid, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {pid} failed or timed out (rc={p.returncode}):\n{out[-4000:]}"
+    if any(p.returncode for p in procs):
+        raise AssertionError("\n".join(f"=== process {pid} (rc={p.returncode}):\n{out[-3000:]}"
+                                       for pid, (p, out) in enumerate(zip(procs, outputs))))
     return outputs
 
 

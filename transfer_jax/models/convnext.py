@@ -29,6 +29,7 @@ class ConvNeXtConfig:
     last_downsample: tuple[int, int, int] = (1, 1, 1)
     dtype: str = "float32"
     depthwise_impl: str = "auto"  # see layers.DepthwiseConv: a speed choice, identical results
+    remat: bool = False  # recompute each block's activations in the backward pass (nnx.remat): memory for FLOPs
 
     def __post_init__(self):
         if len(self.depths) != len(self.dims):
@@ -103,6 +104,11 @@ class Block(nnx.Module):
         return x + self.drop_path(y)
 
 
+@nnx.remat
+def _remat_block(block: Block, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
 class ConvNeXtV2(nnx.Module):
     def __init__(self, config: ConvNeXtConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -152,7 +158,7 @@ class ConvNeXtV2(nnx.Module):
             for layer in downsample:
                 x = layer(x)
             for block in blocks:
-                x = block(x)
+                x = _remat_block(block, x) if self.config.remat else block(x)
             stage_outputs.append(x)
         pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)).astype(x.dtype))
         return EncoderOutput(pooled=pooled, stages=tuple(stage_outputs))
