@@ -1,7 +1,8 @@
 """Data-parallel and FSDP scaling is a layout change only: 1, 2 and 4 fake CPU devices give the same losses.
 
-`test_sharding.py` covers 8 devices (data=8, and data=2 x fsdp=4) against one; this covers the other mesh sizes,
-FSDP alone and FSDP together with data parallelism, over two steps (the second sees non-zero Adam moments).
+`test_sharding.py` covers 8 devices (data=8, and data=2 x fsdp=4) against one; this covers 2 devices (data=2) and
+4 devices as FSDP together with data parallelism (data=2 x fsdp=2), over two steps (the second sees non-zero Adam
+moments).
 """
 import functools
 
@@ -51,9 +52,9 @@ def _single():
     return losses, params
 
 
-@pytest.mark.parametrize("data,fsdp,strategy", [
-    (2, 1, "replicate"), (4, 1, "replicate"), (1, 2, "fsdp"), (2, 2, "fsdp"),
-])
+# Kept to two layouts (each is a compile of its own): 2 devices data-parallel, and 4 devices as data=2 x fsdp=2.
+# scripts/benchmark.py --scaling runs the full 1/2/4/8 x replicate/fsdp table.
+@pytest.mark.parametrize("data,fsdp,strategy", [(2, 1, "replicate"), (2, 2, "fsdp")])
 def test_same_losses_over_device_counts(data, fsdp, strategy):
     assert jax.device_count() >= data * fsdp
     ref_losses, ref_params = _single()
