@@ -35,12 +35,12 @@ def load_config(name: str, arg: str | None = None):
     return module.get_config(arg)
 
 
-def smoke_config(**overrides):
-    """configs/seg.py:smoke with dotted-key overrides."""
-    config = load_config("seg", "smoke")
+def config_for(name: str, arg: str | None, *, tensorboard: bool = False, **overrides):
+    """configs/<name>.py:<arg> on one device with dotted-key overrides (`**{"optimizer.lr": 1e-3}`)."""
+    config = load_config(name, arg)
     # One device keeps compile times low; the sharded paths have their own tests (test_sharding, multihost).
     config.mesh.num_devices = 1
-    config.logging.tensorboard = True
+    config.logging.tensorboard = tensorboard
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
@@ -48,6 +48,11 @@ def smoke_config(**overrides):
             target = target[parent]
         target[leaf] = value
     return config
+
+
+def smoke_config(**overrides):
+    """configs/seg.py:smoke with dotted-key overrides."""
+    return config_for("seg", "smoke", tensorboard=True, **overrides)
 
 
 def tiny_manifest(directory: str, num_cases: int = 4) -> str:

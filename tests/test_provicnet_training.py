@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from helpers import load_config
+from helpers import load_config, config_for
 from transfer_jax.convert.provicnet import convert_slice_model
 from transfer_jax.convert.table import flatten
 from transfer_jax.tasks.registry import get_task
@@ -20,16 +20,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "provicnet")
 
 
 def _config(**overrides):
-    config = load_config("seg", "provicnet,smoke")
-    config.mesh.num_devices = 1
-    config.logging.tensorboard = False
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return config_for("seg", "provicnet,smoke", **overrides)
 
 
 def _phantom_sample(depth=4, size=64, seed=0, lesion_box=((1, 3), (16, 48), (16, 48))):

@@ -6,23 +6,14 @@ import os
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_manifest
+from helpers import load_config, config_for, tiny_manifest
 from transfer_jax.data.errors import BadCasesError, DataError
 from transfer_jax.data.manifest import Case, read_manifest, write_manifest
 from transfer_jax.tasks.registry import get_task
 
 
 def _config(name, arg, **overrides):
-    config = load_config(name, arg)
-    config.mesh.num_devices = 1  # one device keeps compile times low (sharding has its own tests)
-    config.logging.tensorboard = False
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return config_for(name, arg, **overrides)
 
 
 # -- every task x backbone trains on the default data -------------------------------------------------------------
