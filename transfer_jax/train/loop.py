@@ -27,7 +27,7 @@ from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, creat
 from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, load_into
 from transfer_jax.train.probe import AlignmentProbe, probe_images
-from transfer_jax.train.state import abstract_state, count_params, init_state
+from transfer_jax.train.state import abstract_state, count_params, init_state, model_graph
 from transfer_jax.train.step import compiled_flops, describe_memory, make_eval_step, make_train_step
 from transfer_jax.train.writer import MetricWriter
 
@@ -129,16 +129,15 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     def build(rngs):
         return task.build_model(rngs)
 
-    from transfer_jax.train.state import model_graph
-
-    _, abstract_params, _ = model_graph(build)
+    abstract = model_graph(build)
+    _, abstract_params, _ = abstract
     layer_fn, num_layers = _backbone_layer_fn(config)
     tx, schedule, opt_info = make_optimizer(
         config.optimizer, abstract_params, total_steps=config.total_steps, backbone_layer_id=layer_fn,
         num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith(task.backbone_prefix),
     )
     state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, config.mesh.strategy,
-                                         config.mesh.fsdp_min_size)
+                                         config.mesh.fsdp_min_size, abstract=abstract)
     log(f"model: {count_params(state.params):,} parameters ({len(opt_info['frozen'])} frozen tensors), "
         f"sharding={config.mesh.strategy}, mesh={dict(mesh.shape)}")
     if init_label == "pretrained":

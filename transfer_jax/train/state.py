@@ -49,10 +49,13 @@ def model_graph(build: Callable[[nnx.Rngs], nnx.Module]) -> tuple[ModelGraph, An
     return ModelGraph(train=train_def, eval=eval_def), params, rest
 
 
-def init_state(build, tx, key: jax.Array, mesh, strategy: str, min_size: int = 2 ** 12
+def init_state(build, tx, key: jax.Array, mesh, strategy: str, min_size: int = 2 ** 12, *, abstract=None
                ) -> tuple[TrainState, ModelGraph, Any]:
-    """Create params and optimizer state directly with their final shardings (no host copy of the weights)."""
-    graph, abstract_params, abstract_rest = model_graph(build)
+    """Create params and optimizer state directly with their final shardings (no host copy of the weights).
+
+    `abstract` is `model_graph(build)` when the caller already has it (it traces the whole model).
+    """
+    graph, abstract_params, abstract_rest = abstract if abstract is not None else model_graph(build)
 
     def init_model(key):
         params_key, dropout_key = jax.random.split(key)
