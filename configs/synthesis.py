@@ -1,6 +1,6 @@
 """ADC synthesis from T2 + high-b DWI: the input is the 3-channel image with the ADC channel set to zero (so a
 pretrained 3-channel stem still fits), the target the ADC channel; UPerNet dense decoder predicting ADC directly,
-L1; PSNR (primary), SSIM, MAE inside the gland. See transfer_jax/tasks/restoration.py.
+L1 with gland voxels weighted x10 (`task.gland_loss_weight`); PSNR (primary), SSIM, MAE inside the gland. See transfer_jax/tasks/restoration.py.
 
     python -m transfer_jax.main --config=configs/synthesis.py --workdir=runs/synthesis
     python -m transfer_jax.main --config=configs/synthesis.py:profound_vit ...
@@ -18,5 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(name="synthesis", inputs=("t2", "dwi"), target="adc"))
     restoration_defaults(c, preset)
+    # The gland is ~10 % of a crop whose ADC is nearly constant elsewhere: plain L1 settles on that background
+    # value (measured: val PSNR in the gland 12.8 dB at step 0, 11.2 after 100 steps); weighting gland voxels x10
+    # makes the gland drive the loss (21.1 dB after 75 steps).
+    c.task.gland_loss_weight = 9.0
     apply_backbone(c, backbone, preset)
     return c

@@ -176,6 +176,27 @@ def test_synthesis_channel_split():
     assert task.residual is False and task.target_channels == ("adc",)
 
 
+def test_gland_weighted_l1():
+    import jax.numpy as jnp
+
+    from transfer_jax.models.upernet import SegmentationOutput
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(2, 4, 5, 6, 1)).astype(np.float32)
+    pred = rng.normal(size=target.shape).astype(np.float32)
+    mask = (rng.random(target.shape[:-1]) < 0.2).astype(np.uint8)
+    batch = {"target": jnp.asarray(target), "mask": jnp.asarray(mask)}
+    outputs = SegmentationOutput(logits=jnp.asarray(pred), aux_logits=None)
+    error = np.abs(pred - target)[..., 0]
+    plain = get_task(_config("synthesis", "smoke", **{"task.gland_loss_weight": 0.0}))
+    np.testing.assert_allclose(plain.loss(outputs, batch)[0], error.mean(), rtol=1e-6)
+    weighted = get_task(_config("synthesis", "smoke", **{"task.gland_loss_weight": 9.0}))
+    weights = 1.0 + 9.0 * mask
+    np.testing.assert_allclose(weighted.loss(outputs, batch)[0], (error * weights).sum() / weights.sum(), rtol=1e-6)
+    with pytest.raises(ValueError, match="gland_loss_weight"):
+        get_task(_config("synthesis", "smoke", **{"task.gland_loss_weight": -1.0}))
+
+
 def test_distortion_deterministic_per_case_and_keeps_t2():
     task = get_task(_config("distortion", "smoke"))
     sample = _sample(case_index=3)

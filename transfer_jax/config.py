@@ -159,7 +159,7 @@ def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> 
 def restoration_defaults(c: ml_collections.ConfigDict, preset: str) -> None:
     """Shared blocks of the image-to-image configs (sr, distortion, synthesis): the UPerNet dense decoder without
     its auxiliary head, the gland-mask fallback, run length; then the size preset (call apply_backbone after)."""
-    c.task.update(dict(require_gland_mask=False, ssim_window=7, aux_weight=0.4))
+    c.task.update(dict(require_gland_mask=False, ssim_window=7, aux_weight=0.4, gland_loss_weight=0.0))
     c.model = ml_collections.ConfigDict()
     c.model.head_options = ml_collections.ConfigDict(dict(
         hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=False))

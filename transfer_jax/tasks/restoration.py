@@ -16,7 +16,8 @@ Common to all three (`RestorationTask`):
   and the final 1x1 convs start at zero (`task.zero_init_residual`, default True), so the untrained network is
   exactly the identity baseline) and *direct* for synthesis (the target sequence is not
   among the inputs).
-* Loss: L1 over every voxel and target channel. Metrics (`tasks/metrics.py`, jitted per sample): `psnr` (primary),
+* Loss: L1 over every voxel and target channel, voxels inside the gland weighted `1 + task.gland_loss_weight`
+  (default 0 = plain L1; synthesis uses 9: a direct prediction otherwise settles on the background value). Metrics (`tasks/metrics.py`, jitted per sample): `psnr` (primary),
   `ssim`, `mae` inside the gland mask, `psnr_volume` over the whole crop, and for the residual tasks the same for
   the degraded input itself (`psnr_input`, `ssim_input`, `mae_input`: the do-nothing baseline). PSNR/SSIM use the
   per-case target range (max - min over the crop) as data range. Cases without a gland mask are measured over the
@@ -65,6 +66,9 @@ class RestorationTask(Task):
         self.channels = tuple(config.data.channels)
         self.require_gland_mask = bool(config.task.get("require_gland_mask", False))
         self.ssim_window = int(config.task.get("ssim_window", 7))
+        self.gland_loss_weight = float(config.task.get("gland_loss_weight", 0.0))
+        if not self.gland_loss_weight >= 0.0:
+            raise ValueError(f"task.gland_loss_weight must be >= 0, got {self.gland_loss_weight!r}")
 
     # -- subclasses -------------------------------------------------------------------------------------------
     @property
@@ -128,13 +132,17 @@ class RestorationTask(Task):
         aux = None if out.aux_logits is None else out.aux_logits.astype(jnp.float32) + base
         return SegmentationOutput(logits=out.logits.astype(jnp.float32) + base, aux_logits=aux)
 
+    def _weighted_l1(self, prediction: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.abs(prediction - target) * weights) / (jnp.sum(weights) * target.shape[-1])
+
     def loss(self, outputs: SegmentationOutput, batch):
         target = batch["target"].astype(jnp.float32)
-        main = jnp.mean(jnp.abs(outputs.logits - target))
+        weights = 1.0 + self.gland_loss_weight * batch["mask"].astype(jnp.float32)[..., None]
+        main = self._weighted_l1(outputs.logits, target, weights)
         metrics = {"loss_l1": main}
         total = main
         if outputs.aux_logits is not None:
-            aux = jnp.mean(jnp.abs(outputs.aux_logits - target))
+            aux = self._weighted_l1(outputs.aux_logits, target, weights)
             total = main + float(self.config.task.get("aux_weight", 0.4)) * aux
             metrics["loss_aux"] = aux
         return total, metrics
