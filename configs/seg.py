@@ -8,7 +8,7 @@
 """
 import ml_collections
 
-from transfer_jax.config import apply_full, apply_smoke, apply_vit, base_config, parse_arg
+from transfer_jax.config import apply_full, apply_provicnet, apply_smoke, apply_vit, base_config, parse_arg
 
 TINY_CONVNEXT = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
 
@@ -45,20 +45,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-# ProViCNet slice model sizes per preset (DINOv2 ViT with 4 registers; `full` = the released ViT-S/14).
-PROVICNET_SIZES = {
-    "smoke": dict(image_size=112, crop=(4, 64, 64), spacing=(3.0, 1.5, 1.5),
-                  vit=dict(width=32, depth=2, num_heads=2, pos_grid=8), head=(16, 8),
-                  cl=dict(hidden=64, bottleneck=16, out_dim=128, num_layers=3)),
-    "default": dict(image_size=112, crop=(16, 64, 64), spacing=(3.0, 1.0, 1.0),
-                    vit=dict(width=128, depth=4, num_heads=2, pos_grid=8), head=(32, 16),
-                    cl=dict(hidden=256, bottleneck=64, out_dim=1024, num_layers=3)),
-    "full": dict(image_size=448, crop=(20, 256, 256), spacing=(3.0, 0.5, 0.5),
-                 vit=dict(width=384, depth=12, num_heads=6, pos_grid=37), head=(128, 64),
-                 cl=dict(hidden=2048, bottleneck=256, out_dim=65536, num_layers=3)),
-}
-
-
 def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     """ProViCNet (pimed/ProViCNet) fine-tuned on slices of one sequence (tasks/slice_segmentation.py).
 
@@ -71,43 +57,17 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
       geometry; pair it with init.checkpoint = a converted T2_best.pth (scripts/convert_provicnet.py).
     Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);
     `task.contrastive_alpha` > 0 adds the label-guided patch contrastive loss (upstream 0.05). Optimiser: Adam
-    (weight decay 0) at one lr for all parameters (upstream: 1e-3 head, 5e-5 backbone, not reproduced), CL_Head
-    frozen as upstream never optimises it.
+    (weight decay 0), the backbone at 0.05 x lr like upstream (1e-3 head, 5e-5 backbone), CL_Head frozen as
+    upstream never optimises it.
     """
-    sizes = PROVICNET_SIZES[preset]
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
-        name="provicnet_segmentation", sequence="t2", image_size=sizes["image_size"], edge="clamp",
-        class_weights=(0.02, 0.04, 0.5, 0.5), eval_class_weights=(0.0, 0.0, 0.5, 0.5),
+        name="provicnet_segmentation", class_weights=(0.02, 0.04, 0.5, 0.5), eval_class_weights=(0.0, 0.0, 0.5, 0.5),
         contrastive_alpha=0.0, contrastive_max_pairs=30, contrastive_upper=62, contrastive_lower=2,
         contrastive_margin=0.5))
-    c.model = ml_collections.ConfigDict()
-    c.model.backbone = "provicnet"
-    # ProViCNetConfig fields, nested as in a converted artifact's config (init.checkpoint adopts them).
-    c.model.backbone_options = ml_collections.ConfigDict(dict(
-        backbone=dict(patch=14, num_registers=4, mlp_ratio=4.0, in_channels=3, **sizes["vit"]),
-        head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32"))
-    c.model.head_options = ml_collections.ConfigDict()
+    apply_provicnet(c, preset)
     c.optimizer.weight_decay = 0.0
     c.optimizer.frozen_patterns = (r"^CL_Head\.",)
     # upstream train.py: seg head and slice tokens at lr, the DINOv2 backbone at lr x DINO_learning_rate (0.05)
     c.optimizer.lr_scale_patterns = ((r"^backbone\.", 0.05),)
-    c.alignment.sites = ("cls", "mean_patch")
-    if preset == "smoke":
-        apply_smoke(c)
-    elif preset == "full":
-        apply_full(c)
-        c.batch_size = 4  # cases: 4 x 20 = 80 slices of 448 x 448 per step (upstream: 72)
-        c.eval_batch_size = 4
-    else:
-        c.batch_size = 2
-        c.eval_batch_size = 4
-        c.total_steps = 150
-        c.log_every = 25
-        c.eval_every = 50
-        c.checkpoint_every = 150
-        c.optimizer.warmup_steps = 10
-        c.alignment.probe_size = 8
-    c.data.crop_size = sizes["crop"]
-    c.data.spacing = sizes["spacing"]
     return c

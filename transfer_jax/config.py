@@ -175,3 +175,79 @@ def restoration_defaults(c: ml_collections.ConfigDict, preset: str) -> None:
         apply_full(c)
         c.model.head_options.hidden_size = 512
         c.model.head_options.auxiliary_channels = 256
+
+
+def apply_pretraining(c: ml_collections.ConfigDict, preset: str) -> None:
+    """Shared blocks of the `configs/pretrain_*.py` configs: their own phantom cohort, run length, optimiser.
+
+    The phantom cohort uses another seed than the task configs' (seed 0), so pretraining never sees the cases the
+    tasks are evaluated on. Alignment probing is off: it compares a run with its own random initialisation.
+    Call after apply_smoke / apply_full.
+    """
+    c.data.phantom.seed = 1
+    c.alignment.enabled = False
+    c.optimizer.update(dict(b2=0.95, weight_decay=0.05))
+    if preset == "default":
+        c.data.phantom.num_cases = 32
+        c.total_steps = 400
+        c.log_every = 25
+        c.eval_every = 100
+        c.checkpoint_every = 100
+        c.optimizer.warmup_steps = 40
+    elif preset == "full":
+        # FCMAE / MAE recipe: absolute lr 1e-3 (FCMAE's blr is used unscaled), AdamW (0.9, 0.95), wd 0.05, warmup
+        # 5 % of the run, half-cycle cosine to 0, no gradient clipping.
+        c.optimizer.lr = 1e-3
+        c.total_steps = 40000
+        c.optimizer.warmup_steps = 2000
+        c.eval_every = 2000
+        c.checkpoint_every = 2000
+
+
+# ProViCNet slice model sizes per preset (DINOv2 ViT with 4 registers; `full` = the released ViT-S/14).
+PROVICNET_SIZES = {
+    "smoke": dict(image_size=112, crop=(4, 64, 64), spacing=(3.0, 1.5, 1.5),
+                  vit=dict(width=32, depth=2, num_heads=2, pos_grid=8), head=(16, 8),
+                  cl=dict(hidden=64, bottleneck=16, out_dim=128, num_layers=3)),
+    "default": dict(image_size=112, crop=(16, 64, 64), spacing=(3.0, 1.0, 1.0),
+                    vit=dict(width=128, depth=4, num_heads=2, pos_grid=8), head=(32, 16),
+                    cl=dict(hidden=256, bottleneck=64, out_dim=1024, num_layers=3)),
+    "full": dict(image_size=448, crop=(20, 256, 256), spacing=(3.0, 0.5, 0.5),
+                 vit=dict(width=384, depth=12, num_heads=6, pos_grid=37), head=(128, 64),
+                 cl=dict(hidden=2048, bottleneck=256, out_dim=65536, num_layers=3)),
+}
+
+
+def apply_provicnet(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The ProViCNet slice model, its slice geometry (task.sequence / image_size / edge) and run sizes per preset.
+
+    Sets `c.model` and the slicing fields of `c.task` (create `c.task` first); `data.crop_size`'s in-plane size is
+    the model's output size 8 * image_size / 14, labels are never resized.
+    """
+    sizes = PROVICNET_SIZES[preset]
+    c.task.update(dict(sequence="t2", image_size=sizes["image_size"], edge="clamp"))
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "provicnet"
+    # ProViCNetConfig fields, nested as in a converted artifact's config (init.checkpoint adopts them).
+    c.model.backbone_options = ml_collections.ConfigDict(dict(
+        backbone=dict(patch=14, num_registers=4, mlp_ratio=4.0, in_channels=3, **sizes["vit"]),
+        head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32"))
+    c.model.head_options = ml_collections.ConfigDict()
+    c.alignment.sites = ("cls", "mean_patch")
+    if preset == "smoke":
+        apply_smoke(c)
+    elif preset == "full":
+        apply_full(c)
+        c.batch_size = 4  # cases: 4 x 20 = 80 slices of 448 x 448 per step (upstream: 72)
+        c.eval_batch_size = 4
+    else:
+        c.batch_size = 2
+        c.eval_batch_size = 4
+        c.total_steps = 150
+        c.log_every = 25
+        c.eval_every = 50
+        c.checkpoint_every = 150
+        c.optimizer.warmup_steps = 10
+        c.alignment.probe_size = 8
+    c.data.crop_size = sizes["crop"]
+    c.data.spacing = sizes["spacing"]

@@ -8,7 +8,7 @@ cadence). The primary metric and its direction drive checkpoint selection, early
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -17,6 +17,16 @@ from flax import nnx
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.manifest import Case
 from transfer_jax.models.registry import encoder_feature_sites
+
+
+class PretrainedExport(NamedTuple):
+    """What a pretraining task's weights become at the end of its run: a pretrained artifact
+    (`transfer_jax.convert.artifact`) whose `model_name` and `config` rebuild the module the converters know, and
+    `select`, which keeps the entries of the flat (dotted path -> array) model state that belong in it."""
+
+    model_name: str
+    config: dict[str, Any]
+    select: Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class Task(abc.ABC):
@@ -66,6 +76,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def summarize(self, stats: dict[str, np.ndarray]) -> dict[str, float]:
         """Reduce the concatenated per-case statistics of a full evaluation to scalar metrics."""
+
+    def pretrained_export(self) -> Optional[PretrainedExport]:
+        """Pretraining tasks: how to write the final weights as an artifact task configs can start from."""
+        return None
 
     def is_better(self, value: float, best: float | None) -> bool:
         if best is None or not np.isfinite(best):

@@ -166,3 +166,32 @@ def label_guided_contrastive_loss(
     and ``project`` = ``model.project`` (``CL_Head``). Unused slots gather patch 0 and are masked out."""
     vectors = feature_map.reshape(-1, feature_map.shape[-1])
     return pair_loss(project(vectors[pairs.anchor]), project(vectors[pairs.other]), pairs, margin)
+
+
+def view_pairs(key: jax.Array, grid: tuple[int, int, int], *, max_pairs: int = 30, distance: int = 2
+               ) -> ContrastivePairs:
+    """Label-free pairs between two views of the same slices (the self-supervised variant).
+
+    The patch vectors are those of view 1 (flat indices ``0 .. n*gy*gx - 1``) followed by view 2 (the same slices,
+    other photometric augmentation). ``max_pairs`` anchors are drawn uniformly from view 1; each one's positive is
+    the same patch in view 2 and its negative the view-2 patch ``distance`` steps away in a random one of the 8
+    neighbour directions (the distant-negative rule of the label-guided loss); negatives that fall off the grid are
+    unused slots. Jit with ``grid``, ``max_pairs`` and ``distance`` static.
+    """
+    n, gy, gx = grid
+    per_view = n * gy * gx
+    anchor_key, direction_key = jax.random.split(key)
+    anchor = jax.random.randint(anchor_key, (max_pairs,), 0, per_view)
+    offsets = jnp.asarray(NEIGHBOUR_OFFSETS, jnp.int32)[jax.random.randint(direction_key, (max_pairs,), 0, 8)]
+    slice_index, y, x = anchor // (gy * gx), (anchor // gx) % gy, anchor % gx
+    ny, nx = y + distance * offsets[:, 0], x + distance * offsets[:, 1]
+    inside = (ny >= 0) & (ny < gy) & (nx >= 0) & (nx < gx)
+    negative = per_view + slice_index * gy * gx + jnp.clip(ny, 0, gy - 1) * gx + jnp.clip(nx, 0, gx - 1)
+    valid = jnp.concatenate([jnp.ones(max_pairs, bool), inside])
+    return ContrastivePairs(
+        anchor=jnp.concatenate([anchor, anchor]).astype(jnp.int32),
+        other=jnp.where(valid, jnp.concatenate([anchor + per_view, negative]), 0).astype(jnp.int32),
+        target=jnp.where(valid, jnp.concatenate([jnp.ones(max_pairs), -jnp.ones(max_pairs)]), 0.0)
+        .astype(jnp.float32),
+        valid=valid,
+    )

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from transfer_jax.tasks.base import Task
 from transfer_jax.tasks.classification import ClassificationTask
+from transfer_jax.tasks.contrastive_pretraining import ContrastivePretrainTask
+from transfer_jax.tasks.pretraining import FCMAEPretrainTask, MAEPretrainTask
 from transfer_jax.tasks.restoration import DistortionTask, SuperResolutionTask, SynthesisTask
 from transfer_jax.tasks.segmentation import SegmentationTask
 from transfer_jax.tasks.slice_segmentation import SliceSegmentationTask
@@ -14,6 +16,9 @@ TASKS: dict[str, type[Task]] = {
     DistortionTask.name: DistortionTask,
     SynthesisTask.name: SynthesisTask,
     SliceSegmentationTask.name: SliceSegmentationTask,
+    MAEPretrainTask.name: MAEPretrainTask,
+    FCMAEPretrainTask.name: FCMAEPretrainTask,
+    ContrastivePretrainTask.name: ContrastivePretrainTask,
 }
 
 

@@ -23,6 +23,7 @@ from transfer_jax.models.convnext import layer_id as convnext_layer_id
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer
+from transfer_jax.train.export import model_arrays, write_pretrained
 from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, create_mesh, global_batch
 from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, load_into
@@ -192,6 +193,16 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
                                          checkpointer, writer, meta, start_step, task, throughput)
     checkpointer.close()
 
+    exported = None
+    export = task.pretrained_export()
+    if export is not None:
+        host_params, host_rest = _fetch(model_arrays(state.params, state.rest))
+        exported = write_pretrained(export, host_params, host_rest, workdir, report={
+            "source": "transfer_jax pretraining run", "task": config.task.name, "workdir": workdir,
+            "steps": int(_fetch(state.step)), "final": meta["history"][-1]["metrics"] if meta["history"] else None})
+        log(f"pretrained artifact: {exported} (fine-tune from it with --config.init.mode=pretrained "
+            f"--config.init.checkpoint={exported})")
+
     summary = {
         "task": config.task.name, "backbone": config.model.backbone, "workdir": workdir,
         "primary_metric": task.primary_metric, "direction": task.direction,
@@ -202,6 +213,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         "history": meta["history"], "throughput": throughput,
         "skipped_cases": [str(p) for p in splits.skipped], "manifest": splits.manifest,
         "wall_seconds": time.time() - wall_start, "config": _config_snapshot(config),
+        "pretrained_artifact": exported,
     }
     summary["steps_to_95pct_best"] = steps_to_fraction_of_best(meta["history"], task, 0.95)
     if jax.process_index() == 0:

@@ -1,0 +1,40 @@
+"""ProViCNet-style contrastive pretraining (tasks/contrastive_pretraining.py): patch-level cosine loss on the
+DINO-style projection head `CL_Head`, either label-guided (upstream's cancer / normal patch pairs from the lesion
+masks) or self-supervised (the same patch in two photometric views is the positive, a patch two steps away the
+negative), or both. The model sizes and slice geometry match `configs/seg.py:provicnet[,preset]`, so the artifact
+(`<workdir>/pretrained`) loads there with init.mode=pretrained.
+
+    python -m transfer_jax.main --config=configs/pretrain_contrastive.py --workdir=runs/pretrain_cl
+    python -m transfer_jax.main --config=configs/pretrain_contrastive.py:self_supervised ...
+    python -m transfer_jax.main --config=configs/pretrain_contrastive.py:both,smoke ...
+    python -m transfer_jax.main --config=configs/pretrain_contrastive.py:full --config.data.manifest=cohort.csv ...
+    # then:
+    python -m transfer_jax.main --config=configs/seg.py:provicnet --config.init.mode=pretrained \
+        --config.init.checkpoint=runs/pretrain_cl/pretrained --workdir=runs/seg_provicnet_pretrained
+
+The label-guided variant needs lesion masks in the manifest (cases without lesions give no pairs); the
+self-supervised one needs none beyond the gland mask every ProViCNet input is normalised with.
+"""
+import ml_collections
+
+from transfer_jax.config import PRESETS, apply_pretraining, apply_provicnet, base_config
+from transfer_jax.tasks.contrastive_pretraining import VARIANTS
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tokens = [t for t in (arg or "").split(",") if t]
+    unknown = [t for t in tokens if t not in PRESETS + VARIANTS]
+    if unknown:
+        raise ValueError(f"configs/pretrain_contrastive.py argument {unknown[0]!r}: expected a preset {PRESETS} "
+                         f"and/or a variant {VARIANTS}")
+    preset = next((t for t in tokens if t in PRESETS), "default")
+    variant = next((t for t in tokens if t in VARIANTS), "label_guided")
+    c = base_config()
+    c.task = ml_collections.ConfigDict(dict(
+        name="pretrain_contrastive", variant=variant, contrastive_alpha=1.0, contrastive_max_pairs=30,
+        contrastive_upper=62, contrastive_lower=2, contrastive_margin=0.5, ssl_intensity=0.2, ssl_noise=0.1,
+        class_weights=(), eval_class_weights=()))
+    apply_provicnet(c, preset)
+    apply_pretraining(c, preset)
+    c.optimizer.lr = 3e-4  # measured on the smoke preset: 1e-3 makes the loss rise in the first steps
+    return c
