@@ -15,8 +15,11 @@ Fields of `study`:
   preset: the preset each task config is built with (`configs/<task>.py:<backbone>,<preset>`).
   overrides: config fields set on every run after the preset, as dotted keys (`{'optimizer.lr': 3e-4}`) or
     nested (`overrides.optimizer.lr`). `init.*` is owned by the study (use `inits` / `pretrained_checkpoints`).
-  pretrained_checkpoints: backbone -> converted-weights artifact directory for the "pretrained" runs; a backbone
-    not listed keeps its task config's own `init.checkpoint`.
+  pretrained_checkpoints: backbone -> converted-weights artifact directory for the "pretrained" runs.
+  pretraining: backbone -> the JAX pretraining config (`configs/<name>.py`, arguments after a colon; the study's
+    preset is appended) the study runs first, for a backbone not in pretrained_checkpoints; its artifact
+    initialises that backbone's pretrained runs. A backbone in neither keeps its task config's `init.checkpoint`.
+  pretraining_overrides: like overrides, for the pretraining runs.
   bootstrap: resamples for the correlation confidence intervals (0 = no intervals).
   seed: seeds the bootstrap (the runs keep their task configs' seeds, so a backbone's pretrained and scratch
     runs see the same data order and differ only in their initial weights).
@@ -51,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.preset = "smoke"
     c.study.overrides = _dotted_dict()
     c.study.pretrained_checkpoints = _dotted_dict()
+    # Each backbone's own pretraining objective: FCMAE (ProFound-Conv), MAE (ProFound-ViT), patch contrastive
+    # (ProViCNet; label-guided + self-supervised, since small phantom crops have few all-cancer patches).
+    c.study.pretraining = _dotted_dict({"profound_conv": "pretrain_fcmae", "profound_vit": "pretrain_mae",
+                                        "provicnet": "pretrain_contrastive:both"})
+    c.study.pretraining_overrides = _dotted_dict()
     c.study.bootstrap = 2000
     c.study.seed = 0
 
@@ -63,8 +71,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # measure (first evaluation within 95 % of the best) has six points to choose from. Measured for
         # seg x profound_conv: 91 s for the pretrained run, 21 s for the scratch run (the compilation cache of
         # `python -m transfer_jax.study` serves it), so ~28 min for 15 pairs of that cost.
-        # No checkpoints are listed: the pretrained runs start from a random stand-in unless
+        # The pretrained runs start from each backbone's JAX pretraining (`pretraining`) on its own phantom cohort
+        # (16 cases drawn with another seed than the fine-tuning cases), unless
         # --config.study.pretrained_checkpoints.<backbone>=DIR points at (small) converted weights.
+        c.study.pretraining_overrides = _dotted_dict({
+            "total_steps": 150,
+            "eval_every": 50,
+            "log_every": 25,
+            "checkpoint_every": 150,
+            "optimizer.warmup_steps": 10,
+            "data.phantom.num_cases": 16,
+            "data.phantom.num_val": 2,
+            "data.phantom.num_test": 0,
+        })
         c.study.overrides = _dotted_dict({
             "total_steps": 60,
             "eval_every": 10,
@@ -77,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         })
     elif preset == "full":
         # Published model sizes and geometry; the pretrained runs start from the converted release weights.
-        # A backbone without released weights points at the artifact exported from its own pretraining run.
+        # To pretrain in JAX instead, empty a backbone's entry: --config.study.pretrained_checkpoints.<backbone>=''
         c.study.preset = "full"
         c.study.pretrained_checkpoints = _dotted_dict({
             backbone: os.path.join(ARTIFACTS_ROOT, backbone) for backbone in BACKBONES})

@@ -15,11 +15,14 @@ from transfer_jax.study import report, runner
 from transfer_jax.train import loop
 
 
-def study_config(preset="smoke", **study_fields):
+def study_config(preset="smoke", pretraining=False, **study_fields):
+    """The study config on seg x profound_conv; without the JAX pretraining stage unless `pretraining`."""
     config = load_config("study", preset)
     config.study.tasks = ("seg",)
     config.study.backbones = ("profound_conv",)
     config.study.bootstrap = 200
+    if not pretraining:
+        config.study.pretraining = {}
     config.study.update(study_fields)
     return config
 
@@ -47,6 +50,11 @@ class FakeTrainer:
             "alignment": {"pooled": {"mmd2_unbiased": 0.1 if pretrained else 0.5, "p_value": 0.02,
                                      "cka_linear": 0.9, "trajectory": [[0, 0.0], [steps, 0.1]]}},
         }
+        if config.task.name.startswith("pretrain_"):  # the real trainer exports an artifact at the end
+            summary["pretrained_artifact"] = os.path.join(workdir, "pretrained")
+            os.makedirs(summary["pretrained_artifact"], exist_ok=True)
+            with open(os.path.join(summary["pretrained_artifact"], "model.json"), "w") as f:
+                json.dump({"format_version": 1, "model": config.model.backbone, "config": {}}, f)
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f)
         return summary
@@ -114,6 +122,64 @@ def test_raising_total_steps_resumes_and_a_changed_override_is_reported(tmp_path
     assert len(fake_trainer.calls) == 4  # finished runs are kept...
     assert all("different config (total_steps, optimizer.lr)" in r.reason for r in result.runs)  # ...and flagged
     assert "different config" in open(result.outputs["report.md"]).read()
+
+
+# -- the JAX pretraining stage ------------------------------------------------------------------------------------
+
+def test_pretraining_runs_first_and_initialises_the_pretrained_runs(tmp_path, fake_trainer):
+    config = study_config(pretraining=True)
+    config.study.pretraining_overrides = {"total_steps": 3}
+    study_dir = tmp_path / "study"
+    result = runner.run_study(config, str(study_dir), log=lambda _: None)
+    assert run_names(fake_trainer.calls) == ["profound_conv", "profound_conv-seg-pretrained",
+                                             "profound_conv-seg-scratch"]
+    calls = [c for _, c in fake_trainer.calls]
+    assert calls[0]["task"]["name"] == "pretrain_fcmae" and calls[0]["total_steps"] == 3
+    assert calls[0]["model"]["backbone_options"]["dims"] == [8, 16, 16, 32]  # the study's smoke preset
+    artifact = str(study_dir / "pretraining" / "profound_conv" / "pretrained")
+    assert calls[1]["init"] == {"mode": "pretrained", "checkpoint": artifact, "dont_load": []}
+    assert calls[2]["init"]["checkpoint"] == ""
+    runs = json.load(open(result.outputs["runs.json"]))
+    assert runs[0]["task"] == "pretraining" and runs[0]["status"] == "trained"
+    assert "Pretraining" in open(result.outputs["report.md"]).read()
+    assert (study_dir / "configs" / "profound_conv-pretraining.json").exists()
+
+    again = runner.run_study(config, str(study_dir), log=lambda _: None)
+    assert len(fake_trainer.calls) == 3
+    assert json.load(open(again.outputs["runs.json"]))[0]["status"] == "reused"
+    # a finished pretraining run whose artifact is gone goes back to the trainer (which re-exports it)
+    import shutil
+
+    shutil.rmtree(artifact)
+    runner.run_study(config, str(study_dir), log=lambda _: None)
+    assert run_names(fake_trainer.calls)[3:] == ["profound_conv"]
+
+
+def test_given_checkpoints_and_scratch_only_studies_skip_pretraining(tmp_path, fake_trainer):
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    config = study_config(pretraining=True)
+    config.study.pretrained_checkpoints["profound_conv"] = str(artifact)
+    runner.run_study(config, str(tmp_path / "a"), log=lambda _: None)
+    assert run_names(fake_trainer.calls) == ["profound_conv-seg-pretrained", "profound_conv-seg-scratch"]
+    runner.run_study(study_config(pretraining=True, inits=("scratch",)), str(tmp_path / "b"), log=lambda _: None)
+    assert run_names(fake_trainer.calls)[2:] == ["profound_conv-seg-scratch"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("pretraining", {"profound_conv": "seg"}, r"study\.pretraining\.profound_conv must name a pretraining config"),
+    ("pretraining", {"profound_conv": "pretrain_nothing"}, r"pretraining config .*pretrain_nothing\.py does not"),
+    ("pretraining", {"profound_conv": "pretrain_mae"}, r"pretrain_mae\.py pretrains 'profound_vit'"),
+    ("pretraining", {"resnet": "pretrain_mae"}, r"study\.pretraining: unknown backbone"),
+    ("pretraining_overrides", {"totl_steps": 1},
+     r"study\.pretraining_overrides\['totl_steps'\]: configs/pretrain_fcmae\.py has no field"),
+])
+def test_bad_pretraining_fields_are_named(tmp_path, fake_trainer, field, value, message):
+    config = study_config(pretraining=True)
+    config.study[field] = value
+    with pytest.raises(runner.StudyConfigError, match=message):
+        runner.run_study(config, str(tmp_path), log=lambda _: None)
+    assert fake_trainer.calls == []
 
 
 # -- the matrix, configs and outputs ------------------------------------------------------------------------------
@@ -273,13 +339,18 @@ def test_command_line_entry_reports_skips_and_names_bad_fields(tmp_path):
 # -- end to end with the real trainer -----------------------------------------------------------------------------
 
 def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
-    config = study_config()
+    config = study_config(pretraining=True)
     # Two steps with an evaluation after each: enough for a best value, a convergence step and a trajectory.
     config.study.overrides.update({"total_steps": 2, "eval_every": 1, "log_every": 1, "checkpoint_every": 2,
                                    "logging.tensorboard": False})
+    config.study.pretraining_overrides = {"total_steps": 2, "logging.tensorboard": False}
     study_dir = tmp_path / "study"
     result = runner.run_study(config, str(study_dir), log=lambda _: None)
     assert [r.status for r in result.runs] == ["trained", "trained"]
+    pretrained_summary = json.load(open(study_dir / "runs" / "profound_conv-seg-pretrained" / "summary.json"))
+    assert pretrained_summary["init"] == "pretrained"  # the JAX pretraining artifact, not a random stand-in
+    assert pretrained_summary["config"]["init"]["checkpoint"] == str(
+        study_dir / "pretraining" / "profound_conv" / "pretrained")
 
     for run in ("profound_conv-seg-pretrained", "profound_conv-seg-scratch"):
         summary = json.load(open(study_dir / "runs" / run / "summary.json"))
@@ -312,6 +383,8 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
         assert "Alignment: n/a" in markdown
     env = json.load(open(study_dir / "environment.json"))
     assert env["devices"]["backend"] == "cpu" and env["packages"]["jax"] == __import__("jax").__version__
+
+    assert "Pretraining" in open(study_dir / "report.md").read()
 
     again = runner.run_study(config, str(study_dir), log=lambda _: None)
     assert [r.status for r in again.runs] == ["reused", "reused"]

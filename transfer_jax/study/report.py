@@ -22,11 +22,11 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from transfer_jax.study.analysis import CI_LEVEL, TARGETS, Row, StudyAnalysis
+from transfer_jax.study.analysis import CI_LEVEL, TARGETS, Row, RunRecord, StudyAnalysis
 
 NA = "n/a"
 PLOTS_DIR = "plots"
@@ -390,6 +390,22 @@ def _runs_table(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def _pretraining_table(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    header = ["backbone", "objective", "status", "steps", "final validation loss", "wall (s)", "artifact"]
+    body = []
+    for record in records:
+        summary = record.load_summary() or {}
+        metric = summary.get("primary_metric")
+        final = (summary.get("final") or {}).get(metric) if metric else None
+        config = summary.get("config") or {}
+        objective = (config.get("task") or {}).get("name", NA)
+        variant = (config.get("task") or {}).get("variant")
+        body.append([record.backbone, objective + (f" ({variant})" if variant else ""), record.status,
+                     _fmt(summary.get("steps")), f"{metric} = {_fmt(final)}" if metric else NA,
+                     _fmt(summary.get("wall_seconds"), 1), summary.get("pretrained_artifact") or NA])
+    return header, body
+
+
 def _column_docs(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
     body = [[name, text] for name, text in RESULT_COLUMNS]
     body += [[pattern.replace("{site}", "<site>"), text] for pattern, text in SITE_COLUMNS]
@@ -414,19 +430,22 @@ def _summary_lines(analysis: StudyAnalysis) -> list[str]:
     return lines
 
 
-def _sections(analysis: StudyAnalysis):
+def _sections(analysis: StudyAnalysis, pretraining: Sequence[RunRecord] = ()):
     """(title, kind, payload) blocks shared by the markdown and HTML writers."""
     yield "Summary", "paragraphs", _summary_lines(analysis)
     yield "How to read this", "bullets", HOW_TO_READ
+    if pretraining:
+        yield "Pretraining (JAX, initialises the pretrained runs)", "table", _pretraining_table(pretraining)
     yield "Results (one row per backbone x task)", "table", _results_table(analysis)
     yield "Correlations of MMD² with gain and convergence", "table", _correlation_table(analysis)
     yield "Runs", "table", _runs_table(analysis)
     yield "Columns of results.csv", "table", _column_docs(analysis)
 
 
-def write_markdown(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], environment_info: Mapping) -> None:
+def write_markdown(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], environment_info: Mapping,
+                   pretraining: Sequence[RunRecord] = ()) -> None:
     lines = ["# Transfer study report", ""]
-    for title, kind, payload in _sections(analysis):
+    for title, kind, payload in _sections(analysis, pretraining):
         lines += [f"## {title}", ""]
         if kind == "paragraphs":
             lines += [p + "\n" for p in payload]
@@ -444,7 +463,8 @@ def write_markdown(path: str, analysis: StudyAnalysis, plots: Mapping[str, str],
         f.write("\n".join(lines))
 
 
-def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], environment_info: Mapping) -> None:
+def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], environment_info: Mapping,
+               pretraining: Sequence[RunRecord] = ()) -> None:
     e = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Transfer study report</title><style>",
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
@@ -452,7 +472,7 @@ def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], env
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}"
              "img{max-width:100%;border:1px solid #eee}",
              "</style></head><body><h1>Transfer study report</h1>"]
-    for title, kind, payload in _sections(analysis):
+    for title, kind, payload in _sections(analysis, pretraining):
         parts.append(f"<h2>{e(title)}</h2>")
         if kind == "paragraphs":
             parts += [f"<p>{e(p)}</p>" for p in payload]
@@ -476,7 +496,7 @@ def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], env
 
 
 def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Optional[Mapping[str, Mapping]] = None,
-                 study_config: Optional[Mapping] = None) -> dict[str, str]:
+                 study_config: Optional[Mapping] = None, pretraining: Sequence[RunRecord] = ()) -> dict[str, str]:
     """Writes every output listed in the module docstring; returns {output name: path}."""
     os.makedirs(study_dir, exist_ok=True)
     outputs = {name: os.path.join(study_dir, name) for name in (
@@ -488,8 +508,8 @@ def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Option
     with open(outputs["environment.json"], "w") as f:
         json.dump(environment_info, f, indent=2)
     write_configs(os.path.join(study_dir, CONFIGS_DIR), run_configs or {}, study_config)
-    write_markdown(outputs["report.md"], analysis, plots, environment_info)
-    write_html(outputs["report.html"], analysis, plots, environment_info)
+    write_markdown(outputs["report.md"], analysis, plots, environment_info, pretraining)
+    write_html(outputs["report.html"], analysis, plots, environment_info, pretraining)
     outputs["configs"] = os.path.join(study_dir, CONFIGS_DIR)
     outputs.update({f"plot:{title}": p for title, p in plots.items()})
     return outputs

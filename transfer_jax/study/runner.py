@@ -4,17 +4,25 @@
 
 Layout of `study_dir`:
 
+    pretraining/<backbone>/          the JAX pretraining run of a backbone (`study.pretraining`); its artifact
+                                     `pretraining/<backbone>/pretrained` initialises that backbone's pretrained runs
     runs/<backbone>-<task>-<init>/   the trainer's workdir of each run (checkpoints, metrics, summary.json)
     runs.json                        the matrix: every planned run with its status and, if skipped, why
     results.csv, report.md, ...      written by `transfer_jax.study.report`
 
+Where the pretrained weights come from, per backbone: `study.pretrained_checkpoints[backbone]` (converted release
+weights or any artifact) if given; else `study.pretraining[backbone]`, a pretraining config
+(`"pretrain_fcmae"`, `"pretrain_contrastive:both"`: `configs/<name>.py` built with `"<args>,<study.preset>"`, then
+`study.pretraining_overrides`) that the study runs first, once per backbone; else the task config's own
+`init.checkpoint` (a random stand-in, said loudly in the run's log, when that is empty too).
+
 Each run's config is `configs/<task>.py` built with `"<backbone>,<study.preset>"`, then `init.mode` (and, for
-pretrained runs listed in `study.pretrained_checkpoints`, `init.checkpoint`) set by the study, then
-`study.overrides`. Every config is built and checked before the first run starts, so a bad study config fails in
+pretrained runs, `init.checkpoint`) set by the study, then `study.overrides`. Every config is built and checked before the first run starts, so a bad study config fails in
 seconds, not after hours of training.
 
-Resuming: a run whose summary.json reports `steps >= total_steps` (or an early stop) is not run again; any other
-run is handed to the trainer again with the same workdir, which resumes it from its latest checkpoint.
+Resuming: a run whose summary.json reports `steps >= total_steps` (or an early stop) is not run again (a
+pretraining run also needs its artifact); any other run is handed to the trainer again with the same workdir, which
+resumes it from its latest checkpoint.
 
 Skipped, not fatal: a task whose config file does not exist yet, and a backbone the task config rejects. Both are
 listed with the reason in runs.json and the report. Any error raised while training propagates.
@@ -22,6 +30,7 @@ listed with the reason in runs.json and the report. Any error raised while train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -35,8 +44,9 @@ from transfer_jax.study import report as study_report
 
 CONFIGS_ENV = "TRANSFER_JAX_CONFIGS"
 RUNS_DIR = "runs"
+PRETRAINING_DIR = "pretraining"
 STUDY_FIELDS = ("name", "tasks", "backbones", "inits", "preset", "overrides", "pretrained_checkpoints",
-                "bootstrap", "seed")
+                "pretraining", "pretraining_overrides", "bootstrap", "seed")
 
 
 class StudyConfigError(ValueError):
@@ -53,6 +63,8 @@ class StudySpec:
     preset: str
     overrides: dict[str, Any]  # dotted key -> value
     pretrained_checkpoints: dict[str, str]  # backbone -> artifact dir
+    pretraining: dict[str, str]  # backbone -> "<pretraining config name>[:<args>]"
+    pretraining_overrides: dict[str, Any]  # dotted key -> value, for the pretraining runs
     bootstrap: int
     seed: int
 
@@ -69,6 +81,24 @@ class PlannedRun:
     @property
     def name(self) -> str:
         return study_analysis.run_name(self.backbone, self.task, self.init)
+
+
+@dataclasses.dataclass
+class PlannedPretraining:
+    backbone: str
+    source: str  # "<config name>[:<args>]" as given in study.pretraining
+    workdir: str
+    config: ml_collections.ConfigDict
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}-pretraining"
+
+    @property
+    def artifact(self) -> str:
+        from transfer_jax.train.export import EXPORT_DIR
+
+        return os.path.join(self.workdir, EXPORT_DIR)
 
 
 @dataclasses.dataclass
@@ -130,6 +160,15 @@ def parse_study(config) -> StudySpec:
     for backbone, path in checkpoints.items():
         if not isinstance(path, str):
             raise StudyConfigError(f"study.pretrained_checkpoints.{backbone} must be a directory path, got {path!r}")
+    pretraining = dict((study.get("pretraining") or {}).items())
+    unknown = [b for b in pretraining if b not in BACKBONES]
+    if unknown:
+        raise StudyConfigError(f"study.pretraining: unknown backbone(s) {unknown}; known: {BACKBONES}")
+    for backbone, source in pretraining.items():
+        if not isinstance(source, str) or not source.split(":")[0].startswith("pretrain_"):
+            raise StudyConfigError(f"study.pretraining.{backbone} must name a pretraining config such as "
+                                   f"'pretrain_fcmae' or 'pretrain_contrastive:both', got {source!r}")
+    pretraining_overrides = flatten_overrides(study.get("pretraining_overrides") or {})
     for field, minimum in (("bootstrap", 0), ("seed", 0)):
         value = study.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -137,8 +176,9 @@ def parse_study(config) -> StudySpec:
     return StudySpec(
         tasks=_names(study, "tasks", TASKS), backbones=_names(study, "backbones", BACKBONES),
         inits=_names(study, "inits", INITS), preset=preset, overrides=overrides,
-        pretrained_checkpoints={b: p for b, p in checkpoints.items() if p}, bootstrap=study.bootstrap,
-        seed=study.seed)
+        pretrained_checkpoints={b: p for b, p in checkpoints.items() if p},
+        pretraining={b: v for b, v in pretraining.items() if v}, pretraining_overrides=pretraining_overrides,
+        bootstrap=study.bootstrap, seed=study.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +202,8 @@ def _load_config_module(path: str, task: str):
     return module
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], source: str) -> None:
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], source: str,
+                    field: str = "overrides") -> None:
     """Sets each dotted field, which must exist in the task config (a typo would otherwise be silently ignored)."""
     for dotted, value in overrides.items():
         target = config
@@ -170,15 +211,37 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
         for depth, part in enumerate(parents):
             child = target.get(part) if isinstance(target, ml_collections.ConfigDict) else None
             if not isinstance(child, ml_collections.ConfigDict):
-                raise StudyConfigError(f"study.overrides[{dotted!r}]: {source} has no config block "
+                raise StudyConfigError(f"study.{field}[{dotted!r}]: {source} has no config block "
                                        f"{'.'.join(parents[:depth + 1])!r}")
             target = child
         if leaf not in target:
-            raise StudyConfigError(f"study.overrides[{dotted!r}]: {source} has no field {dotted!r}")
+            raise StudyConfigError(f"study.{field}[{dotted!r}]: {source} has no field {dotted!r}")
         try:
             target[leaf] = value
         except (TypeError, ValueError) as error:
-            raise StudyConfigError(f"study.overrides[{dotted!r}] = {value!r}: {error}") from error
+            raise StudyConfigError(f"study.{field}[{dotted!r}] = {value!r}: {error}") from error
+
+
+def plan_pretraining(spec: StudySpec, directory: str, study_dir: str, backbones: set[str]
+                     ) -> dict[str, PlannedPretraining]:
+    """backbone -> its pretraining run, for `backbones` (those with pretrained runs) without a given checkpoint."""
+    planned = {}
+    for backbone in spec.backbones:
+        if backbone not in backbones or backbone in spec.pretrained_checkpoints or backbone not in spec.pretraining:
+            continue
+        source = spec.pretraining[backbone]
+        name, _, args = source.partition(":")
+        path = os.path.join(directory, f"{name}.py")
+        if not os.path.isfile(path):
+            raise StudyConfigError(f"study.pretraining.{backbone}: pretraining config {path} does not exist")
+        config = _load_config_module(path, name).get_config(",".join(filter(None, (args, spec.preset))))
+        built = config.get("model", {}).get("backbone")
+        if built != backbone:
+            raise StudyConfigError(f"study.pretraining.{backbone}: {name}.py pretrains {built!r}, not {backbone!r}")
+        apply_overrides(config, spec.pretraining_overrides, f"configs/{name}.py", field="pretraining_overrides")
+        planned[backbone] = PlannedPretraining(backbone, source, os.path.join(study_dir, PRETRAINING_DIR, backbone),
+                                               config)
+    return planned
 
 
 def plan_run(spec: StudySpec, directory: str, runs_dir: str, backbone: str, task: str, init: str,
@@ -215,12 +278,18 @@ def plan_run(spec: StudySpec, directory: str, runs_dir: str, backbone: str, task
     return PlannedRun(backbone, task, init, workdir, config)
 
 
-def plan_study(spec: StudySpec, study_dir: str) -> list[PlannedRun]:
+def plan_study(spec: StudySpec, study_dir: str) -> tuple[dict[str, PlannedPretraining], list[PlannedRun]]:
     directory = configs_dir()
     runs_dir = os.path.join(study_dir, RUNS_DIR)
     modules: dict = {}
     plan = [plan_run(spec, directory, runs_dir, backbone, task, init, modules)
             for backbone in spec.backbones for task in spec.tasks for init in spec.inits]
+    # Pretraining only for backbones some fine-tuning run starts from (not those every task skipped).
+    used = {run.backbone for run in plan if run.config is not None and run.init == "pretrained"}
+    pretraining = plan_pretraining(spec, directory, study_dir, used)
+    for run in plan:
+        if run.config is not None and run.init == "pretrained" and run.backbone in pretraining:
+            run.config.init.checkpoint = pretraining[run.backbone].artifact
     # Fail before training anything when a pretrained run would need weights that are not there.
     needed = {run.backbone for run in plan if run.config is not None and run.init == "pretrained"}
     for backbone in sorted(needed & set(spec.pretrained_checkpoints)):
@@ -230,7 +299,7 @@ def plan_study(spec: StudySpec, study_dir: str) -> list[PlannedRun]:
                 f"study.pretrained_checkpoints.{backbone}: {os.path.abspath(path)} is not a directory; convert the "
                 "released weights there (scripts/convert_profound.py / scripts/convert_provicnet.py --output) or "
                 "point the field at a pretraining artifact")
-    return plan
+    return pretraining, plan
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,13 +326,15 @@ def is_finished(summary: Optional[Mapping], total_steps: int) -> bool:
     return bool(summary.get("stopped_early")) or (isinstance(steps, int) and steps >= total_steps)
 
 
-def _changed_fields(summary: Mapping, config: ml_collections.ConfigDict, spec: StudySpec) -> list[str]:
+def _changed_fields(summary: Mapping, config: ml_collections.ConfigDict, spec: StudySpec,
+                    overrides: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Study-controlled fields whose value differs from the finished run's snapshot.
 
     Only these: the trainer may legitimately rewrite others (e.g. adopt the checkpoint's architecture).
     """
     previous, current = _flat(summary.get("config") or {}), _flat(_snapshot(config))
-    keys = ("task.name", "model.backbone", "init.mode", "init.checkpoint", "total_steps", *spec.overrides)
+    overrides = spec.overrides if overrides is None else overrides
+    keys = ("task.name", "model.backbone", "init.mode", "init.checkpoint", "total_steps", *overrides)
     return [k for k in dict.fromkeys(keys) if k in current and previous.get(k) != current[k]]
 
 
@@ -272,18 +343,43 @@ def _write_runs_json(path: str, records: list[study_analysis.RunRecord]) -> None
         json.dump([dataclasses.asdict(r) | {"name": r.name} for r in records], f, indent=2)
 
 
+def _pretrain(run: PlannedPretraining, spec: StudySpec, loop, log) -> study_analysis.RunRecord:
+    """Runs (or reuses) one backbone's pretraining; its artifact must exist afterwards."""
+    from transfer_jax.convert.artifact import is_artifact
+
+    record = functools.partial(study_analysis.RunRecord, run.backbone, "pretraining", "scratch", run.workdir)
+    summary = study_analysis.read_summary(run.workdir)
+    if is_finished(summary, run.config.total_steps) and is_artifact(run.artifact):
+        changed = _changed_fields(summary, run.config, spec, spec.pretraining_overrides)
+        note = (f"finished earlier with a different config ({', '.join(changed[:5])}); delete {run.workdir} to "
+                "redo it") if changed else ""
+        log(f"{run.name} ({run.source}): finished earlier, artifact {run.artifact} reused" + (f"; {note}" * bool(note)))
+        return record("reused", note)
+    log(f"{run.name} ({run.source}): pretraining" + (" (resuming)" if os.path.isdir(run.workdir) else ""))
+    try:
+        loop.train_and_evaluate(run.config, run.workdir)
+    except BaseException as error:
+        error.add_note(f"in study pretraining run {run.name} (workdir {run.workdir}); re-running the study resumes "
+                       "it")
+        raise
+    if not is_artifact(run.artifact):
+        raise RuntimeError(f"pretraining run {run.name} finished without writing its artifact {run.artifact}")
+    return record("trained")
+
+
 def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> StudyResult:
     """Runs (or resumes) every run of the study, then writes the analysis and the report into `study_dir`."""
     spec = parse_study(config)
     study_dir = os.path.abspath(study_dir)
     os.makedirs(os.path.join(study_dir, RUNS_DIR), exist_ok=True)
-    plan = plan_study(spec, study_dir)
+    pretraining, plan = plan_study(spec, study_dir)
     active = [run for run in plan if run.config is not None]
-    log(f"study: {len(plan)} runs planned ({len(active)} to run or reuse, {len(plan) - len(active)} skipped) "
-        f"in {study_dir}")
+    log(f"study: {len(pretraining)} pretraining and {len(plan)} fine-tuning runs planned ({len(active)} to run or "
+        f"reuse, {len(plan) - len(active)} skipped) in {study_dir}")
 
     from transfer_jax.train import loop  # the study sits on top of the trainer, never the other way round
 
+    pretraining_records = [_pretrain(run, spec, loop, log) for run in pretraining.values()]
     records = []
     for index, run in enumerate(plan, start=1):
         prefix = f"[{index}/{len(plan)}] {run.name}"
@@ -313,10 +409,10 @@ def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> 
 
     outputs: dict[str, str] = {}
     if jax.process_index() == 0:  # every process trains; one writes the report
-        _write_runs_json(os.path.join(study_dir, "runs.json"), records)
-        outputs = study_report.write_report(
-            study_dir, analysis, run_configs={run.name: _snapshot(run.config) for run in active},
-            study_config=_snapshot(config))
+        _write_runs_json(os.path.join(study_dir, "runs.json"), pretraining_records + records)
+        run_configs = {run.name: _snapshot(run.config) for run in list(pretraining.values()) + active}
+        outputs = study_report.write_report(study_dir, analysis, run_configs=run_configs,
+                                            study_config=_snapshot(config), pretraining=pretraining_records)
         outputs["runs.json"] = os.path.join(study_dir, "runs.json")
         log(f"study: report in {outputs['report.md']} and {outputs['report.html']}")
     return StudyResult(runs=records, analysis=analysis, outputs=outputs)
