@@ -17,18 +17,15 @@ self-supervised one needs none beyond the gland mask every ProViCNet input is no
 """
 import ml_collections
 
-from transfer_jax.config import PRESETS, apply_pretraining, apply_provicnet, base_config
+from transfer_jax.config import apply_pretraining, apply_provicnet, base_config, parse_options
 from transfer_jax.tasks.contrastive_pretraining import VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t for t in (arg or "").split(",") if t]
-    unknown = [t for t in tokens if t not in PRESETS + VARIANTS]
-    if unknown:
-        raise ValueError(f"configs/pretrain_contrastive.py argument {unknown[0]!r}: expected a preset {PRESETS} "
-                         f"and/or a variant {VARIANTS}")
-    preset = next((t for t in tokens if t in PRESETS), "default")
-    variant = next((t for t in tokens if t in VARIANTS), "label_guided")
+    preset, variants = parse_options(arg, "configs/pretrain_contrastive.py", VARIANTS)
+    if len(variants) > 1:
+        raise ValueError(f"configs/pretrain_contrastive.py argument: one variant at a time, got {variants}")
+    variant = variants[0] if variants else "label_guided"
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
         name="pretrain_contrastive", variant=variant, contrastive_alpha=1.0, contrastive_max_pairs=30,

@@ -15,19 +15,14 @@ encoder only) loads into every task config with init.mode=pretrained.
 """
 import ml_collections
 
-from transfer_jax.config import PRESETS, apply_backbone, apply_full, apply_pretraining, apply_smoke, base_config
+from transfer_jax.config import apply_backbone, apply_full, apply_pretraining, apply_smoke, base_config, parse_options
 
 # FCMAE decoder width per preset; `full` is upstream's 512.
 DECODER_DIM = {"default": 64, "smoke": 16, "full": 512}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t for t in (arg or "").split(",") if t]
-    unknown = [t for t in tokens if t not in PRESETS + ("norm_pix",)]
-    if unknown:
-        raise ValueError(f"configs/pretrain_fcmae.py argument {unknown[0]!r}: expected a preset {PRESETS} "
-                         "and/or norm_pix")
-    preset = next((t for t in tokens if t in PRESETS), "default")
+    preset, options = parse_options(arg, "configs/pretrain_fcmae.py", ("norm_pix",))
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(name="pretrain_fcmae"))
     c.model = ml_collections.ConfigDict()
@@ -38,6 +33,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     apply_backbone(c, "profound_conv", preset)
     c.model.backbone_options.drop_path_rate = 0.0  # upstream pretrains without drop path
     c.model.decoder_options = ml_collections.ConfigDict(dict(
-        mask_ratio=0.6, decoder_dim=DECODER_DIM[preset], decoder_depth=1, norm_pix_loss="norm_pix" in tokens))
+        mask_ratio=0.6, decoder_dim=DECODER_DIM[preset], decoder_depth=1, norm_pix_loss="norm_pix" in options))
     apply_pretraining(c, preset)
     return c

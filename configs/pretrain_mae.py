@@ -13,7 +13,7 @@ variance). The encoder sizes and crop match `configs/<task>.py:profound_vit[,pre
 """
 import ml_collections
 
-from transfer_jax.config import PRESETS, apply_full, apply_pretraining, apply_smoke, apply_vit, base_config
+from transfer_jax.config import apply_full, apply_pretraining, apply_smoke, apply_vit, base_config, parse_options
 
 # MAE decoder per preset; `full` is ProFound-ViT's (384 wide, 8 blocks, 16 heads).
 DECODER_SIZES = {
@@ -24,12 +24,7 @@ DECODER_SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t for t in (arg or "").split(",") if t]
-    unknown = [t for t in tokens if t not in PRESETS + ("norm_pix",)]
-    if unknown:
-        raise ValueError(f"configs/pretrain_mae.py argument {unknown[0]!r}: expected a preset {PRESETS} "
-                         "and/or norm_pix")
-    preset = next((t for t in tokens if t in PRESETS), "default")
+    preset, options = parse_options(arg, "configs/pretrain_mae.py", ("norm_pix",))
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(name="pretrain_mae"))
     c.model = ml_collections.ConfigDict()
@@ -40,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         apply_full(c)
     apply_vit(c, preset)
     c.model.decoder_options = ml_collections.ConfigDict(dict(
-        mlp_ratio=4.0, layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss="norm_pix" in tokens,
+        mlp_ratio=4.0, layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss="norm_pix" in options,
         **DECODER_SIZES[preset]))
     apply_pretraining(c, preset)
     return c

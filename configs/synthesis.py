@@ -1,6 +1,7 @@
 """ADC synthesis from T2 + high-b DWI: the input is the 3-channel image with the ADC channel set to zero (so a
 pretrained 3-channel stem still fits), the target the ADC channel; UPerNet dense decoder predicting ADC directly,
-L1 with gland voxels weighted x10 (`task.gland_loss_weight`); PSNR (primary), SSIM, MAE inside the gland. See transfer_jax/tasks/restoration.py.
+L1 with gland voxels weighted x10 (`task.gland_loss_weight`); PSNR (primary), SSIM, MAE inside the gland. See
+transfer_jax/tasks/restoration.py.
 
     python -m transfer_jax.main --config=configs/synthesis.py --workdir=runs/synthesis
     python -m transfer_jax.main --config=configs/synthesis.py:profound_vit ...

@@ -66,3 +66,16 @@ def write_manifest_for(directory: str, cases: list[Case]) -> str:
     path = os.path.join(directory, "manifest.csv")
     write_manifest(path, cases)
     return path
+
+
+def fixed_training_batch(config, total_steps: int):
+    """Smallest real runs on the smoke phantom set: no augmentation and a batch of exactly its 3 training cases
+    (one epoch per step, so every step sees the same samples and the logged training loss must go down)."""
+    config.batch_size = 3
+    config.eval_batch_size = 2
+    config.total_steps = total_steps
+    config.log_every = 1
+    config.eval_every = total_steps
+    config.checkpoint_every = total_steps
+    config.data.augment.update(dict(zoom=0.0, translate=0.0, flip_axes=(), intensity_scale=0.0, intensity_shift=0.0))
+    return config

@@ -7,22 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import config_for
+from helpers import config_for, fixed_training_batch
 from transfer_jax.tasks import provicnet_contrastive as contrastive
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train.pretrained import RUNTIME_OPTIONS
-
-
-def _fixed_batch(config):
-    """Smallest real runs: no augmentation, the 3 training cases of the smoke phantom cohort in every step."""
-    config.batch_size = 3
-    config.eval_batch_size = 2
-    config.total_steps = 4
-    config.log_every = 1
-    config.eval_every = 4
-    config.checkpoint_every = 4
-    config.data.augment.update(dict(zoom=0.0, translate=0.0, flip_axes=(), intensity_scale=0.0, intensity_shift=0.0))
-    return config
 
 
 PRETRAIN_TO_TASK = [
@@ -39,7 +27,7 @@ def test_pretrain_then_finetune(pretrain, arg, task, task_arg, tmp_path):
     from transfer_jax.convert.table import flatten
     from transfer_jax.train.loop import train_and_evaluate
 
-    config = _fixed_batch(config_for(pretrain, arg, **{"optimizer.warmup_steps": 0}))
+    config = fixed_training_batch(config_for(pretrain, arg, **{"optimizer.warmup_steps": 0}), total_steps=4)
     summary = train_and_evaluate(config, str(tmp_path / "pretrain"))
     with open(tmp_path / "pretrain" / "metrics.jsonl") as f:
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]

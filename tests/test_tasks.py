@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import load_config, config_for, tiny_manifest
+from helpers import config_for, fixed_training_batch, load_config, tiny_manifest
 from transfer_jax.data.errors import BadCasesError, DataError
 from transfer_jax.data.manifest import Case, read_manifest, write_manifest
 from transfer_jax.tasks.registry import get_task
@@ -38,13 +38,7 @@ def _tiny(config):
     (one epoch per step, so every step sees the same samples; the order does not change the loss), so the logged
     training loss must go down from the first step to the last.
     """
-    config.batch_size = 3
-    config.eval_batch_size = 2
-    config.total_steps = 5
-    config.log_every = 1
-    config.eval_every = 5
-    config.checkpoint_every = 5
-    config.data.augment.update(dict(zoom=0.0, translate=0.0, flip_axes=(), intensity_scale=0.0, intensity_shift=0.0))
+    fixed_training_batch(config, total_steps=5)
     if "head_options" in config.model and "pool_scales" in config.model.head_options:
         config.model.head_options.pool_scales = (1, 2)
     if config.model.backbone == "profound_vit":

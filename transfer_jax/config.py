@@ -24,6 +24,16 @@ def parse_arg(arg: str | None, default_backbone: str = "profound_conv") -> tuple
     return backbone, preset
 
 
+def parse_options(arg: str | None, config_name: str, options: tuple[str, ...]) -> tuple[str, list[str]]:
+    """`"[preset][,option...]"` -> (preset, options given), for configs whose argument names options, not backbones."""
+    tokens = [t for t in (arg or "").split(",") if t]
+    unknown = [t for t in tokens if t not in PRESETS + options]
+    if unknown:
+        raise ValueError(f"{config_name} argument {unknown[0]!r}: expected a preset {PRESETS} and/or one of "
+                         f"{options}")
+    return next((t for t in tokens if t in PRESETS), "default"), [t for t in tokens if t in options]
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

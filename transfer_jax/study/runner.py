@@ -17,8 +17,8 @@ weights or any artifact) if given; else `study.pretraining[backbone]`, a pretrai
 `init.checkpoint` (a random stand-in, said loudly in the run's log, when that is empty too).
 
 Each run's config is `configs/<task>.py` built with `"<backbone>,<study.preset>"`, then `init.mode` (and, for
-pretrained runs, `init.checkpoint`) set by the study, then `study.overrides`. Every config is built and checked before the first run starts, so a bad study config fails in
-seconds, not after hours of training.
+pretrained runs, `init.checkpoint`) set by the study, then `study.overrides`. Every config is built and checked
+before the first run starts, so a bad study config fails in seconds, not after hours of training.
 
 Resuming: a run whose summary.json reports `steps >= total_steps` (or an early stop) is not run again (a
 pretraining run also needs its artifact); any other run is handed to the trainer again with the same workdir, which

@@ -159,5 +159,5 @@ class FCMAEPretrainTask(MaskedReconstructionTask):
         def encoder_only(flat):
             return {k: v for k, v in without_runtime_state(flat).items() if k.startswith("encoder.")}
 
-        return PretrainedExport(self.config.model.backbone, {"encoder": dataclasses.asdict(self.encoder_config), "head": None},
-                                encoder_only)
+        config = {"encoder": dataclasses.asdict(self.encoder_config), "head": None}
+        return PretrainedExport(self.config.model.backbone, config, encoder_only)

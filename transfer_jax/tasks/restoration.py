@@ -17,9 +17,10 @@ Common to all three (`RestorationTask`):
   exactly the identity baseline) and *direct* for synthesis (the target sequence is not
   among the inputs).
 * Loss: L1 over every voxel and target channel, voxels inside the gland weighted `1 + task.gland_loss_weight`
-  (default 0 = plain L1; synthesis uses 9: a direct prediction otherwise settles on the background value). Metrics (`tasks/metrics.py`, jitted per sample): `psnr` (primary),
-  `ssim`, `mae` inside the gland mask, `psnr_volume` over the whole crop, and for the residual tasks the same for
-  the degraded input itself (`psnr_input`, `ssim_input`, `mae_input`: the do-nothing baseline). PSNR/SSIM use the
+  (default 0 = plain L1; synthesis uses 9: a direct prediction otherwise settles on the background value).
+  Metrics (`tasks/metrics.py`, jitted per sample): `psnr` (primary), `ssim`, `mae` inside the gland mask,
+  `psnr_volume` over the whole crop, and for the residual tasks the same for the degraded input itself
+  (`psnr_input`, `ssim_input`, `mae_input`: the do-nothing baseline). PSNR/SSIM use the
   per-case target range (max - min over the crop) as data range. Cases without a gland mask are measured over the
   whole crop (documented fallback; `task.require_gland_mask=True` makes a missing mask a pre-flight error instead);
   a case whose centre crop holds no gland voxel gives NaN and is left out of the means.
