@@ -153,8 +153,10 @@ def test_contrastive_case_losses_match_pair_loss():
 
 
 def test_pretrain_config_errors():
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ValueError, match="'contrastive_v2'.*self_supervised"):
         config_for("pretrain_contrastive", "smoke,contrastive_v2")
+    with pytest.raises(ValueError, match="one variant at a time"):
+        config_for("pretrain_contrastive", "both,label_guided")
     with pytest.raises(ValueError, match="norm_pix"):
         config_for("pretrain_mae", "tiny")
     config = config_for("pretrain_mae", "smoke")
