@@ -21,11 +21,11 @@ def main(argv):
     prepare_runtime(argv)
     config = _CONFIG.value
     if "study" in config:  # configs/study.py: the whole backbone x task x init matrix
-        from transfer_jax.study.runner import run_study
+        from transfer_jax.study.runner import run_study_command
 
         if not _WORKDIR.value:
             raise app.UsageError("a study needs --workdir")
-        run_study(config, _WORKDIR.value)
+        run_study_command(config, _WORKDIR.value)
         return
     from transfer_jax.train.loop import train_and_evaluate
 

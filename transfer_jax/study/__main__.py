@@ -6,8 +6,6 @@
 
 Re-running with the same workdir skips finished runs and resumes the others from their checkpoints.
 """
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,13 +23,9 @@ _COMPILATION_CACHE = flags.DEFINE_bool(
 
 def main(argv):
     prepare_runtime(argv)
-    import jax
+    from transfer_jax.study.runner import run_study_command
 
-    if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), "xla_cache"))
-    from transfer_jax.study.runner import run_study
-
-    run_study(_CONFIG.value, _WORKDIR.value)
+    run_study_command(_CONFIG.value, _WORKDIR.value, compilation_cache=_COMPILATION_CACHE.value)
 
 
 if __name__ == "__main__":

@@ -416,3 +416,13 @@ def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> 
         outputs["runs.json"] = os.path.join(study_dir, "runs.json")
         log(f"study: report in {outputs['report.md']} and {outputs['report.html']}")
     return StudyResult(runs=records, analysis=analysis, outputs=outputs)
+
+
+def run_study_command(config, study_dir: str, *, compilation_cache: bool = True) -> StudyResult:
+    """The study as the command lines run it: XLA's compilation cache in `<study_dir>/xla_cache` (a backbone's
+    pretrained and scratch runs compile the same programs), then `run_study`."""
+    import jax
+
+    if compilation_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(study_dir), "xla_cache"))
+    return run_study(config, study_dir)
