@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import adaptive_avg_pool, gelu, resize_linear
+from transfer_jax.models.layers import DenseConv, adaptive_avg_pool, gelu, resize_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class UPerNetConfig:
     use_auxiliary_head: bool = True
     auxiliary_in_index: int = 2
     dtype: str = "float32"
+    conv_impl: str = "auto"  # see layers.dense_conv: a speed choice, identical results
 
 
 class SegmentationOutput(NamedTuple):
@@ -61,11 +62,12 @@ class HiddenNorm(nnx.Module):
 class ConvModule(nnx.Module):
     """Conv (no bias) -> channel LayerNorm (eps 1e-6) -> exact GELU."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, *, dtype, rngs: nnx.Rngs, spatial_dims: int = 3):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, *, dtype, rngs: nnx.Rngs, spatial_dims: int = 3,
+                 conv_impl: str = "auto"):
         pad = kernel // 2
-        self.conv = nnx.Conv(
+        self.conv = DenseConv(
             in_ch, out_ch, (kernel,) * spatial_dims, padding=((pad, pad),) * spatial_dims, use_bias=False,
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            dtype=dtype, param_dtype=jnp.float32, rngs=rngs, implementation=conv_impl,
         )
         self.norm = nnx.LayerNorm(out_ch, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
@@ -73,8 +75,10 @@ class ConvModule(nnx.Module):
         return gelu(self.norm(self.conv(x)))
 
 
-def _classifier(in_ch: int, out_ch: int, *, dtype, rngs: nnx.Rngs, spatial_dims: int = 3) -> nnx.Conv:
-    return nnx.Conv(in_ch, out_ch, (1,) * spatial_dims, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _classifier(in_ch: int, out_ch: int, *, dtype, rngs: nnx.Rngs, spatial_dims: int = 3,
+                conv_impl: str = "auto") -> DenseConv:
+    return DenseConv(in_ch, out_ch, (1,) * spatial_dims, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                     implementation=conv_impl)
 
 
 class UPerHead(nnx.Module):
@@ -83,17 +87,14 @@ class UPerHead(nnx.Module):
     def __init__(self, in_channels: tuple[int, ...], config: UPerNetConfig, out_channels: int, *, rngs):
         dtype = jnp.dtype(config.dtype)
         hidden = config.hidden_size
+        kw = dict(dtype=dtype, rngs=rngs, conv_impl=config.conv_impl)
         self.pool_scales = tuple(config.pool_scales)
-        self.psp_modules = nnx.List([
-            ConvModule(in_channels[-1], hidden, 1, dtype=dtype, rngs=rngs) for _ in self.pool_scales
-        ])
-        self.bottleneck = ConvModule(
-            in_channels[-1] + len(self.pool_scales) * hidden, hidden, 3, dtype=dtype, rngs=rngs
-        )
-        self.lateral_convs = nnx.List([ConvModule(c, hidden, 1, dtype=dtype, rngs=rngs) for c in in_channels[:-1]])
-        self.fpn_convs = nnx.List([ConvModule(hidden, hidden, 3, dtype=dtype, rngs=rngs) for _ in in_channels[:-1]])
-        self.fpn_bottleneck = ConvModule(len(in_channels) * hidden, hidden, 3, dtype=dtype, rngs=rngs)
-        self.classifier = _classifier(hidden, out_channels, dtype=dtype, rngs=rngs)
+        self.psp_modules = nnx.List([ConvModule(in_channels[-1], hidden, 1, **kw) for _ in self.pool_scales])
+        self.bottleneck = ConvModule(in_channels[-1] + len(self.pool_scales) * hidden, hidden, 3, **kw)
+        self.lateral_convs = nnx.List([ConvModule(c, hidden, 1, **kw) for c in in_channels[:-1]])
+        self.fpn_convs = nnx.List([ConvModule(hidden, hidden, 3, **kw) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvModule(len(in_channels) * hidden, hidden, 3, **kw)
+        self.classifier = _classifier(hidden, out_channels, **kw)
 
     def features(self, hidden_states: tuple[jax.Array, ...]) -> jax.Array:
         """The fused finest-level feature map before the classifier (shared with dense regression heads)."""
@@ -120,8 +121,9 @@ class FCNHead(nnx.Module):
     def __init__(self, in_ch: int, config: UPerNetConfig, out_channels: int, *, rngs):
         dtype = jnp.dtype(config.dtype)
         self.in_index = config.auxiliary_in_index
-        self.convs = nnx.List([ConvModule(in_ch, config.auxiliary_channels, 3, dtype=dtype, rngs=rngs)])
-        self.classifier = _classifier(config.auxiliary_channels, out_channels, dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype, rngs=rngs, conv_impl=config.conv_impl)
+        self.convs = nnx.List([ConvModule(in_ch, config.auxiliary_channels, 3, **kw)])
+        self.classifier = _classifier(config.auxiliary_channels, out_channels, **kw)
 
     def __call__(self, hidden_states: tuple[jax.Array, ...]) -> jax.Array:
         x = hidden_states[self.in_index]

@@ -1,0 +1,116 @@
+"""DenseConv / dense_conv: the CPU formulations ("fold") equal lax.conv_general_dilated, forward and gradients."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transfer_jax.models.layers import DenseConv, dense_conv
+from transfer_jax.models.upernet import UPerNetConfig
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# (input shape, kernel size): 3^3 on even and odd maps (depth-folded 2-D conv, and im2col below an 8x8 plane),
+# 1x1 (matmul), a 2-D kernel and an anisotropic one.
+CASES = [
+    ((2, 4, 8, 8, 5), (3, 3, 3)),
+    ((1, 5, 9, 11, 4), (3, 3, 3)),
+    ((3, 2, 4, 4, 6), (3, 3, 3)),
+    ((2, 1, 2, 3, 7), (3, 3, 3)),
+    ((2, 3, 8, 9, 6), (1, 1, 1)),
+    ((2, 4, 8, 8, 5), (1, 3, 3)),
+    ((2, 10, 9, 4), (3, 3)),
+    ((2, 3, 3, 4), (3, 3)),
+    ((2, 5, 9, 8, 3), (3, 1, 3)),
+]
+
+
+def _reference(x, kernel, padding):
+    letters = "DHW"[3 - (x.ndim - 2):]
+    return jax.lax.conv_general_dilated(x, kernel, (1,) * (x.ndim - 2), list(padding), precision=HIGHEST,
+                                        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
+
+
+@pytest.mark.parametrize("shape,kernel_size", CASES)
+def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size):
+    cout = 3
+    kx, kw, kc = jax.random.split(jax.random.key(sum(shape) + sum(kernel_size)), 3)
+    x = jax.random.normal(kx, shape, jnp.float32)
+    kernel = jax.random.normal(kw, (*kernel_size, shape[-1], cout), jnp.float32) * 0.3
+    cotangent = jax.random.normal(kc, (*shape[:-1], cout), jnp.float32)
+    padding = tuple((k // 2, k // 2) for k in kernel_size)  # ConvModule's padding (SAME for odd kernels)
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(fn(x, k) * cotangent)
+
+    fold = jax.jit(lambda x, k: dense_conv(x, k, padding, implementation="fold", precision=HIGHEST))
+    ref = jax.jit(lambda x, k: _reference(x, k, padding))
+    np.testing.assert_allclose(fold(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(fold), argnums=(0, 1)))(x, kernel)
+    grads_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, kernel)
+    for g, r in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_same_padding_string_and_even_kernel():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 9, 9, 3))
+    kernel = jax.random.normal(jax.random.key(1), (2, 2, 2, 3, 2))
+    got = dense_conv(x, kernel, "SAME", implementation="fold", precision=HIGHEST)
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", precision=HIGHEST,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_conv_module_matches_nnx_conv():
+    """Same parameter layout, initial values (same rng use) and outputs as nnx.Conv, with and without bias."""
+    x = jax.random.normal(jax.random.key(2), (2, 4, 8, 8, 6))
+    for use_bias in (False, True):
+        ours = DenseConv(6, 4, (3, 3, 3), padding=((1, 1),) * 3, use_bias=use_bias, dtype=jnp.float32,
+                         precision=HIGHEST, implementation="fold", rngs=nnx.Rngs(0))
+        theirs = nnx.Conv(6, 4, (3, 3, 3), padding=((1, 1),) * 3, use_bias=use_bias, dtype=jnp.float32,
+                          precision=HIGHEST, rngs=nnx.Rngs(0))
+        ours_state, theirs_state = nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs))
+        assert jax.tree.structure(ours_state) == jax.tree.structure(theirs_state)
+        jax.tree.map(np.testing.assert_array_equal, ours_state, theirs_state)
+        if use_bias:
+            theirs.bias[...] = jnp.arange(4.0)
+            ours.bias[...] = jnp.arange(4.0)
+        np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["fold", "conv"])
+def test_bf16_compute_with_fp32_params(implementation):
+    x = jax.random.normal(jax.random.key(3), (2, 4, 8, 8, 6))
+    ours = DenseConv(6, 4, (3, 3, 3), dtype=jnp.bfloat16, implementation=implementation, rngs=nnx.Rngs(0))
+    theirs = nnx.Conv(6, 4, (3, 3, 3), dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert ours.kernel[...].dtype == jnp.float32
+    y, want = ours(x), theirs(x)
+    assert y.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05)
+
+
+def test_bad_implementation_is_rejected():
+    with pytest.raises(ValueError, match="auto\\|conv\\|fold"):
+        DenseConv(2, 2, (3, 3, 3), implementation="im2col", rngs=nnx.Rngs(0))
+
+
+def test_upernet_conv_impl_gives_the_same_model():
+    """head_options.conv_impl changes the computation only: same parameters, same logits."""
+    from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
+    from transfer_jax.models.upernet import UPerNet
+
+    x = jax.random.normal(jax.random.key(4), (1, 16, 32, 32, 3))
+    outputs, states = [], []
+    for impl in ("conv", "fold"):
+        rngs = nnx.Rngs(0)
+        encoder = ConvNeXtV2(ConvNeXtConfig(in_channels=3, depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)), rngs=rngs)
+        model = UPerNet(encoder, UPerNetConfig(num_classes=3, hidden_size=8, auxiliary_channels=8, conv_impl=impl),
+                        in_channels=tuple(encoder.feature_channels), rngs=rngs)
+        out = model(x)
+        outputs.append((out.logits, out.aux_logits))
+        states.append(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+    for a, b in zip(outputs[0], outputs[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
