@@ -114,3 +114,30 @@ def test_upernet_conv_impl_gives_the_same_model():
     jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
     for a, b in zip(outputs[0], outputs[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 4), (1, 4, 5, 11, 3), (2, 2, 6, 16, 5)])
+def test_depthwise_toeplitz_matches_grouped_conv(shape):
+    """DepthwiseConv's "toeplitz" form (picked by "auto" on CPU for 8-32 wide maps) against lax's grouped conv."""
+    from transfer_jax.models.layers import _depthwise_toeplitz
+
+    channels = shape[-1]
+    kx, kw, kc = jax.random.split(jax.random.key(sum(shape)), 3)
+    x = jax.random.normal(kx, shape, jnp.float32)
+    kernel = jax.random.normal(kw, (7, 7, 7, 1, channels), jnp.float32) * 0.1
+    cotangent = jax.random.normal(kc, shape, jnp.float32)
+
+    def grouped(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1, 1), [(3, 3)] * 3, precision=HIGHEST,
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                            feature_group_count=channels)
+
+    def toeplitz(x, k):
+        with jax.default_matmul_precision("highest"):
+            return _depthwise_toeplitz(x, k)
+
+    np.testing.assert_allclose(jax.jit(toeplitz)(x, kernel), jax.jit(grouped)(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda x, k: jnp.sum(toeplitz(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+    want = jax.jit(jax.grad(lambda x, k: jnp.sum(grouped(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+    for g, r in zip(grads, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
