@@ -46,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="small", help="comma list of small | real (or smoke | default | full)")
     p.add_argument("--dtype", default="fp32", help="comma list of fp32 | bf16 (backbone_options.dtype)")
     p.add_argument("--remat", action="store_true", help="backbone_options.remat=True (nnx.remat per block)")
+    p.add_argument("--depthwise-impl", default="auto",
+                   help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz (layers.DepthwiseConv)")
+    p.add_argument("--conv-impl", default="auto",
+                   help="head_options.conv_impl: auto | conv | fold (layers.dense_conv, the UPerNet head)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default 10; --quick 4)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--batch", type=int, default=0, help="override the config's global batch (small sizes)")
@@ -87,6 +91,11 @@ def bench_config(model: str, preset: str, dtype: str, args):
     config.model.backbone_options.dtype = DTYPES[dtype]
     if args.remat:
         config.model.backbone_options.remat = True
+    with config.unlocked():  # speed-only options; the configs leave them at their "auto" defaults
+        if getattr(args, "depthwise_impl", "auto") != "auto" and model == "profound_conv":
+            config.model.backbone_options.depthwise_impl = args.depthwise_impl
+        if getattr(args, "conv_impl", "auto") != "auto":
+            config.model.head_options.conv_impl = args.conv_impl
     if preset == "full":
         config.batch_size = args.real_batch
     elif args.batch:
@@ -239,6 +248,7 @@ def model_row(model, preset, dtype, args, peaks):
     flops = analytic["step"] if analytic else xla_flops
     row = {
         "section": "model", "model": model, "size": preset, "dtype": dtype, "remat": bool(args.remat),
+        "depthwise_impl": args.depthwise_impl, "conv_impl": args.conv_impl,
         "batch": config.batch_size, "crop": list(config.data.crop_size), "compile_s": compile_s,
         "step_s": step_s, "volumes_per_s": config.batch_size / step_s,
         "analytic_gflop_step": analytic["step"] / 1e9 if analytic else None,
