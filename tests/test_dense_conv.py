@@ -140,4 +140,4 @@ def test_depthwise_toeplitz_matches_grouped_conv(shape):
     grads = jax.jit(jax.grad(lambda x, k: jnp.sum(toeplitz(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
     want = jax.jit(jax.grad(lambda x, k: jnp.sum(grouped(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
     for g, r in zip(grads, want):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
