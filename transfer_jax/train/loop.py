@@ -79,7 +79,7 @@ class Evaluator:
         mask = np.concatenate(valid)
         merged = {k: np.concatenate([s[k] for s in stats])[mask] for k in stats[0]}
         metrics = self.task.summarize(merged)
-        metrics["loss"] = float(np.mean(losses))
+        metrics["loss"] = float(np.mean(np.concatenate(losses)[mask]))  # mean over cases, padding left out
         return metrics
 
 

@@ -29,12 +29,21 @@ def make_train_step(graph: ModelGraph, task, tx: optax.GradientTransformation, s
 
 
 def make_eval_step(graph: ModelGraph, task, compute_dtype):
+    """(params, rest, batch) -> (per-row statistics, per-row loss).
+
+    Each row is its own batch of one under `jax.vmap` (XLA folds the vmapped axis back into the batch axis), so
+    the loss is per case and the evaluator can leave the padding rows of the last batch out of its mean.
+    """
     def eval_step(params: Any, rest: Any, batch: dict[str, jax.Array]):
         model = graph.merge(params, rest, training=False)
-        outputs = task.forward(model, batch, compute_dtype)
-        loss, _ = task.loss(outputs, batch)
-        stats = task.eval_stats(outputs, batch)
-        return stats, loss
+
+        def one_row(row):
+            row = jax.tree.map(lambda x: x[None], row)
+            outputs = task.forward(model, row, compute_dtype)
+            loss, _ = task.loss(outputs, row)
+            return jax.tree.map(lambda x: x[0], task.eval_stats(outputs, row)), loss
+
+        return jax.vmap(one_row)(batch)
 
     return eval_step
 
