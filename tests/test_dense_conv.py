@@ -118,7 +118,7 @@ def test_upernet_conv_impl_gives_the_same_model():
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8, 4), (1, 4, 5, 11, 3), (2, 2, 6, 16, 5)])
 def test_depthwise_toeplitz_matches_grouped_conv(shape):
-    """DepthwiseConv's "toeplitz" form (picked by "auto" on CPU for 8-32 wide maps) against lax's grouped conv."""
+    """DepthwiseConv's "toeplitz" form (picked by "auto" on CPU for 8-64 wide maps) against lax's grouped conv."""
     from transfer_jax.models.layers import _depthwise_toeplitz
 
     channels = shape[-1]

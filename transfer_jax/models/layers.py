@@ -71,42 +71,46 @@ def _depthwise_shift_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out
 
 
-# The Toeplitz form costs (W + kw - 1) / kw times the shift-sum's FLOPs; past this width the extra work outgrows
-# what the matmul saves (measured on 2 cores: W=16 2.5x and W=8 5x faster fwd+bwd than the shift-sum, W=4 mixed).
-_TOEPLITZ_MAX_WIDTH = 32
+# The Toeplitz form costs (W + kw - 1) / kw times the shift-sum's FLOPs, as matmuls. Measured fwd+bwd on 2 cores
+# against the shift-sum: W=8 5x, W=16 4x, W=32 4x, W=56 (ConvNeXt-T's first stage) 3.4x faster, W=4 even; wider
+# maps were not measured.
 _TOEPLITZ_MIN_WIDTH = 8
+_TOEPLITZ_MAX_WIDTH = 64
 
 
 def _depthwise_toeplitz(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Same-padded 3-D depthwise conv as per-channel batched matmuls (channels are the batch dimension).
+    """Same-padded 3-D depthwise conv as one batched matmul per channel (channels are the batch dimension).
 
-    Along W each channel's taps form a banded (Toeplitz) (W + kw - 1, W) matrix; the kh rows are stacked into the
-    contraction, so every depth tap is one (N*D*H, kh*(W+kw-1)) @ (kh*(W+kw-1), W) matmul per channel. The
-    shift-sum makes kd*kh*kw passes over the activations (and as many reductions for the kernel gradient), which
-    dominates on small maps; here the backward is two matmuls per depth tap as well.
+    Along W each channel's taps form a banded (Toeplitz) (W + kw - 1, W) matrix; stacking the kh row taps into the
+    contraction and the kd depth taps into the output columns makes the whole conv one
+    (N*D'*H, kh*(W+kw-1)) @ (kh*(W+kw-1), kd*W) matmul per channel (D' = padded depth), after which the kd
+    depth-shifted column blocks are summed. The shift-sum makes kd*kh*kw passes over the activations (and as many
+    reductions for the kernel gradient); here the backward is two matmuls as well. Memory: about kd*D'/D times
+    the output for the matmul result, kh*(W+kw-1)/W times the input for the stacked rows.
     """
     kd, kh, kw = kernel.shape[:3]
     n, d, h, w, c = x.shape
     pads = [(k // 2, k - 1 - k // 2) for k in (kd, kh, kw)]
-    padded = jnp.pad(jnp.moveaxis(x, -1, 0), ((0, 0), (0, 0), *pads))  # (C, N, D+, H+, W+)
-    wp = w + kw - 1
+    padded = jnp.pad(jnp.moveaxis(x, -1, 0), ((0, 0), (0, 0), *pads))  # (C, N, D', H', W')
+    dp, wp = padded.shape[2], w + kw - 1
     band = (np.arange(wp)[None, :, None] - np.arange(w)[None, None, :] == np.arange(kw)[:, None, None])
-    toeplitz = jnp.einsum("abjc,jvw->acbvw", kernel[:, :, :, 0, :], band.astype(kernel.dtype))
-    toeplitz = toeplitz.reshape(kd, c, kh * wp, w)
-    rows = jnp.stack([jax.lax.slice_in_dim(padded, b, b + h, axis=3) for b in range(kh)], axis=4)  # C,N,D+,H,kh,W+
+    toeplitz = jnp.einsum("abjc,jvw->cbvaw", kernel[:, :, :, 0, :], band.astype(kernel.dtype))
+    toeplitz = toeplitz.reshape(c, kh * wp, kd * w)
+    rows = jnp.stack([jax.lax.slice_in_dim(padded, b, b + h, axis=3) for b in range(kh)], axis=4)  # C,N,D',H,kh,W'
+    y = jax.lax.dot_general(rows.reshape(c, n * dp * h, kh * wp), toeplitz, (((2,), (1,)), ((0,), (0,))))
+    y = y.reshape(c, n, dp, h, kd, w)
     out = None
     for a in range(kd):
-        lhs = jax.lax.slice_in_dim(rows, a, a + d, axis=2).reshape(c, n * d * h, kh * wp)
-        y = jax.lax.dot_general(lhs, toeplitz[a], (((2,), (1,)), ((0,), (0,))))
-        out = y if out is None else out + y
-    return jnp.moveaxis(out.reshape(c, n, d, h, w), 0, -1)
+        tap = jax.lax.slice_in_dim(y[:, :, :, :, a], a, a + d, axis=2)
+        out = tap if out is None else out + tap
+    return jnp.moveaxis(out, 0, -1)
 
 
 class DepthwiseConv(nnx.Module):
     """Depthwise (groups = channels), stride 1, same-padded conv; params `kernel` (*k, 1, C) and `bias` (C,).
 
     `implementation`: "conv" (lax grouped convolution), "shift_sum" (see `_depthwise_shift_sum`), "toeplitz"
-    (3-D only, see `_depthwise_toeplitz`) or "auto": on CPU toeplitz for 3-D maps 8-32 wide and shift_sum
+    (3-D only, see `_depthwise_toeplitz`) or "auto": on CPU toeplitz for 3-D maps 8-64 wide and shift_sum
     otherwise, the grouped convolution on GPU/TPU, where it is fast.
     """
 
