@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from transfer_jax.models.convnext import ConvNeXtConfig
+from transfer_jax.models.fcmae import FCMAE, FCMAEConfig
 from transfer_jax.models.profound_vit import MAE, MAEDecoderConfig, ViTConfig, mae_loss
 from transfer_jax.models.registry import dataclass_from_dict, encoder_feature_sites
 from transfer_jax.tasks.base import PretrainedExport, Task, require
@@ -130,8 +131,6 @@ class FCMAEPretrainTask(MaskedReconstructionTask):
         if config.model.backbone != "profound_conv":
             raise ValueError(f"pretrain_fcmae pretrains profound_conv, config.model.backbone is "
                              f"{config.model.backbone!r}")
-        from transfer_jax.models.fcmae import FCMAEConfig  # TEMP until models/fcmae.py lands
-
         self.encoder_config = dataclass_from_dict(ConvNeXtConfig, config.model.backbone_options.to_dict())
         self.fcmae_config = dataclass_from_dict(FCMAEConfig, config.model.decoder_options.to_dict())
         stride = self.encoder_config.total_stride
@@ -145,9 +144,7 @@ class FCMAEPretrainTask(MaskedReconstructionTask):
     def num_patches(self) -> int:
         return int(np.prod(self.grid_size))
 
-    def build_model(self, rngs: nnx.Rngs):
-        from transfer_jax.models.fcmae import FCMAE  # TEMP
-
+    def build_model(self, rngs: nnx.Rngs) -> FCMAE:
         return FCMAE(self.encoder_config, self.fcmae_config, rngs=rngs)
 
     def per_sample_loss(self, outputs, images):
