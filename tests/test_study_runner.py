@@ -343,7 +343,7 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     # Two steps with an evaluation after each: enough for a best value, a convergence step and a trajectory.
     config.study.overrides.update({"total_steps": 2, "eval_every": 1, "log_every": 1, "checkpoint_every": 2,
                                    "logging.tensorboard": False})
-    config.study.pretraining_overrides = {"total_steps": 2, "logging.tensorboard": False}
+    config.study.pretraining_overrides = {"total_steps": 2, "logging": {"tensorboard": False}}
     study_dir = tmp_path / "study"
     result = runner.run_study(config, str(study_dir), log=lambda _: None)
     assert [r.status for r in result.runs] == ["trained", "trained"]
