@@ -5,10 +5,13 @@
     python -m transfer_jax.main --config=configs/cls.py:binary ...      # csPCa: label >= 2 (PI-RADS >= 4) -> 1
     python -m transfer_jax.main --config=configs/cls.py:smoke ...       # CI-sized
     python -m transfer_jax.main --config=configs/cls.py:full ...        # ConvNeXt-V2 Tiny / ViT-B, published crops
+    python -m transfer_jax.main --config=configs/cls.py:provicnet[,smoke|full] ...  # slice-wise ProViCNet
 
 The argument is `[backbone][,preset][,binary]`; `--config.task.binary=True` works too. Model: backbone + ProFound's
 MLP head (Linear -> BatchNorm1d -> ReLU -> Linear) on the pooled (conv) / cls (ViT) feature; loss CE; primary
 metric `auroc_macro` (one-vs-rest), `auroc` for the binary variant (see transfer_jax/tasks/classification.py).
+`:provicnet` (task `provicnet_classification`, tasks/slice_classification.py): ProViCNet's final-norm cls token of
+every T2 slice stack, averaged over the case's slices, into the same head.
 """
 import ml_collections
 

@@ -8,7 +8,8 @@
 """
 import ml_collections
 
-from transfer_jax.config import apply_full, apply_provicnet, apply_smoke, apply_vit, base_config, parse_arg
+from transfer_jax.config import (apply_full, apply_provicnet, apply_smoke, apply_vit, base_config, parse_arg,
+                                 provicnet_finetuning)
 
 TINY_CONVNEXT = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
 
@@ -66,8 +67,5 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
         contrastive_alpha=0.0, contrastive_max_pairs=30, contrastive_upper=62, contrastive_lower=2,
         contrastive_margin=0.5))
     apply_provicnet(c, preset)
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.frozen_patterns = (r"^CL_Head\.",)
-    # upstream train.py: seg head and slice tokens at lr, the DINOv2 backbone at lr x DINO_learning_rate (0.05)
-    c.optimizer.lr_scale_patterns = ((r"^backbone\.", 0.05),)
+    provicnet_finetuning(c)
     return c

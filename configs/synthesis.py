@@ -7,21 +7,23 @@ transfer_jax/tasks/restoration.py.
     python -m transfer_jax.main --config=configs/synthesis.py:profound_vit ...
     python -m transfer_jax.main --config=configs/synthesis.py:smoke ...
     python -m transfer_jax.main --config=configs/synthesis.py:full ...
+    python -m transfer_jax.main --config=configs/synthesis.py:provicnet[,smoke|full] ...  # slice-wise ProViCNet
+
+`:provicnet` (task `provicnet_synthesis`, tasks/slice_restoration.py): each slice's (T2, DWI, 0) as the 3 input
+channels, its ADC out, direct.
 """
 import ml_collections
 
-from transfer_jax.config import apply_backbone, base_config, parse_arg
-from transfer_jax.config import restoration_defaults
+from transfer_jax.config import base_config, parse_arg, restoration_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone, preset = parse_arg(arg)
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(name="synthesis", inputs=("t2", "dwi"), target="adc"))
-    restoration_defaults(c, preset)
+    restoration_defaults(c, backbone, preset)
     # The gland is ~10 % of a crop whose ADC is nearly constant elsewhere: plain L1 settles on that background
     # value (measured: val PSNR in the gland 12.8 dB at step 0, 11.2 after 100 steps); weighting gland voxels x10
     # makes the gland drive the loss (21.1 dB after 75 steps).
     c.task.gland_loss_weight = 9.0
-    apply_backbone(c, backbone, preset)
     return c

@@ -161,14 +161,15 @@ def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> 
         c.alignment.sites = ALIGNMENT_SITES["profound_conv"]
     elif backbone == "profound_vit":
         apply_vit(c, preset)
+    elif backbone == "provicnet":
+        apply_provicnet_task(c, preset)
     else:
-        raise ValueError(f"backbone {backbone!r} is not supported by this config; use one of "
-                         f"{tuple(ALIGNMENT_SITES)}")
+        raise ValueError(f"backbone {backbone!r} is not supported by this config; use one of {BACKBONES}")
 
 
-def restoration_defaults(c: ml_collections.ConfigDict, preset: str) -> None:
+def restoration_defaults(c: ml_collections.ConfigDict, backbone: str, preset: str) -> None:
     """Shared blocks of the image-to-image configs (sr, distortion, synthesis): the UPerNet dense decoder without
-    its auxiliary head, the gland-mask fallback, run length; then the size preset (call apply_backbone after)."""
+    its auxiliary head (3-D backbones), the gland-mask fallback, run length, the size preset and the backbone."""
     c.task.update(dict(require_gland_mask=False, ssim_window=7, aux_weight=0.4, gland_loss_weight=0.0))
     c.model = ml_collections.ConfigDict()
     c.model.head_options = ml_collections.ConfigDict(dict(
@@ -185,6 +186,12 @@ def restoration_defaults(c: ml_collections.ConfigDict, preset: str) -> None:
         apply_full(c)
         c.model.head_options.hidden_size = 512
         c.model.head_options.auxiliary_channels = 256
+    apply_backbone(c, backbone, preset)
+    if backbone == "provicnet":
+        # A ProViCNet artifact's last head conv has 4 class channels, these heads one per target channel.
+        c.init.dont_load = (r"^head\.segmentation_conv\.9\.",)
+        if preset == "smoke":  # 4-slice crops: the 3-D SSIM window must fit along D
+            c.task.ssim_window = 3
 
 
 def apply_pretraining(c: ml_collections.ConfigDict, preset: str) -> None:
@@ -228,11 +235,11 @@ PROVICNET_SIZES = {
 }
 
 
-def apply_provicnet(c: ml_collections.ConfigDict, preset: str) -> None:
-    """The ProViCNet slice model, its slice geometry (task.sequence / image_size / edge) and run sizes per preset.
+def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The ProViCNet slice model, its slice geometry (task.sequence / image_size / edge), crop and spacing.
 
     Sets `c.model` and the slicing fields of `c.task` (create `c.task` first); `data.crop_size`'s in-plane size is
-    the model's output size 8 * image_size / 14, labels are never resized.
+    the model's output size 8 * image_size / 14, labels are never resized. Call after apply_smoke / apply_full.
     """
     sizes = PROVICNET_SIZES[preset]
     c.task.update(dict(sequence="t2", image_size=sizes["image_size"], edge="clamp"))
@@ -244,20 +251,51 @@ def apply_provicnet(c: ml_collections.ConfigDict, preset: str) -> None:
         head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32"))
     c.model.head_options = ml_collections.ConfigDict()
     c.alignment.sites = ("cls", "mean_patch")
+    c.data.crop_size = sizes["crop"]
+    c.data.spacing = sizes["spacing"]
+
+
+def provicnet_batches(c: ml_collections.ConfigDict, preset: str) -> None:
+    """Cases per batch (each a whole crop of slices) for the default and full presets."""
+    if preset == "full":
+        c.batch_size = 4  # cases: 4 x 20 = 80 slices of 448 x 448 per step (upstream: 72)
+        c.eval_batch_size = 4
+    elif preset == "default":
+        c.batch_size = 2  # 2 x 16 = 32 slices per step
+        c.eval_batch_size = 4
+        c.alignment.probe_size = 8
+
+
+def provicnet_finetuning(c: ml_collections.ConfigDict) -> None:
+    """Upstream train.py's optimiser for fine-tuning: Adam without weight decay, the heads and slice tokens at lr,
+    the DINOv2 backbone at lr x DINO_learning_rate (0.05), CL_Head (where built) never optimised."""
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.frozen_patterns = (r"^CL_Head\.",)
+    c.optimizer.lr_scale_patterns = ((r"^backbone\.", 0.05),)
+
+
+def apply_provicnet_task(c: ml_collections.ConfigDict, preset: str) -> None:
+    """`configs/{cls,sr,distortion,synthesis}.py:provicnet`: the slice variant of the task (`provicnet_<name>`,
+    tasks/slice_classification.py, tasks/slice_restoration.py) with ProViCNet's model, geometry and fine-tuning
+    optimiser; the task config's run length and preset stay. Call after apply_smoke / apply_full."""
+    c.task.name = f"provicnet_{c.task.name}"
+    provicnet_batches(c, preset)
+    provicnet_model(c, preset)
+    provicnet_finetuning(c)
+
+
+def apply_provicnet(c: ml_collections.ConfigDict, preset: str) -> None:
+    """ProViCNet segmentation / pretraining configs: the slice model and geometry (`provicnet_model`) and run sizes
+    per preset."""
     if preset == "smoke":
         apply_smoke(c)
     elif preset == "full":
         apply_full(c)
-        c.batch_size = 4  # cases: 4 x 20 = 80 slices of 448 x 448 per step (upstream: 72)
-        c.eval_batch_size = 4
     else:
-        c.batch_size = 2
-        c.eval_batch_size = 4
         c.total_steps = 150
         c.log_every = 25
         c.eval_every = 50
         c.checkpoint_every = 150
         c.optimizer.warmup_steps = 10
-        c.alignment.probe_size = 8
-    c.data.crop_size = sizes["crop"]
-    c.data.spacing = sizes["spacing"]
+    provicnet_batches(c, preset)
+    provicnet_model(c, preset)

@@ -7,6 +7,8 @@ from transfer_jax.tasks.contrastive_pretraining import ContrastivePretrainTask
 from transfer_jax.tasks.pretraining import FCMAEPretrainTask, MAEPretrainTask
 from transfer_jax.tasks.restoration import DistortionTask, SuperResolutionTask, SynthesisTask
 from transfer_jax.tasks.segmentation import SegmentationTask
+from transfer_jax.tasks.slice_classification import SliceClassificationTask
+from transfer_jax.tasks.slice_restoration import SliceDistortionTask, SliceSuperResolutionTask, SliceSynthesisTask
 from transfer_jax.tasks.slice_segmentation import SliceSegmentationTask
 
 TASKS: dict[str, type[Task]] = {
@@ -16,6 +18,10 @@ TASKS: dict[str, type[Task]] = {
     DistortionTask.name: DistortionTask,
     SynthesisTask.name: SynthesisTask,
     SliceSegmentationTask.name: SliceSegmentationTask,
+    SliceClassificationTask.name: SliceClassificationTask,
+    SliceSuperResolutionTask.name: SliceSuperResolutionTask,
+    SliceDistortionTask.name: SliceDistortionTask,
+    SliceSynthesisTask.name: SliceSynthesisTask,
     MAEPretrainTask.name: MAEPretrainTask,
     FCMAEPretrainTask.name: FCMAEPretrainTask,
     ContrastivePretrainTask.name: ContrastivePretrainTask,

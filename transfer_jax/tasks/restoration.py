@@ -57,6 +57,12 @@ from transfer_jax.tasks.dense import build_dense_model
 from transfer_jax.tasks.metrics import mae, psnr, ssim3d
 
 
+def zero_layer(layer: nnx.Module) -> None:
+    """Zero a final conv's kernel and bias, so a residual model starts exactly at the identity (degraded input)."""
+    layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+    layer.bias[...] = jnp.zeros_like(layer.bias[...])
+
+
 class RestorationTask(Task):
     primary_metric = "psnr"
     direction = "max"
@@ -93,10 +99,26 @@ class RestorationTask(Task):
         crc = zlib.crc32(image.tobytes())
         return np.random.default_rng([int(self.config.seed), int(sample.get("case_index", 0)), crc])
 
-    def residual_base(self, image: jax.Array) -> jax.Array:
-        """The input channels the residual is added to (same order as the targets)."""
-        index = [self.channels.index(n) for n in self.target_channels]
-        return image[..., index].astype(jnp.float32)
+    @property
+    def target_index(self) -> list[int]:
+        """Positions of the target channels among the input channels (where the residual's base comes from)."""
+        return [self.channels.index(n) for n in self.target_channels]
+
+    @property
+    def zero_init(self) -> bool:
+        return self.residual and bool(self.config.task.get("zero_init_residual", True))
+
+    def residual_base(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """The degraded input channels the residual is added to (same order as the targets)."""
+        return batch["image"][..., self.target_index].astype(jnp.float32)
+
+    def clean_volume(self, sample: dict) -> np.ndarray:
+        """The clean (D, H, W, C) reference the degradation starts from."""
+        return np.asarray(sample["image"], np.float32)
+
+    def network_inputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The degraded (D, H, W, C) volume -> the sample arrays the model reads."""
+        return {"image": np.ascontiguousarray(inputs, np.float32)}
 
     # -- Task -------------------------------------------------------------------------------------------------
     def validate_case(self, case, prepared) -> None:
@@ -110,26 +132,23 @@ class RestorationTask(Task):
                 f"prepared image has {image.shape[-1]} channels, data.channels names {len(self.channels)}", case)
 
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
-        image = np.asarray(sample["image"], np.float32)
+        image = self.clean_volume(sample)
         inputs, target = self.degrade(image, self.sample_rng(sample))
         gland = sample.get("gland")
         mask = np.ones(image.shape[:3], np.uint8) if gland is None else (np.asarray(gland) > 0).astype(np.uint8)
-        return {"image": np.ascontiguousarray(inputs, np.float32), "target": np.ascontiguousarray(target, np.float32),
-                "mask": mask}
+        return {**self.network_inputs(inputs), "target": np.ascontiguousarray(target, np.float32), "mask": mask}
 
     def build_model(self, rngs: nnx.Rngs):
         model = build_dense_model(self.config.model, len(self.target_channels), rngs)
-        if self.residual and self.config.task.get("zero_init_residual", True):
-            # The final 1x1 convs start at zero: the untrained model is exactly the identity (degraded input).
+        if self.zero_init:
             for head in (model.decode_head, model.auxiliary_head):
                 if head is not None:
-                    head.classifier.kernel[...] = jnp.zeros_like(head.classifier.kernel[...])
-                    head.classifier.bias[...] = jnp.zeros_like(head.classifier.bias[...])
+                    zero_layer(head.classifier)
         return model
 
     def forward(self, model, batch, compute_dtype):
         out = model(batch["image"].astype(compute_dtype))
-        base = self.residual_base(batch["image"]) if self.residual else 0.0
+        base = self.residual_base(batch) if self.residual else 0.0
         aux = None if out.aux_logits is None else out.aux_logits.astype(jnp.float32) + base
         return SegmentationOutput(logits=out.logits.astype(jnp.float32) + base, aux_logits=aux)
 
@@ -163,7 +182,7 @@ class RestorationTask(Task):
         data_range = jnp.maximum(jnp.max(target, axis=axes) - jnp.min(target, axis=axes), 1e-6)
         stats = self._quality(outputs.logits, target, mask, data_range)
         if self.residual:
-            stats.update(self._quality(self.residual_base(batch["image"]), target, mask, data_range, "_input"))
+            stats.update(self._quality(self.residual_base(batch), target, mask, data_range, "_input"))
         return stats
 
     def summarize(self, stats):

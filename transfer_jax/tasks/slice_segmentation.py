@@ -31,6 +31,9 @@ through `CL_Head` (built only then; upstream never optimises it: `configs/seg.py
 Metrics: Dice per class per case (intersections and sums added over the case's slices, cases with an empty ground
 truth skipped for that class); `dice_mean` (primary) = mean over the foreground classes present in the
 validation set (gland and csPCa on the phantom data); `dice_cancer` = mean over indolent / csPCa present.
+
+`SliceTask` holds what the other ProViCNet tasks share with this one (slice geometry and its checks, slice inputs,
+flattening, the alignment probe): `slice_classification.py`, `slice_restoration.py`.
 """
 from __future__ import annotations
 
@@ -102,17 +105,17 @@ def slice_positions(count: int) -> np.ndarray:
     return np.stack([np.arange(count, dtype=np.float32), np.full(count, count, np.float32)], axis=1)
 
 
-class SliceSegmentationTask(Task):
-    name = "provicnet_segmentation"
-    primary_metric = "dice_mean"
-    direction = "max"
+class SliceTask:
+    """What every ProViCNet task shares (mixin; put it before the `Task` subclass it adapts): the slice geometry
+    (`task.sequence`, `task.image_size`, `task.edge`, the crop's in-plane size = the model's output size), the
+    per-slice inputs, the [B, S, ...] -> [B * S, ...] flattening and the alignment probe (sites `cls` and
+    `mean_patch` of every slice)."""
+
     backbone_prefix = "backbone."
 
     def __init__(self, config):
         super().__init__(config)
         task, model = config.task, config.model
-        self.class_names = CLASS_NAMES
-        self.num_classes = len(CLASS_NAMES)
         channels = tuple(config.data.channels)
         if task.sequence not in channels:
             raise ValueError(f"task.sequence={task.sequence!r} is not one of data.channels {channels}")
@@ -131,6 +134,59 @@ class SliceSegmentationTask(Task):
         if self.edge == "shift" and crop[0] < 2 * slice_data.MRI_CHANNELS:
             raise ValueError(f"task.edge='shift' needs at least {2 * slice_data.MRI_CHANNELS} slices per crop, "
                              f"data.crop_size has {crop[0]}")
+
+    def require_gland(self, case, prepared) -> None:
+        require(case.path("gland_mask") is not None,
+                "ProViCNet needs a gland mask (its inputs are z-scored inside the gland), but the cell is empty", case)
+        require(prepared.gland is not None and bool(prepared.gland.any()),
+                "the gland mask is empty inside the cropped region", case, case.gland_mask)
+
+    def slice_inputs(self, volume: np.ndarray) -> np.ndarray:
+        """Normalised crop [D, H, W, C] -> the model inputs [D, s, s, 3]: 3-slice stacks of `task.sequence`."""
+        return slice_stacks(volume[..., self.channel], self.image_size, self.edge)[0]
+
+    def provicnet(self, rngs: nnx.Rngs, *, num_classes: int, contrastive_head: bool = False) -> ProViCNet:
+        options = self.config.model.backbone_options.to_dict()
+        return ProViCNet(provicnet_config(options, num_classes=num_classes, contrastive_head=contrastive_head),
+                         rngs=rngs)
+
+    @staticmethod
+    def slice_batch(batch) -> tuple[jax.Array, jax.Array]:
+        """(images [B * S, s, s, C], slice positions [B * S, 2]): the model sees a batch's slices as one batch."""
+        images = batch["image"]
+        count = images.shape[0] * images.shape[1]
+        return images.reshape((count,) + images.shape[2:]), batch["slice_position"].reshape(count, 2)
+
+    def probe_inputs(self, images: np.ndarray) -> np.ndarray:
+        """Probe crops [N, D, H, W, C] -> [N, D, s, s, 3] slice inputs.
+
+        The probe crops carry no gland mask, so each channel of each crop is z-scored over its own voxels.
+        """
+        out = []
+        for crop in images:
+            volume = crop.astype(np.float64)
+            axes = tuple(range(volume.ndim - 1))
+            volume = (volume - volume.mean(axis=axes)) / np.maximum(volume.std(axis=axes), 1e-6)
+            out.append(self.slice_inputs(volume.astype(np.float32)))
+        return np.ascontiguousarray(np.stack(out))
+
+    def probe_features(self, model: ProViCNet, images: jax.Array) -> dict[str, jax.Array]:
+        """Sites `cls` and `mean_patch`, one row per slice: [N * D, width]."""
+        count = images.shape[0] * images.shape[1]
+        positions = jnp.tile(jnp.asarray(slice_positions(images.shape[1])), (images.shape[0], 1))
+        return encoder_feature_sites(model, images.reshape((count,) + images.shape[2:]), slice_position=positions)
+
+
+class SliceSegmentationTask(SliceTask, Task):
+    name = "provicnet_segmentation"
+    primary_metric = "dice_mean"
+    direction = "max"
+
+    def __init__(self, config):
+        super().__init__(config)
+        task = config.task
+        self.class_names = CLASS_NAMES
+        self.num_classes = len(CLASS_NAMES)
         self.class_weights = self._weights(task.class_weights, "task.class_weights")
         self.eval_class_weights = self._weights(task.eval_class_weights, "task.eval_class_weights")
         self.alpha = float(task.contrastive_alpha)
@@ -147,10 +203,7 @@ class SliceSegmentationTask(Task):
 
     # -- data ---------------------------------------------------------------------------------------------------
     def validate_case(self, case, prepared) -> None:
-        require(case.path("gland_mask") is not None,
-                "ProViCNet needs a gland mask (its inputs are z-scored inside the gland), but the cell is empty", case)
-        require(prepared.gland is not None and bool(prepared.gland.any()),
-                "the gland mask is empty inside the cropped region", case, case.gland_mask)
+        self.require_gland(case, prepared)
 
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         volume = sample["image"][..., self.channel]
@@ -168,16 +221,11 @@ class SliceSegmentationTask(Task):
 
     # -- model --------------------------------------------------------------------------------------------------
     def build_model(self, rngs: nnx.Rngs) -> ProViCNet:
-        options = self.config.model.backbone_options.to_dict()
-        return ProViCNet(provicnet_config(options, num_classes=self.num_classes,
-                                          contrastive_head=self.alpha > 0), rngs=rngs)
+        return self.provicnet(rngs, num_classes=self.num_classes, contrastive_head=self.alpha > 0)
 
-    @staticmethod
-    def _flatten_slices(batch):
-        images = batch["image"]
-        count = images.shape[0] * images.shape[1]
-        return (images.reshape((count,) + images.shape[2:]), batch["slice_position"].reshape(count, 2),
-                batch["label"].reshape((count,) + batch["label"].shape[2:]))
+    def _flatten_slices(self, batch):
+        images, positions = self.slice_batch(batch)
+        return images, positions, batch["label"].reshape((images.shape[0],) + batch["label"].shape[2:])
 
     def forward(self, model: ProViCNet, batch, compute_dtype) -> SliceOutput:
         images, positions, labels = self._flatten_slices(batch)
@@ -194,24 +242,6 @@ class SliceSegmentationTask(Task):
         term = contrastive.label_guided_contrastive_loss(model.project, feature_map.astype(jnp.float32), pairs,
                                                          margin=float(task.contrastive_margin))
         return SliceOutput(logits, term, training)
-
-    def probe_inputs(self, images: np.ndarray) -> np.ndarray:
-        """Probe crops [N, D, H, W, C] -> [N, D, s, s, 3] slice stacks of the sequence.
-
-        The probe crops carry no gland mask, so each is z-scored over its own voxels (not the gland's).
-        """
-        out = []
-        for crop in images:
-            volume = crop[..., self.channel].astype(np.float64)
-            volume = ((volume - volume.mean()) / max(volume.std(), 1e-6)).astype(np.float32)
-            out.append(slice_stacks(volume, self.image_size, self.edge)[0])
-        return np.ascontiguousarray(np.stack(out))
-
-    def probe_features(self, model: ProViCNet, images: jax.Array) -> dict[str, jax.Array]:
-        """Sites `cls` and `mean_patch`, one row per slice: [N * D, width]."""
-        count = images.shape[0] * images.shape[1]
-        positions = jnp.tile(jnp.asarray(slice_positions(images.shape[1])), (images.shape[0], 1))
-        return encoder_feature_sites(model, images.reshape((count,) + images.shape[2:]), slice_position=positions)
 
     # -- loss and metrics ---------------------------------------------------------------------------------------
     def loss(self, outputs: SliceOutput, batch):
