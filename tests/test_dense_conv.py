@@ -141,3 +141,41 @@ def test_depthwise_toeplitz_matches_grouped_conv(shape):
     want = jax.jit(jax.grad(lambda x, k: jnp.sum(grouped(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
     for g, r in zip(grads, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,patch", [((2, 8, 12, 16, 3), (4, 4, 4)), ((1, 9, 10, 7, 5), (2, 2, 2)),
+                                         ((2, 4, 6, 6, 4), (1, 1, 1)), ((2, 28, 30, 3), (14, 14)),
+                                         ((1, 16, 32, 32, 2), (8, 16, 16))])
+def test_patch_conv_equals_the_strided_conv(shape, patch):
+    """stride = kernel, VALID (also when a size is not a multiple of the patch): forward and both gradients."""
+    from transfer_jax.models.layers import patch_conv
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (*patch, shape[-1], 6))
+    spatial = "DHW"[-len(patch):]
+
+    def reference(x, kernel):
+        numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+        return jax.lax.conv_general_dilated(x, kernel, patch, "VALID", dimension_numbers=numbers, precision=HIGHEST)
+
+    with jax.default_matmul_precision("highest"):
+        # sums of up to 4096 products of magnitude ~100: summation order alone moves the last digits
+        np.testing.assert_allclose(patch_conv(x, kernel), reference(x, kernel), rtol=1e-5, atol=2e-4)
+        probe = jax.random.normal(jax.random.key(2), reference(x, kernel).shape)
+        for argnum in (0, 1):
+            ours = jax.grad(lambda *a: jnp.sum(patch_conv(*a) * probe), argnums=argnum)(x, kernel)
+            theirs = jax.grad(lambda *a: jnp.sum(reference(*a) * probe), argnums=argnum)(x, kernel)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_patch_conv_module_matches_nnx_conv():
+    from transfer_jax.models.layers import PatchConv
+
+    ours = PatchConv(3, 8, (2, 4, 4), rngs=nnx.Rngs(0))
+    theirs = nnx.Conv(3, 8, (2, 4, 4), strides=(2, 4, 4), padding="VALID", rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])  # same initialisation and rng use
+    x = jax.random.normal(jax.random.key(3), (2, 4, 8, 8, 3))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    half = PatchConv(3, 8, (2, 4, 4), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert half(x).dtype == jnp.bfloat16 and half.kernel[...].dtype == jnp.float32

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import DepthwiseConv, DropPath, gelu, layer_norm, trunc_normal
+from transfer_jax.models.layers import DepthwiseConv, DropPath, PatchConv, gelu, layer_norm, trunc_normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +49,10 @@ class EncoderOutput(NamedTuple):
     stages: tuple[jax.Array, ...]  # raw (un-normalised) stage outputs, channels-last
 
 
-def _conv(in_ch: int, out_ch: int, kernel, *, stride=1, groups: int = 1, padding="VALID", dtype, rngs):
-    return nnx.Conv(
-        in_ch, out_ch, tuple(kernel), strides=stride, padding=padding, feature_group_count=groups,
-        kernel_init=trunc_normal(0.02), bias_init=nnx.initializers.zeros_init(), dtype=dtype,
-        param_dtype=jnp.float32, rngs=rngs,
-    )
+def _patch_conv(in_ch: int, out_ch: int, kernel, *, dtype, rngs):
+    """The stem and downsample convs: stride = kernel, no padding."""
+    return PatchConv(in_ch, out_ch, tuple(kernel), kernel_init=trunc_normal(0.02),
+                     bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
 
 
 def _linear(in_f: int, out_f: int, *, dtype, rngs):
@@ -115,8 +113,7 @@ class ConvNeXtV2(nnx.Module):
         dtype = jnp.dtype(config.dtype)
         dims = config.dims
         stem = nnx.List([
-            _conv(config.in_channels, dims[0], config.stem_kernel, stride=config.stem_kernel, dtype=dtype,
-                  rngs=rngs),
+            _patch_conv(config.in_channels, dims[0], config.stem_kernel, dtype=dtype, rngs=rngs),
             layer_norm(dims[0], dtype=dtype, rngs=rngs),
         ])
         layers = [stem]
@@ -124,7 +121,7 @@ class ConvNeXtV2(nnx.Module):
             kernel = config.last_downsample if stage == len(dims) - 1 else config.downsample_kernel
             layers.append(nnx.List([
                 layer_norm(dims[stage - 1], dtype=dtype, rngs=rngs),
-                _conv(dims[stage - 1], dims[stage], kernel, stride=kernel, dtype=dtype, rngs=rngs),
+                _patch_conv(dims[stage - 1], dims[stage], kernel, dtype=dtype, rngs=rngs),
             ]))
         self.downsample_layers = nnx.List(layers)
 

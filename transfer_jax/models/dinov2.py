@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from transfer_jax.models.layers import PatchConv
+
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
 _TRUNC_NORMAL_002 = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -82,7 +84,7 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
         p = config.patch
-        self.proj = nnx.Conv(config.in_channels, config.width, (p, p), strides=(p, p), padding="VALID", rngs=rngs)
+        self.proj = PatchConv(config.in_channels, config.width, (p, p), rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         features = self.proj(images)

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from transfer_jax.models.layers import PatchConv
+
 __all__ = [
     "ViTConfig", "MAEDecoderConfig", "Buffer", "ViTOutput", "MAEOutput", "ProFoundViT", "MAEDecoder", "MAE",
     "sincos_pos_embed_3d", "patchify", "unpatchify", "random_masking", "mae_loss",
@@ -206,10 +208,10 @@ class PatchEmbed(nnx.Module):
         # MAE initialises the patch projection like a Linear on the flattened patch (xavier on (C, in*prod(p))).
         fan_in = config.in_channels * math.prod(patch)
         limit = math.sqrt(6.0 / (fan_in + config.width))
-        self.proj = nnx.Conv(
-            config.in_channels, config.width, patch, strides=patch, padding="VALID",
+        self.proj = PatchConv(
+            config.in_channels, config.width, patch,
             kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -limit, limit),
-            bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
