@@ -183,3 +183,17 @@ def test_pretrained_artifact_loads(name, artifact):
             assert not np.asarray(loaded["head.segmentation_conv.9.kernel"]).any()
         with pytest.raises(PretrainedMismatch, match="segmentation_conv.9"):
             load(())
+
+
+def test_run_starts_from_the_artifact(artifact, tmp_path, capsys):
+    """Through the loop (`init.mode=pretrained`): the artifact's architecture is adopted, its weights loaded, and the
+    residual head still starts at the identity."""
+    from transfer_jax.train.loop import train_and_evaluate
+
+    directory, _ = artifact
+    config = fixed_training_batch(config_for("sr", "provicnet,smoke", **{
+        "init.mode": "pretrained", "init.checkpoint": directory, "alignment.enabled": False}), total_steps=1)
+    summary = train_and_evaluate(config, str(tmp_path))
+    start = summary["history"][0]["metrics"]
+    assert start["psnr"] == pytest.approx(start["psnr_input"], rel=1e-6)
+    assert "2 skipped by init.dont_load" in capsys.readouterr().out
