@@ -39,6 +39,9 @@ Task specifics (channel names refer to `data.channels`, default ("t2", "dwi", "a
 * `synthesis`: target = `task.target` (ADC); input = the image with the target channel set to zero, i.e. T2 and
   high-b DWI in their usual slots. Keeping three input channels keeps a pretrained 3-channel stem usable; the
   alignment probe sees the same zeroed channel.
+
+ProViCNet runs these tasks slice-wise through subclasses (`slice_restoration.py`) that replace the clean volume
+(`clean_volume`), the model inputs (`network_inputs`, `residual_base`), the model and its forward pass.
 """
 from __future__ import annotations
 
