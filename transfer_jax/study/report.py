@@ -402,7 +402,7 @@ def _pretraining_table(records: Sequence[RunRecord]) -> tuple[list[str], list[li
         variant = (config.get("task") or {}).get("variant")
         body.append([record.backbone, objective + (f" ({variant})" if variant else ""), record.status,
                      _fmt(summary.get("steps")), f"{metric} = {_fmt(final)}" if metric else NA,
-                     _fmt(summary.get("wall_seconds"), 1), summary.get("pretrained_artifact") or NA])
+                     _fmt(summary.get("wall_seconds"), 3), summary.get("pretrained_artifact") or NA])
     return header, body
 
 
