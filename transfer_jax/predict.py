@@ -18,7 +18,13 @@ voxels, per-channel z-score), and then, per task:
   target channels, written as `<case_id>_<channel>.nii.gz` on the T2 grid (trilinear; z-scored intensities as the
   network sees them; zero outside the prepared region).
 
-Only the state is restored (not the data-iterator position); labels and masks in the manifest are not needed.
+ProViCNet runs (the `provicnet_*` slice tasks) see whole slices: every slice of the prepared region, cut in-plane
+to the centred `data.crop_size` window (the model's fixed output size), goes through the model at once, gland
+z-scored as in training (so these need the manifest's gland mask); the window's predictions are written in place,
+background / zero outside it; classification averages over all slices as in training.
+
+Only the state is restored (not the data-iterator position); labels (and, except for ProViCNet, masks) in the
+manifest are not needed.
 """
 from __future__ import annotations
 
@@ -38,7 +44,9 @@ from transfer_jax.data.dataset import preprocess_config
 from transfer_jax.data.manifest import read_manifest
 from transfer_jax.data.nifti import Volume, resample, write_like
 from transfer_jax.data.preprocess import prepare_case
+from transfer_jax.tasks.classification import ClassificationTask
 from transfer_jax.tasks.registry import get_task
+from transfer_jax.tasks.slice_segmentation import SliceTask
 from transfer_jax.tasks.sliding_window import sliding_window_inference
 from transfer_jax.train.loop import _backbone_layer_fn
 from transfer_jax.train.mesh import create_mesh
@@ -93,6 +101,26 @@ def _dense_predictor(task, graph, params, rest, roi, overlap: float, batch_size:
     return predict
 
 
+def _slice_window(task, prepared, case, index: int) -> tuple[dict, tuple[slice, ...]]:
+    """A ProViCNet task's one-case batch from the prepared region, and where its predictions go in the region."""
+    if prepared.gland is None:
+        raise ValueError(f"case {case.case_id}: ProViCNet inputs are z-scored inside the gland, but the manifest's "
+                         "'gland_mask' cell is empty")
+    depth, height, width = prepared.image.shape[:3]
+    size = task.label_size
+    if height < size or width < size:
+        raise ValueError(f"case {case.case_id}: prepared region {height}x{width} is smaller in-plane than the "
+                         f"model's {size}x{size} window")
+    depth -= depth % int(getattr(task, "sr_factor", 1))
+    y0, x0 = (height - size) // 2, (width - size) // 2
+    window = (slice(0, depth), slice(y0, y0 + size), slice(x0, x0 + size))
+    # make_sample also builds training targets; the forward pass reads none of them, so no label is needed.
+    sample = {"image": prepared.image[window], "gland": prepared.gland[window], "case_index": np.int32(index),
+              "label": "0"}
+    row = task.make_sample(sample)
+    return {k: jnp.asarray(v)[None] for k, v in row.items()}, window
+
+
 def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = None, overlap: float = 0.5,
             batch_size: int = 2) -> dict:
     config, task, graph, params, rest, step = load_run(workdir, step)
@@ -102,17 +130,20 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
     prep = preprocess_config(config.data)
     cases = read_manifest(manifest)
     written: dict = {"step": step, "files": [], "probabilities": None}
-    if task.name == "classification":
-        model_fn = jax.jit(lambda x: jax.nn.softmax(task.forward(graph.merge(params, rest, training=False),
-                                                                 {"image": x}, compute_dtype).astype(jnp.float32)))
+    slices = isinstance(task, SliceTask)
+    forward = jax.jit(lambda batch: task.forward(graph.merge(params, rest, training=False), batch, compute_dtype))
+    if isinstance(task, ClassificationTask):
         path = os.path.join(output, "probabilities.csv")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["case_id", *[f"prob_{k}" for k in range(task.num_classes)], "pred"])
-            for case in cases:
+            for index, case in enumerate(cases):
                 prepared = prepare_case(case, prep)
-                crop = center_crop({"image": prepared.image}, roi)["image"]
-                probs = np.asarray(model_fn(jnp.asarray(crop[None])))[0]
+                if slices:
+                    batch, _ = _slice_window(task, prepared, case, index)
+                else:
+                    batch = {"image": jnp.asarray(center_crop({"image": prepared.image}, roi)["image"][None])}
+                probs = np.asarray(jax.nn.softmax(forward(batch).astype(jnp.float32)))[0]
                 writer.writerow([case.case_id, *[f"{p:.6f}" for p in probs], int(probs.argmax())])
         written["probabilities"] = path
         return written
@@ -120,13 +151,19 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
     predictor = _dense_predictor(task, graph, params, rest, roi, overlap, batch_size, compute_dtype)
     for index, case in enumerate(cases):
         prepared = prepare_case(case, prep)
-        if task.name == "segmentation" or not hasattr(task, "degrade"):
-            volume = prepared.image
+        if slices:
+            batch, window = _slice_window(task, prepared, case, index)
+            logits = np.asarray(forward(batch).logits, np.float32)
+            out = np.zeros(prepared.image.shape[:3] + logits.shape[-1:], np.float32)
+            if task.name.endswith("segmentation"):
+                out[..., 0] = 1.0  # background outside the window
+            out[window] = logits.reshape(out[window].shape)
+        elif task.name == "segmentation" or not hasattr(task, "degrade"):
+            out = np.asarray(predictor(jnp.asarray(prepared.image)))
         else:
             sample = {"image": prepared.image, "gland": prepared.gland, "case_index": np.int32(index)}
-            volume = task.make_sample(sample)["image"]
-        out = np.asarray(predictor(jnp.asarray(volume)))
-        if hasattr(task, "target_channels") and task.name != "segmentation":
+            out = np.asarray(predictor(jnp.asarray(task.make_sample(sample)["image"])))
+        if hasattr(task, "target_channels") and not task.name.endswith("segmentation"):
             for c, name in enumerate(task.target_channels):
                 on_source = resample(Volume(out[..., c], prepared.region_grid, ""), prepared.source_grid, order=1)
                 path = os.path.join(output, f"{case.case_id}_{name}.nii.gz")
