@@ -27,14 +27,31 @@ def _trained_grn(model):
 
 
 def test_all_visible_single_sample_equals_the_dense_encoder():
-    encoder = ConvNeXtV2(TINY, rngs=nnx.Rngs(0))
-    _trained_grn(encoder)
+    model = FCMAE(TINY, FCMAEConfig(mask_ratio=0.0, decoder_dim=16), rngs=nnx.Rngs(0))
+    _trained_grn(model)
     images = _images(1)
+    mask = model(images, key=jax.random.key(2)).mask
+    np.testing.assert_array_equal(np.asarray(mask), np.zeros((1, 4)))
     with jax.default_matmul_precision("highest"):
-        dense = encoder(images).stages
-        masked = masked_stages(encoder, images, jnp.ones((1, 1, 2, 2)))
+        dense = model.encoder(images).stages
+        masked = masked_stages(model.encoder, images, (1.0 - mask).reshape(1, 1, 2, 2))
     for a, b in zip(dense, masked):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+def test_remat_changes_neither_loss_nor_gradients():
+    images, noise = _images(1), jnp.asarray([[0.1, 0.9, 0.2, 0.8]])
+
+    def loss_and_grads(remat):
+        config = ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), remat=remat)
+        model = FCMAE(config, FCMAEConfig(mask_ratio=0.5, decoder_dim=16), rngs=nnx.Rngs(0))
+        _trained_grn(model)
+        return nnx.value_and_grad(lambda m: m(images, noise=noise).loss)(model)
+
+    (plain, plain_grads), (remat, remat_grads) = loss_and_grads(False), loss_and_grads(True)
+    np.testing.assert_allclose(float(remat), float(plain), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
 
 
 def test_hidden_voxels_do_not_reach_visible_sites():
@@ -99,6 +116,23 @@ def test_loss_is_the_masked_mean_of_per_patch_mse(norm_pix):
     np.testing.assert_allclose(float(out.loss), (per_patch * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_loss_on_fixed_arrays_pools_masked_patches_over_the_batch(norm_pix):
+    """Unequal hidden counts per sample tell the global masked mean (upstream) from a mean of per-sample means."""
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(2, 4, 8, 8, 2)).astype(np.float32)  # patch (2, 4, 4), grid 2 x 2 x 2
+    pred = rng.normal(size=(2, 8, 2 * 4 * 4 * 2)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1]], np.float32)
+    patches = images.reshape(2, 2, 2, 2, 4, 2, 4, 2).transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(2, 8, -1)
+    patches = patches.astype(np.float64)
+    if norm_pix:
+        patches = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6)
+    per_patch = ((pred - patches) ** 2).mean(-1)
+    expected = (per_patch * mask).sum() / mask.sum()
+    loss = mae_loss(jnp.asarray(images), jnp.asarray(pred), jnp.asarray(mask), (2, 4, 4), norm_pix)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
 def test_optimisation_lowers_the_loss():
     model = FCMAE(TINY, FCMAEConfig(mask_ratio=0.5, decoder_dim=16), rngs=nnx.Rngs(0))
     images = _images(2)
@@ -132,3 +166,5 @@ def test_config_errors():
     model = FCMAE(TINY, FCMAEConfig(decoder_dim=16), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         model(jnp.zeros((1, 16, 32, 24, 3)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        model(jnp.zeros((1, 16, 32, 32, 2)), key=jax.random.key(0))

@@ -10,7 +10,10 @@ batch-pooled here too (the fine-tuning encoder's GRN stays per sample). Drop pat
 (upstream pretrains with rate 0); the encoder's `drop_path_rate` must be 0.
 
 Masking: per sample, `int(L * (1 - mask_ratio))` of the L patches of the final-stage grid are kept, chosen by
-sorting uniform noise (as MAE); the patch size is the encoder's total stride (16 for ProFound-Conv).
+sorting noise (`profound_vit.random_masking`); the patch size is the encoder's total stride (16 for ProFound-Conv).
+A `key` draws uniform noise where upstream draws Gaussian: any i.i.d. continuous noise ranks into the same uniformly
+random subset, so only the individual draws differ. With `remat` in the encoder config each masked block is
+recomputed in the backward pass, as in the fine-tuning forward.
 
 Decoder (dense, as upstream): `proj` 1x1x1 conv to `decoder_dim`, masked sites replaced by the learned
 `mask_token`, `decoder_depth` ConvNeXt-V2 blocks, `pred` 1x1x1 conv to patch_volume x C values per site, read as
@@ -29,7 +32,7 @@ from flax import nnx
 
 from transfer_jax.models.convnext import Block, ConvNeXtConfig, ConvNeXtV2, trunc_normal
 from transfer_jax.models.layers import gelu
-from transfer_jax.models.profound_vit import mae_loss
+from transfer_jax.models.profound_vit import mae_loss, random_masking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +54,10 @@ class FCMAEOutput(NamedTuple):
 
 
 def patch_mask(noise: jax.Array, mask_ratio: float) -> jax.Array:
-    """(N, L) uniform noise -> (N, L) mask, 1 = hidden: the `int(L * (1 - ratio))` smallest noise values are kept."""
-    keep = int(noise.shape[1] * (1 - mask_ratio))
-    ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-    return (ranks >= keep).astype(jnp.float32)
+    """(N, L) noise -> (N, L) mask, 1 = hidden: the `int(L * (1 - ratio))` smallest noise values are kept."""
+    # The noise doubles as a one-channel token so the MAE's masking rule is shared, not restated.
+    _, mask, _ = random_masking(noise[..., None].astype(jnp.float32), noise, mask_ratio)
+    return mask
 
 
 def _upsample(visible: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
@@ -88,6 +91,9 @@ def _masked_block(block: Block, x: jax.Array, visible: jax.Array) -> jax.Array:
     return (x + y) * visible
 
 
+_remat_masked_block = nnx.remat(_masked_block)
+
+
 def masked_stages(encoder: ConvNeXtV2, images: jax.Array, visible: jax.Array) -> tuple[jax.Array, ...]:
     """The four stage maps of the sparse (masked) encoder forward; hidden sites are zero.
 
@@ -105,7 +111,7 @@ def masked_stages(encoder: ConvNeXtV2, images: jax.Array, visible: jax.Array) ->
         here = _upsample(visible, x.shape[1:4])
         x = x * here
         for block in blocks:
-            x = _masked_block(block, x, here)
+            x = (_remat_masked_block if encoder.config.remat else _masked_block)(block, x, here)
         stages.append(x)
     return tuple(stages)
 
@@ -133,8 +139,8 @@ class FCMAE(nnx.Module):
 
     def grid_size(self, images: jax.Array) -> tuple[int, int, int]:
         bad = [s for s, p in zip(images.shape[1:4], self.patch_size) if s % p]
-        if images.ndim != 5 or bad:
-            raise ValueError(f"FCMAE expects (N, D, H, W, C) with D, H, W multiples of the patch size "
+        if images.ndim != 5 or bad or images.shape[-1] != self.in_channels:
+            raise ValueError(f"FCMAE expects (N, D, H, W, {self.in_channels}) with D, H, W multiples of the patch size "
                              f"{self.patch_size}; got {images.shape}")
         return tuple(s // p for s, p in zip(images.shape[1:4], self.patch_size))
 
