@@ -8,6 +8,7 @@ cadence). The primary metric and its direction drive checkpoint selection, early
 from __future__ import annotations
 
 import abc
+import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -22,11 +23,12 @@ from transfer_jax.models.registry import encoder_feature_sites
 class PretrainedExport(NamedTuple):
     """What a pretraining task's weights become at the end of its run: a pretrained artifact
     (`transfer_jax.convert.artifact`) whose `model_name` and `config` rebuild the module the converters know, and
-    `select`, which keeps the entries of the flat (dotted path -> array) model state that belong in it."""
+    `select`, which keeps the entries of the flat (dotted path -> array) model state that belong in it (default:
+    all of them; RNG streams never reach it)."""
 
     model_name: str
     config: dict[str, Any]
-    select: Callable[[dict[str, Any]], dict[str, Any]]
+    select: Callable[[dict[str, Any]], dict[str, Any]] = dict
 
 
 class Task(abc.ABC):
@@ -45,6 +47,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         """From an (augmented) prepared-case dict to the arrays one batch element holds; must keep `image`."""
+
+    def sample_rng(self, sample: dict) -> np.random.Generator:
+        """Deterministic per sample: the run seed, the case index and a CRC of the (cropped, augmented) image, so
+        training draws change with the augmentation while an evaluation crop gets the same draw every time."""
+        crc = zlib.crc32(np.ascontiguousarray(sample["image"]).tobytes())
+        return np.random.default_rng([int(self.config.seed), int(sample.get("case_index", 0)), crc])
 
     # -- model ------------------------------------------------------------------------------------------------
     @abc.abstractmethod

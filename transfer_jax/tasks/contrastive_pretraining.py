@@ -31,7 +31,6 @@ import numpy as np
 from transfer_jax.models.provicnet import ProViCNet
 from transfer_jax.tasks import provicnet_contrastive as contrastive
 from transfer_jax.tasks.base import PretrainedExport
-from transfer_jax.tasks.pretraining import sample_generator, without_runtime_state
 from transfer_jax.tasks.slice_segmentation import HEAD_UPSAMPLING, SliceSegmentationTask, provicnet_config
 
 VARIANTS = ("label_guided", "self_supervised", "both")
@@ -78,7 +77,7 @@ class ContrastivePretrainTask(SliceSegmentationTask):
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         out = super().make_sample(sample)
         if self.self_supervised:
-            rng = sample_generator(self.config.seed, sample)
+            rng = self.sample_rng(sample)
             out["image"], out["view2"] = (self.photometric_view(out["image"], rng),
                                           self.photometric_view(out["image"], rng))
         return out
@@ -146,4 +145,4 @@ class ContrastivePretrainTask(SliceSegmentationTask):
     def pretrained_export(self) -> Optional[PretrainedExport]:
         options = self.config.model.backbone_options.to_dict()
         config = provicnet_config(options, num_classes=self.num_classes, contrastive_head=True).to_dict()
-        return PretrainedExport(self.config.model.backbone, config, without_runtime_state)
+        return PretrainedExport(self.config.model.backbone, config)

@@ -16,8 +16,7 @@ Both objectives hide a random `mask_ratio` share of the patches of a crop and re
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,20 +30,11 @@ from transfer_jax.models.registry import dataclass_from_dict, encoder_feature_si
 from transfer_jax.tasks.base import PretrainedExport, Task, require
 
 
-def sample_generator(seed: int, sample: dict) -> np.random.Generator:
-    """Deterministic per sample: the run seed, the case index and a CRC of the (cropped, augmented) image."""
-    crc = zlib.crc32(np.ascontiguousarray(sample["image"]).tobytes())
-    return np.random.default_rng([int(seed), int(sample.get("case_index", 0)), crc])
-
-
-def without_runtime_state(flat: dict[str, Any]) -> dict[str, Any]:
-    """Drop RNG stream counters and keys: they describe a run, not the model."""
-    return {k: v for k, v in flat.items() if not k.endswith((".count", ".key"))}
-
-
 class MaskedReconstructionTask(Task):
     primary_metric = "recon_loss"
     direction = "min"
+    patch_size: tuple[int, int, int]  # voxels per masked patch, set by subclasses
+    norm_pix_loss: bool
 
     def __init__(self, config):
         super().__init__(config)
@@ -57,8 +47,9 @@ class MaskedReconstructionTask(Task):
         raise NotImplementedError
 
     def per_sample_loss(self, outputs, images: jax.Array) -> jax.Array:
-        """[B] reconstruction loss of each batch element."""
-        raise NotImplementedError
+        """[B] reconstruction loss of each batch element (the model's loss is over the whole batch)."""
+        return jax.vmap(lambda x, p, m: mae_loss(x[None], p[None], m[None], self.patch_size, self.norm_pix_loss))(
+            images, outputs.pred, outputs.mask)
 
     # -- Task -------------------------------------------------------------------------------------------------
     def validate_case(self, case, prepared) -> None:
@@ -68,7 +59,7 @@ class MaskedReconstructionTask(Task):
 
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         image = np.ascontiguousarray(sample["image"], np.float32)
-        noise = sample_generator(self.config.seed, sample).random(self.num_patches, dtype=np.float32)
+        noise = self.sample_rng(sample).random(self.num_patches, dtype=np.float32)
         return {"image": image, "noise": noise}
 
     def forward(self, model, batch, compute_dtype):
@@ -102,6 +93,8 @@ class MAEPretrainTask(MaskedReconstructionTask):
         if self.encoder_config.img_size != self.crop_size:
             raise ValueError(f"model.backbone_options.img_size {self.encoder_config.img_size} must equal "
                              f"data.crop_size {self.crop_size} (the position table is tied to it)")
+        self.patch_size = tuple(self.encoder_config.patch_size)
+        self.norm_pix_loss = self.decoder_config.norm_pix_loss
 
     @property
     def num_patches(self) -> int:
@@ -110,15 +103,10 @@ class MAEPretrainTask(MaskedReconstructionTask):
     def build_model(self, rngs: nnx.Rngs) -> MAE:
         return MAE(self.encoder_config, self.decoder_config, rngs=rngs)
 
-    def per_sample_loss(self, outputs, images):
-        patch, norm = self.encoder_config.patch_size, self.decoder_config.norm_pix_loss
-        return jax.vmap(lambda x, p, m: mae_loss(x[None], p[None], m[None], patch, norm))(
-            images, outputs.pred, outputs.mask)
-
     def pretrained_export(self) -> Optional[PretrainedExport]:
         config = {"encoder": dataclasses.asdict(self.encoder_config),
                   "decoder": dataclasses.asdict(self.decoder_config), "head": None}
-        return PretrainedExport(self.config.model.backbone, config, without_runtime_state)
+        return PretrainedExport(self.config.model.backbone, config)
 
 
 class FCMAEPretrainTask(MaskedReconstructionTask):
@@ -138,6 +126,7 @@ class FCMAEPretrainTask(MaskedReconstructionTask):
             raise ValueError(f"data.crop_size {self.crop_size} must be a multiple of the encoder's total stride "
                              f"{stride} (one masking patch per final-stage voxel)")
         self.patch_size = tuple(stride)
+        self.norm_pix_loss = self.fcmae_config.norm_pix_loss
         self.grid_size = tuple(c // s for c, s in zip(self.crop_size, stride))
 
     @property
@@ -147,14 +136,9 @@ class FCMAEPretrainTask(MaskedReconstructionTask):
     def build_model(self, rngs: nnx.Rngs) -> FCMAE:
         return FCMAE(self.encoder_config, self.fcmae_config, rngs=rngs)
 
-    def per_sample_loss(self, outputs, images):
-        norm = self.fcmae_config.norm_pix_loss
-        return jax.vmap(lambda x, p, m: mae_loss(x[None], p[None], m[None], self.patch_size, norm))(
-            images, outputs.pred, outputs.mask)
-
     def pretrained_export(self) -> Optional[PretrainedExport]:
         def encoder_only(flat):
-            return {k: v for k, v in without_runtime_state(flat).items() if k.startswith("encoder.")}
+            return {k: v for k, v in flat.items() if k.startswith("encoder.")}
 
         config = {"encoder": dataclasses.asdict(self.encoder_config), "head": None}
         return PretrainedExport(self.config.model.backbone, config, encoder_only)

@@ -45,8 +45,6 @@ ProViCNet runs these tasks slice-wise through subclasses (`slice_restoration.py`
 """
 from __future__ import annotations
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,12 +93,6 @@ class RestorationTask(Task):
         if unknown or not names:
             raise ValueError(f"{field}={tuple(names)}: every entry must be one of data.channels {self.channels}")
         return [self.channels.index(n) for n in names]
-
-    def sample_rng(self, sample: dict) -> np.random.Generator:
-        """Deterministic per sample: seed, case index and a CRC of the (cropped, augmented) image."""
-        image = np.ascontiguousarray(sample["image"])
-        crc = zlib.crc32(image.tobytes())
-        return np.random.default_rng([int(self.config.seed), int(sample.get("case_index", 0)), crc])
 
     @property
     def target_index(self) -> list[int]:
