@@ -30,7 +30,6 @@ listed with the reason in runs.json and the report. Any error raised while train
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -326,14 +325,12 @@ def is_finished(summary: Optional[Mapping], total_steps: int) -> bool:
     return bool(summary.get("stopped_early")) or (isinstance(steps, int) and steps >= total_steps)
 
 
-def _changed_fields(summary: Mapping, config: ml_collections.ConfigDict, spec: StudySpec,
-                    overrides: Optional[Mapping[str, Any]] = None) -> list[str]:
+def _changed_fields(summary: Mapping, config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> list[str]:
     """Study-controlled fields whose value differs from the finished run's snapshot.
 
     Only these: the trainer may legitimately rewrite others (e.g. adopt the checkpoint's architecture).
     """
     previous, current = _flat(summary.get("config") or {}), _flat(_snapshot(config))
-    overrides = spec.overrides if overrides is None else overrides
     keys = ("task.name", "model.backbone", "init.mode", "init.checkpoint", "total_steps", *overrides)
     return [k for k in dict.fromkeys(keys) if k in current and previous.get(k) != current[k]]
 
@@ -343,28 +340,36 @@ def _write_runs_json(path: str, records: list[study_analysis.RunRecord]) -> None
         json.dump([dataclasses.asdict(r) | {"name": r.name} for r in records], f, indent=2)
 
 
+def _train_or_reuse(label: str, workdir: str, config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    loop, log, *, reusable: Callable[[], bool] = lambda: True) -> tuple[str, str]:
+    """("reused", note) for a finished run (noting study-controlled fields that changed since), else trains or
+    resumes it: ("trained", "")."""
+    summary = study_analysis.read_summary(workdir)
+    if is_finished(summary, config.total_steps) and reusable():
+        changed = _changed_fields(summary, config, overrides)
+        note = (f"finished earlier with a different config ({', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''}); delete {workdir} to redo it") if changed else ""
+        log(f"{label}: finished earlier ({summary.get('steps')} steps), reused" + (f"; {note}" if note else ""))
+        return "reused", note
+    log(f"{label}: training" + (" (resuming)" if os.path.isdir(workdir) else ""))
+    try:
+        loop.train_and_evaluate(config, workdir)
+    except BaseException as error:
+        error.add_note(f"in study run {label} (workdir {workdir}); re-running the study resumes it")
+        raise
+    return "trained", ""
+
+
 def _pretrain(run: PlannedPretraining, spec: StudySpec, loop, log) -> study_analysis.RunRecord:
     """Runs (or reuses) one backbone's pretraining; its artifact must exist afterwards."""
     from transfer_jax.convert.artifact import is_artifact
 
-    record = functools.partial(study_analysis.RunRecord, run.backbone, "pretraining", "scratch", run.workdir)
-    summary = study_analysis.read_summary(run.workdir)
-    if is_finished(summary, run.config.total_steps) and is_artifact(run.artifact):
-        changed = _changed_fields(summary, run.config, spec, spec.pretraining_overrides)
-        note = (f"finished earlier with a different config ({', '.join(changed[:5])}); delete {run.workdir} to "
-                "redo it") if changed else ""
-        log(f"{run.name} ({run.source}): finished earlier, artifact {run.artifact} reused" + (f"; {note}" * bool(note)))
-        return record("reused", note)
-    log(f"{run.name} ({run.source}): pretraining" + (" (resuming)" if os.path.isdir(run.workdir) else ""))
-    try:
-        loop.train_and_evaluate(run.config, run.workdir)
-    except BaseException as error:
-        error.add_note(f"in study pretraining run {run.name} (workdir {run.workdir}); re-running the study resumes "
-                       "it")
-        raise
+    status, note = _train_or_reuse(f"{run.name} ({run.source})", run.workdir, run.config,
+                                   spec.pretraining_overrides, loop, log,
+                                   reusable=lambda: is_artifact(run.artifact))
     if not is_artifact(run.artifact):
         raise RuntimeError(f"pretraining run {run.name} finished without writing its artifact {run.artifact}")
-    return record("trained")
+    return study_analysis.RunRecord(run.backbone, "pretraining", "scratch", run.workdir, status, note)
 
 
 def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> StudyResult:
@@ -388,21 +393,8 @@ def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> 
             records.append(study_analysis.RunRecord(run.backbone, run.task, run.init, run.workdir, "skipped",
                                                     run.skip_reason))
             continue
-        summary = study_analysis.read_summary(run.workdir)
-        if is_finished(summary, run.config.total_steps):
-            changed = _changed_fields(summary, run.config, spec)
-            note = (f"finished earlier with a different config ({', '.join(changed[:5])}"
-                    f"{', ...' if len(changed) > 5 else ''}); delete {run.workdir} to redo it") if changed else ""
-            log(f"{prefix}: finished earlier ({summary.get('steps')} steps), reused" + (f"; {note}" if note else ""))
-            records.append(study_analysis.RunRecord(run.backbone, run.task, run.init, run.workdir, "reused", note))
-            continue
-        log(f"{prefix}: training" + (" (resuming)" if os.path.isdir(run.workdir) else ""))
-        try:
-            loop.train_and_evaluate(run.config, run.workdir)
-        except BaseException as error:
-            error.add_note(f"in study run {run.name} (workdir {run.workdir}); re-running the study resumes it")
-            raise
-        records.append(study_analysis.RunRecord(run.backbone, run.task, run.init, run.workdir, "trained"))
+        status, note = _train_or_reuse(prefix, run.workdir, run.config, spec.overrides, loop, log)
+        records.append(study_analysis.RunRecord(run.backbone, run.task, run.init, run.workdir, status, note))
 
     analysis = study_analysis.analyze(records, bootstrap=spec.bootstrap, seed=spec.seed)
     import jax
