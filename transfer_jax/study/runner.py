@@ -417,4 +417,7 @@ def run_study_command(config, study_dir: str, *, compilation_cache: bool = True)
 
     if compilation_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(study_dir), "xla_cache"))
-    return run_study(config, study_dir)
+    try:
+        return run_study(config, study_dir)
+    except StudyConfigError as error:  # a bad study block: its message names the field, a traceback adds nothing
+        raise SystemExit(f"error: {error}") from None
