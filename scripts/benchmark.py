@@ -183,12 +183,19 @@ def build_step(config, mesh, strategy="replicate"):
 
 
 def synthetic_batch(config, task, seed=0):
+    """A training batch of random crops with a centred gland box and a lesion box inside it, made by the task's own
+    `make_sample` (so slice tasks get their slice stacks, positions and pair seeds as in training)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    b, crop = config.batch_size, tuple(config.data.crop_size)
-    return {"image": rng.normal(size=(b, *crop, len(config.data.channels))).astype(np.float32),
-            "label": rng.integers(0, task.num_classes, size=(b, *crop)).astype(np.int32)}
+    crop = tuple(config.data.crop_size)
+    gland = np.zeros(crop, np.uint8)
+    gland[tuple(slice(c // 4, c - c // 4) for c in crop)] = 1
+    lesion = np.zeros(crop, np.uint8)
+    lesion[tuple(slice(c // 3, c // 2 + 1) for c in crop)] = 1
+    samples = [task.make_sample({"image": rng.normal(size=(*crop, len(config.data.channels))).astype(np.float32),
+                                 "gland": gland, "lesion": lesion}) for _ in range(config.batch_size)]
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3):
@@ -264,20 +271,36 @@ def model_row(model, preset, dtype, args, peaks):
 # sections
 
 
+def torch_spec(model: str, config) -> dict:
+    """What scripts/bench_torch.py needs to build the same model, batch, crop, loss and optimizer in PyTorch."""
+    bo, ho = config.model.backbone_options, config.model.head_options
+    spec = {"model": model, "crop": list(config.data.crop_size), "batch": config.batch_size,
+            "lr": config.optimizer.lr, "weight_decay": config.optimizer.weight_decay}
+    if model == "provicnet":
+        vit = bo.backbone
+        spec.update(width=vit.width, depth=vit.depth, heads=vit.num_heads, patch=vit.patch, pos_grid=vit.pos_grid,
+                    registers=vit.num_registers, head=list(bo.head_channels), num_classes=4,
+                    slices=config.data.crop_size[0], image_size=config.task.image_size,
+                    label_size=config.data.crop_size[1], class_weights=list(config.task.class_weights))
+        return spec
+    spec.update(hidden=ho.hidden_size, aux=ho.auxiliary_channels, num_classes=3, aux_weight=config.task.aux_weight)
+    if model == "profound_vit":
+        spec.update(patch=list(bo.patch_size), width=bo.width, depth=bo.depth, heads=bo.num_heads,
+                    out_indices=list(bo.out_indices))
+    else:
+        spec.update(dims=list(bo.dims), depths=list(bo.depths))
+    return spec
+
+
 def run_torch(args, rows):
     if not os.path.exists(TORCH_PYTHON):
         print(f"\n[torch] side venv not found at {TORCH_PYTHON}: skipped")
         return []
     out = []
     for row in rows:
-        if row["model"] != "profound_conv":
-            continue
         config = bench_config(row["model"], row["size"], row["dtype"], args)
-        bo, ho = config.model.backbone_options, config.model.head_options
-        spec = {"dims": list(bo.dims), "depths": list(bo.depths), "hidden": ho.hidden_size,
-                "aux": ho.auxiliary_channels, "num_classes": 3, "crop": list(config.data.crop_size),
-                "batch": config.batch_size, "lr": config.optimizer.lr, "weight_decay": config.optimizer.weight_decay,
-                "aux_weight": config.task.aux_weight, "dtype": row["dtype"], "size": row["size"]}
+        spec = torch_spec(row["model"], config)
+        spec.update(dtype=row["dtype"], size=row["size"])
         cmd = [TORCH_PYTHON, os.path.join(REPO, "scripts", "bench_torch.py"), "--spec", json.dumps(spec),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
         if args.no_compile or args.quick:  # torch.compile takes minutes on CPU (and fails here, see RESULTS.md)
@@ -286,11 +309,11 @@ def run_torch(args, rows):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
         except subprocess.TimeoutExpired:
-            print(f"[torch] {row['size']}/{row['dtype']}: timed out")
+            print(f"[torch] {row['model']}/{row['size']}/{row['dtype']}: timed out")
             continue
         results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not results:
-            print(f"[torch] {row['size']}/{row['dtype']} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+            print(f"[torch] {row['model']}/{row['size']}/{row['dtype']} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
         for r in results:
             r.update(section="torch", jax_volumes_per_s=row["volumes_per_s"],
                      jax_over_torch=(row["volumes_per_s"] / r["volumes_per_s"]) if r.get("volumes_per_s") else None)
@@ -482,7 +505,7 @@ def main(argv=None):
     if args.torch:
         rows = run_torch(args, model_rows)
         all_rows += rows
-        table(rows, ["size", "dtype", "mode", "threads", "batch", "compile_s", "step_s", "volumes_per_s",
+        table(rows, ["model", "size", "dtype", "mode", "threads", "batch", "compile_s", "step_s", "volumes_per_s",
                      "jax_volumes_per_s", "jax_over_torch", "error"], "PyTorch reference (same step) and JAX / PyTorch")
     if args.data:
         rows = data_section(args, model_rows)

@@ -216,15 +216,19 @@ class ChannelReducer(nn.Module):
 class ProViCNetReference(nn.Module):
     """``ProViCNet_contrastive`` (reducer_in=None) or ``ProViCNet_contrastive_US`` (reducer_in=9)."""
 
-    def __init__(self, reducer_in=None, with_cl_head=True, parametrized_weight_norm=False):
+    def __init__(self, reducer_in=None, with_cl_head=True, parametrized_weight_norm=False, vit=None,
+                 head_channels=HEAD_CHANNELS, num_classes=NUM_CLASSES, cl_head=None):
+        """The fixture sizes by default; `vit` / `head_channels` / `cl_head` build other sizes (the benchmark)."""
         super().__init__()
-        width = TINY_VIT["width"]
+        vit = dict(TINY_VIT, **(vit or {}))
+        width = vit["width"]
         if reducer_in:
             self.ChannelReducer = ChannelReducer(reducer_in, 3)
         if with_cl_head:
-            self.CL_Head = ContrastiveLearningHead(width, parametrized_weight_norm=parametrized_weight_norm, **CL_HEAD)
-        self.backbone = DinoVisionTransformer(**TINY_VIT)
-        self.head = ConvHead8(width, HEAD_CHANNELS, NUM_CLASSES)
+            self.CL_Head = ContrastiveLearningHead(width, parametrized_weight_norm=parametrized_weight_norm,
+                                                   **(cl_head or CL_HEAD))
+        self.backbone = DinoVisionTransformer(**vit)
+        self.head = ConvHead8(width, head_channels, num_classes)
         self.axis_pos = nn.Linear(1, width)
         self.axis_max = nn.Linear(1, width)
         self.width = width

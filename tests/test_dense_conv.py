@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transfer_jax.models import layers
 from transfer_jax.models.layers import DenseConv, dense_conv
 from transfer_jax.models.upernet import UPerNetConfig
 
@@ -33,8 +34,11 @@ def _reference(x, kernel, padding):
                                         dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
 
 
+@pytest.mark.parametrize("matmul_kernel_grad", [False, True])
 @pytest.mark.parametrize("shape,kernel_size", CASES)
-def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size):
+def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size, matmul_kernel_grad, monkeypatch):
+    if matmul_kernel_grad:
+        monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_POSITIONS", 0)
     cout = 3
     kx, kw, kc = jax.random.split(jax.random.key(sum(shape) + sum(kernel_size)), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
@@ -51,6 +55,27 @@ def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size):
     grads = jax.jit(jax.grad(loss(fold), argnums=(0, 1)))(x, kernel)
     grads_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, kernel)
     for g, r in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cout", [2, 9])  # the kernel gradient shifts the cotangent (cout <= cin) or x (cout > cin)
+@pytest.mark.parametrize("shape,kernel_size,padding", [
+    ((2, 9, 10, 5), (3, 2), ((1, 1), (0, 1))),
+    ((2, 3, 8, 9, 4), (3, 3, 3), ((1, 1), (2, 0), (1, 1))),
+])
+def test_fold_kernel_gradient_for_wide_outputs_and_uneven_padding(shape, kernel_size, padding, cout, monkeypatch):
+    monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_POSITIONS", 0)  # the matmul kernel gradient at test sizes
+    kx, kw, kc = jax.random.split(jax.random.key(cout), 3)
+    x = jax.random.normal(kx, shape, jnp.float32)
+    kernel = jax.random.normal(kw, (*kernel_size, shape[-1], cout), jnp.float32) * 0.3
+    fold = jax.jit(lambda x, k: dense_conv(x, k, padding, implementation="fold", precision=HIGHEST))
+    ref = jax.jit(lambda x, k: _reference(x, k, padding))
+    out = fold(x, kernel)
+    np.testing.assert_allclose(out, ref(x, kernel), rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(kc, out.shape, jnp.float32)
+    grads = jax.grad(lambda x, k: jnp.sum(fold(x, k) * cotangent), argnums=(0, 1))(x, kernel)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * cotangent), argnums=(0, 1))(x, kernel)
+    for g, r in zip(grads, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
