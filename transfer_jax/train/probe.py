@@ -63,6 +63,7 @@ class AlignmentProbe:
         self.images = jax.device_put(task.probe_inputs(images), sharding)
         self.batch_size = batch_size
         self.reference = None
+        self._measure_compiled = None
 
         def features(params, rest, images):
             model = graph.merge(params, rest, training=False)
@@ -86,10 +87,13 @@ class AlignmentProbe:
         return int(self.images.shape[0])
 
     def set_reference(self, params: Any, rest: Any) -> None:
+        """Embeds the probe with the initial weights, and compiles the measurement ahead of training so that the
+        in-loop cost (`alignment_share`) is the steady cost, as for the train step."""
         self.reference = self._features(params, rest, self.images)
+        self._measure_compiled = self._measure.lower(self.reference, self.reference, jax.random.key(0)).compile()
 
     def __call__(self, params: Any, rest: Any, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
         """{site: {measure: scalar device array}} for the current weights against the reference."""
         if self.reference is None:
             raise RuntimeError("AlignmentProbe.set_reference must run before the first measurement")
-        return self._measure(self.reference, self._features(params, rest, self.images), key)
+        return self._measure_compiled(self.reference, self._features(params, rest, self.images), key)
