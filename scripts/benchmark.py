@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", help="comma list of fp32 | bf16 (backbone_options.dtype)")
     p.add_argument("--remat", action="store_true", help="backbone_options.remat=True (nnx.remat per block)")
     p.add_argument("--depthwise-impl", default="auto",
-                   help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz (layers.DepthwiseConv)")
+                   help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz | matrix (layers.DepthwiseConv)")
     p.add_argument("--conv-impl", default="auto",
                    help="head_options.conv_impl: auto | conv | fold (layers.dense_conv, the UPerNet head)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default 10; --quick 4)")

@@ -141,28 +141,34 @@ def test_upernet_conv_impl_gives_the_same_model():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 4), (1, 4, 5, 11, 3), (2, 2, 6, 16, 5)])
-def test_depthwise_toeplitz_matches_grouped_conv(shape):
-    """DepthwiseConv's "toeplitz" form (picked by "auto" on CPU for 8-64 wide maps) against lax's grouped conv."""
-    from transfer_jax.models.layers import _depthwise_toeplitz
+@pytest.mark.parametrize("form,shape", [
+    ("toeplitz", (2, 3, 8, 8, 4)), ("toeplitz", (1, 4, 5, 11, 3)), ("toeplitz", (2, 2, 6, 16, 5)),
+    ("matrix", (2, 2, 4, 4, 5)), ("matrix", (3, 1, 2, 2, 4)), ("matrix", (2, 1, 1, 1, 3)), ("matrix", (2, 5, 6, 3)),
+])
+def test_depthwise_cpu_forms_match_grouped_conv(form, shape):
+    """DepthwiseConv's CPU forms picked by "auto" ("toeplitz" for 8-64 wide maps, "matrix" for maps of at most
+    128 voxels, also narrower than the kernel) against lax's grouped conv, forward and gradients."""
+    from transfer_jax.models.layers import _depthwise_matrix, _depthwise_toeplitz
 
-    channels = shape[-1]
+    form_fn = {"toeplitz": _depthwise_toeplitz, "matrix": _depthwise_matrix}[form]
+    channels, rank = shape[-1], len(shape) - 2
     kx, kw, kc = jax.random.split(jax.random.key(sum(shape)), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
-    kernel = jax.random.normal(kw, (7, 7, 7, 1, channels), jnp.float32) * 0.1
+    kernel = jax.random.normal(kw, (*(7,) * rank, 1, channels), jnp.float32) * 0.1
     cotangent = jax.random.normal(kc, shape, jnp.float32)
+    letters = "DHW"[3 - rank:]
 
     def grouped(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1, 1), [(3, 3)] * 3, precision=HIGHEST,
-                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        return jax.lax.conv_general_dilated(x, k, (1,) * rank, [(3, 3)] * rank, precision=HIGHEST,
+                                            dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
                                             feature_group_count=channels)
 
-    def toeplitz(x, k):
+    def ours(x, k):
         with jax.default_matmul_precision("highest"):
-            return _depthwise_toeplitz(x, k)
+            return form_fn(x, k)
 
-    np.testing.assert_allclose(jax.jit(toeplitz)(x, kernel), jax.jit(grouped)(x, kernel), rtol=1e-5, atol=1e-5)
-    grads = jax.jit(jax.grad(lambda x, k: jnp.sum(toeplitz(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+    np.testing.assert_allclose(jax.jit(ours)(x, kernel), jax.jit(grouped)(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
     want = jax.jit(jax.grad(lambda x, k: jnp.sum(grouped(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
     for g, r in zip(grads, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -107,18 +107,50 @@ def _depthwise_toeplitz(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.moveaxis(out, 0, -1)
 
 
+# Maps of at most this many voxels use the dense per-channel matrix (`_depthwise_matrix`): V^2 multiply-adds per
+# voxel and channel instead of the kernel volume, in two einsums instead of a kernel-volume-long scan.
+_MATRIX_MAX_VOXELS = 128
+
+
+def _axis_taps(size: int, kernel: int) -> np.ndarray:
+    """[out, in, tap] one-hot: input position `in` feeds output `out` through tap `tap` (same padding)."""
+    low = kernel // 2
+    out, inp, tap = np.meshgrid(np.arange(size), np.arange(size), np.arange(kernel), indexing="ij")
+    return (inp - out + low == tap).astype(np.float32)
+
+
+def _depthwise_matrix(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Same-padded depthwise conv of a small map as one (V x V) matrix per channel, V = the map's voxel count.
+
+    The matrix is assembled from the kernel with per-axis tap one-hots (taps that fall outside the map, i.e. onto
+    the zero padding, have no entry), then applied as a batched matmul; both steps are plain einsums, forward and
+    backward.
+    """
+    spatial, channels = x.shape[1:-1], x.shape[-1]
+    letters_out, letters_in, letters_tap = "ijk"[:len(spatial)], "def"[:len(spatial)], "abc"[:len(spatial)]
+    taps = [jnp.asarray(_axis_taps(s, k), x.dtype) for s, k in zip(spatial, kernel.shape[:-2])]
+    spec = (f"{letters_tap}q," + ",".join(f"{o}{i}{t}" for o, i, t in zip(letters_out, letters_in, letters_tap))
+            + f"->{letters_out}{letters_in}q")
+    voxels = math.prod(spatial)
+    matrix = jnp.einsum(spec, kernel[..., 0, :], *taps).reshape(voxels, voxels, channels)
+    y = jnp.einsum("nvc,uvc->nuc", x.reshape(x.shape[0], voxels, channels), matrix)
+    return y.reshape(x.shape)
+
+
 class DepthwiseConv(nnx.Module):
     """Depthwise (groups = channels), stride 1, same-padded conv; params `kernel` (*k, 1, C) and `bias` (C,).
 
     `implementation`: "conv" (lax grouped convolution), "shift_sum" (see `_depthwise_shift_sum`), "toeplitz"
-    (3-D only, see `_depthwise_toeplitz`) or "auto": on CPU toeplitz for 3-D maps 8-64 wide and shift_sum
-    otherwise, the grouped convolution on GPU/TPU, where it is fast.
+    (3-D only, see `_depthwise_toeplitz`), "matrix" (see `_depthwise_matrix`) or "auto": on CPU the matrix for
+    maps of at most 128 voxels, toeplitz for 3-D maps 8-64 wide and shift_sum otherwise; the grouped convolution
+    on GPU/TPU, where it is fast.
     """
 
     def __init__(self, channels: int, kernel_size: tuple[int, ...], *, kernel_init, dtype, rngs: nnx.Rngs,
                  implementation: str = "auto"):
-        if implementation not in ("auto", "conv", "shift_sum", "toeplitz"):
-            raise ValueError(f"depthwise implementation must be auto|conv|shift_sum|toeplitz, got {implementation!r}")
+        if implementation not in ("auto", "conv", "shift_sum", "toeplitz", "matrix"):
+            raise ValueError(
+                f"depthwise implementation must be auto|conv|shift_sum|toeplitz|matrix, got {implementation!r}")
         self.kernel = nnx.Param(kernel_init(rngs.params(), (*kernel_size, 1, channels), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
         self.implementation = implementation
@@ -131,6 +163,8 @@ class DepthwiseConv(nnx.Module):
         if implementation == "auto":
             if jax.default_backend() != "cpu":
                 implementation = "conv"
+            elif math.prod(x.shape[1:-1]) <= _MATRIX_MAX_VOXELS:
+                implementation = "matrix"
             elif x.ndim == 5 and _TOEPLITZ_MIN_WIDTH <= x.shape[-2] <= _TOEPLITZ_MAX_WIDTH:
                 implementation = "toeplitz"
             else:
@@ -141,6 +175,8 @@ class DepthwiseConv(nnx.Module):
             y = _depthwise_shift_sum(x, kernel)
         elif implementation == "toeplitz":
             y = _depthwise_toeplitz(x, kernel)
+        elif implementation == "matrix":
+            y = _depthwise_matrix(x, kernel)
         else:
             spatial = kernel.shape[:-2]
             letters = "DHW"[3 - len(spatial):]  # 2-D or 3-D
