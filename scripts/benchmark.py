@@ -11,7 +11,8 @@ AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB)
 the end of each), volumes/s and MFU against the peak of a large matmul measured in the same run.
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
-and crop and prints JAX / PyTorch ratios; `--data` times preprocessing (NIfTI decode + resample + normalise +
+and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
+the two JAX timings (machine speed drifts by tens of percent over minutes on shared CPUs); `--data` times preprocessing (NIfTI decode + resample + normalise +
 crop) and the grain training pipeline with 0 and 2 workers against the step; `--scaling` runs data-parallel and
 FSDP steps over 1/2/4/8 fake CPU devices (a subprocess with --xla_force_host_platform_device_count=8;
 correctness-only on CPU: the fake devices share the same cores); `--mmd` runs configs/seg.py (default preset) for
@@ -264,7 +265,14 @@ def model_row(model, preset, dtype, args, peaks):
         "mfu": flops / step_s / peaks[dtype], "loss": float(metrics["loss"]),
         "mem_mib": {k: round(v, 2) for k, v in memory.items()},
     }
-    return row
+    box = {"state": state}
+
+    def retime() -> float:
+        """The same compiled step timed again (JAX / PyTorch ratios use timings taken next to each other)."""
+        seconds, box["state"], _ = time_steps(compiled, box["state"], batch, args.steps, 1)
+        return seconds
+
+    return row, retime
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,32 +300,36 @@ def torch_spec(model: str, config) -> dict:
     return spec
 
 
-def run_torch(args, rows):
+def run_torch(args, row, retime):
+    """PyTorch's step for `row` (a subprocess in the side venv), then the JAX step timed again: the ratio uses the
+    mean of the JAX timings just before and just after, so that drift in machine speed cancels."""
     if not os.path.exists(TORCH_PYTHON):
         print(f"\n[torch] side venv not found at {TORCH_PYTHON}: skipped")
         return []
     out = []
-    for row in rows:
-        config = bench_config(row["model"], row["size"], row["dtype"], args)
-        spec = torch_spec(row["model"], config)
-        spec.update(dtype=row["dtype"], size=row["size"])
-        cmd = [TORCH_PYTHON, os.path.join(REPO, "scripts", "bench_torch.py"), "--spec", json.dumps(spec),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        if args.no_compile or args.quick:  # torch.compile takes minutes on CPU (and fails here, see RESULTS.md)
-            cmd.append("--no-compile")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
-        except subprocess.TimeoutExpired:
-            print(f"[torch] {row['model']}/{row['size']}/{row['dtype']}: timed out")
-            continue
-        results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not results:
-            print(f"[torch] {row['model']}/{row['size']}/{row['dtype']} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
-        for r in results:
-            r.update(section="torch", jax_volumes_per_s=row["volumes_per_s"],
-                     jax_over_torch=(row["volumes_per_s"] / r["volumes_per_s"]) if r.get("volumes_per_s") else None)
-            out.append(r)
+    config = bench_config(row["model"], row["size"], row["dtype"], args)
+    spec = torch_spec(row["model"], config)
+    spec.update(dtype=row["dtype"], size=row["size"])
+    cmd = [TORCH_PYTHON, os.path.join(REPO, "scripts", "bench_torch.py"), "--spec", json.dumps(spec),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.no_compile or args.quick:  # torch.compile takes minutes on CPU (and fails here, see RESULTS.md)
+        cmd.append("--no-compile")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        print(f"[torch] {row['model']}/{row['size']}/{row['dtype']}: timed out")
+        return []
+    jax_step = (row["step_s"] + retime()) / 2
+    jax_vps = row["batch"] / jax_step
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not results:
+        print(f"[torch] {row['model']}/{row['size']}/{row['dtype']} failed (rc={proc.returncode}):\n"
+              f"{proc.stderr[-2000:]}")
+    for r in results:
+        r.update(section="torch", jax_step_s=jax_step, jax_volumes_per_s=jax_vps,
+                 jax_over_torch=(jax_vps / r["volumes_per_s"]) if r.get("volumes_per_s") else None)
+        out.append(r)
     return out
 
 
@@ -483,18 +495,21 @@ def main(argv=None):
     dtypes = args.dtype.split(",")
     peaks = {d: measure_peak(args.peak_n, d) for d in dtypes}
     print("peak matmul " + ", ".join(f"{d}: {p / 1e9:.1f} GFLOP/s (n={args.peak_n})" for d, p in peaks.items()))
-    all_rows = []
+    all_rows, torch_rows = [], []
     for model in args.models.split(","):
         for size in args.sizes.split(","):
             for preset in SIZES[size]:
                 for dtype in dtypes:
                     try:
-                        row = model_row(model, preset, dtype, args, peaks)
+                        row, retime = model_row(model, preset, dtype, args, peaks)
                     except Exception as e:  # e.g. a backbone whose config does not exist yet
                         print(f"[model] {model}/{preset}/{dtype}: skipped ({type(e).__name__}: {e})")
                         continue
                     all_rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if args.torch:
+                        torch_rows += run_torch(args, row, retime)
+                    del retime  # frees the compiled step and its state
     model_rows = list(all_rows)
     table(model_rows, ["model", "size", "dtype", "batch", "crop", "compile_s", "step_s", "volumes_per_s",
                        "analytic_gflop_step", "xla_gflop_step", "xla_over_analytic", "achieved_gflops",
@@ -503,10 +518,10 @@ def main(argv=None):
           ["model", "size", "dtype", "argument_mib", "output_mib", "temp_mib", "alias_mib", "generated_code_mib"],
           "compiled.memory_analysis() of the train step (MiB per device)")
     if args.torch:
-        rows = run_torch(args, model_rows)
-        all_rows += rows
-        table(rows, ["model", "size", "dtype", "mode", "threads", "batch", "compile_s", "step_s", "volumes_per_s",
-                     "jax_volumes_per_s", "jax_over_torch", "error"], "PyTorch reference (same step) and JAX / PyTorch")
+        all_rows += torch_rows
+        table(torch_rows, ["model", "size", "dtype", "mode", "threads", "batch", "compile_s", "step_s",
+                           "volumes_per_s", "jax_step_s", "jax_volumes_per_s", "jax_over_torch", "error"],
+              "PyTorch reference (same step) and JAX / PyTorch (JAX re-timed next to it)")
     if args.data:
         rows = data_section(args, model_rows)
         all_rows += rows

@@ -39,6 +39,7 @@ def _reference(x, kernel, padding):
 def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size, matmul_kernel_grad, monkeypatch):
     if matmul_kernel_grad:
         monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_POSITIONS", 0)
+        monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_CHANNELS", 0)
     cout = 3
     kx, kw, kc = jax.random.split(jax.random.key(sum(shape) + sum(kernel_size)), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
@@ -65,6 +66,7 @@ def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size, matmul_kern
 ])
 def test_fold_kernel_gradient_for_wide_outputs_and_uneven_padding(shape, kernel_size, padding, cout, monkeypatch):
     monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_POSITIONS", 0)  # the matmul kernel gradient at test sizes
+    monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_CHANNELS", 0)
     kx, kw, kc = jax.random.split(jax.random.key(cout), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
     kernel = jax.random.normal(kw, (*kernel_size, shape[-1], cout), jnp.float32) * 0.3

@@ -216,10 +216,12 @@ def _im2col(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
     return _matmul_1x1(jnp.concatenate(columns, axis=-1), kernel.reshape(1, -1, kernel.shape[-1]), precision)
 
 
-# From this many output positions (N * H * W of the 2-D conv) the kernel gradient runs as one matmul
-# (`_conv2d_kernel_grad`): measured 1.5x faster for the whole ProFound-ViT default step (65536 positions), even at
-# 8192, and slower on the smoke sizes (2048).
+# From this many output positions (N * H * W of the 2-D conv) and input channels the kernel gradient runs as one
+# matmul (`_conv2d_kernel_grad`). Measured fwd+bwd on 2 cores: 2x faster with 96-384 input channels (the whole
+# ProFound-ViT default step: 1.5x), even at 8192 positions; slower on the smoke sizes (2048 positions) and with
+# 8-32 input channels (ProViCNet's head: up to 2.5x slower), where XLA's own kernel gradient is better.
 _MATMUL_GRAD_MIN_POSITIONS = 8192
+_MATMUL_GRAD_MIN_CHANNELS = 64
 
 
 def _conv2d(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
@@ -230,7 +232,7 @@ def _conv2d(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
 def _conv2d_fold(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
     positions = x.shape[0] * (x.shape[1] + sum(padding[0]) - kernel.shape[0] + 1) * (
         x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1)
-    if positions >= _MATMUL_GRAD_MIN_POSITIONS:
+    if positions >= _MATMUL_GRAD_MIN_POSITIONS and x.shape[-1] >= _MATMUL_GRAD_MIN_CHANNELS:
         return _conv2d_matmul_grad(x, kernel, padding, precision)
     return _conv2d(x, kernel, padding, precision)
 
