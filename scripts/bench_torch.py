@@ -153,7 +153,8 @@ def main(argv=None):
         try:
             result = run(mode, spec, args)
         except Exception as e:  # torch.compile needs a working C++ toolchain; report instead of failing
-            result = {"mode": mode, "model": spec.get("model", "profound_conv"), "size": spec.get("size"), "dtype": spec.get("dtype", "fp32"),
+            result = {"mode": mode, "model": spec.get("model", "profound_conv"), "size": spec.get("size"),
+                      "dtype": spec.get("dtype", "fp32"),
                       "error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps(result), flush=True)
 

@@ -12,8 +12,9 @@ the end of each), volumes/s and MFU against the peak of a large matmul measured 
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
-the two JAX timings (machine speed drifts by tens of percent over minutes on shared CPUs); `--data` times preprocessing (NIfTI decode + resample + normalise +
-crop) and the grain training pipeline with 0 and 2 workers against the step; `--scaling` runs data-parallel and
+the two JAX timings (machine speed drifts by tens of percent over minutes on shared CPUs); `--data` times
+preprocessing (NIfTI decode + resample + normalise + crop) and the grain training pipeline with 0 and 2 workers
+against the step; `--scaling` runs data-parallel and
 FSDP steps over 1/2/4/8 fake CPU devices (a subprocess with --xla_force_host_platform_device_count=8;
 correctness-only on CPU: the fake devices share the same cores); `--mmd` runs configs/seg.py (default preset) for
 `--mmd-steps` steps and prints the share of training time the in-loop alignment probe takes.
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", help="comma list of fp32 | bf16 (backbone_options.dtype)")
     p.add_argument("--remat", action="store_true", help="backbone_options.remat=True (nnx.remat per block)")
     p.add_argument("--depthwise-impl", default="auto",
-                   help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz | matrix (layers.DepthwiseConv)")
+                   help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz | matrix "
+                        "(layers.DepthwiseConv)")
     p.add_argument("--conv-impl", default="auto",
                    help="head_options.conv_impl: auto | conv | fold (layers.dense_conv, the UPerNet head)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default 10; --quick 4)")
@@ -303,9 +305,6 @@ def torch_spec(model: str, config) -> dict:
 def run_torch(args, row, retime):
     """PyTorch's step for `row` (a subprocess in the side venv), then the JAX step timed again: the ratio uses the
     mean of the JAX timings just before and just after, so that drift in machine speed cancels."""
-    if not os.path.exists(TORCH_PYTHON):
-        print(f"\n[torch] side venv not found at {TORCH_PYTHON}: skipped")
-        return []
     out = []
     config = bench_config(row["model"], row["size"], row["dtype"], args)
     spec = torch_spec(row["model"], config)
@@ -492,6 +491,9 @@ def main(argv=None):
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
           f"({jax.devices()[0].device_kind}); os.cpu_count()={os.cpu_count()}; XLA CPU uses its own thread pool "
           f"over all visible cores (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch threads={args.threads}")
+    if args.torch and not os.path.exists(TORCH_PYTHON):
+        print(f"[torch] side venv not found at {TORCH_PYTHON}: the PyTorch comparison is skipped")
+        args.torch = False
     dtypes = args.dtype.split(",")
     peaks = {d: measure_peak(args.peak_n, d) for d in dtypes}
     print("peak matmul " + ", ".join(f"{d}: {p / 1e9:.1f} GFLOP/s (n={args.peak_n})" for d, p in peaks.items()))

@@ -229,9 +229,13 @@ def _conv2d(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
                                         precision=precision)
 
 
+def _output_plane(x: jax.Array, kernel: jax.Array, padding) -> tuple[int, int]:
+    """(H, W) of a stride-1 conv's output: the last two spatial sizes after padding, minus the kernel's reach."""
+    return tuple(s + lo + hi - k + 1 for s, (lo, hi), k in zip(x.shape[-3:-1], padding[-2:], kernel.shape[-4:-2]))
+
+
 def _conv2d_fold(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
-    positions = x.shape[0] * (x.shape[1] + sum(padding[0]) - kernel.shape[0] + 1) * (
-        x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1)
+    positions = x.shape[0] * math.prod(_output_plane(x, kernel, padding))
     if positions >= _MATMUL_GRAD_MIN_POSITIONS and x.shape[-1] >= _MATMUL_GRAD_MIN_CHANNELS:
         return _conv2d_matmul_grad(x, kernel, padding, precision)
     return _conv2d(x, kernel, padding, precision)
@@ -303,7 +307,8 @@ def dense_conv(x: jax.Array, kernel: jax.Array, padding, *, implementation: str 
     GFLOP/s fwd+bwd on the UPerNet head's 3^3 convs, while its 2-D convolutions and matmuls reach 100-170 on the
     same two cores, so 1x1 convs become matmuls, 3-D kernels fold their depth taps into the channels and run as
     a 2-D conv over (N*D) slices (kd x the input in memory, 2.5-6x faster fwd+bwd) whose kernel gradient is one
-    matmul on large maps, and maps with few positions per slice use im2col. "auto": fold on CPU, conv on GPU/TPU (cuDNN / the TPU convolution unit are fast).
+    matmul on large maps, and maps with few positions per slice use im2col. "auto": fold on CPU, conv on GPU/TPU
+    (cuDNN / the TPU convolution unit are fast).
     """
     spatial = kernel.shape[:-2]
     if padding == "SAME":
@@ -322,8 +327,7 @@ def dense_conv(x: jax.Array, kernel: jax.Array, padding, *, implementation: str 
         raise ValueError(f"dense conv takes 2-D or 3-D kernels, got kernel shape {kernel.shape}")
     if all(k == 1 for k in spatial) and not any(lo or hi for lo, hi in padding):
         return _matmul_1x1(x, kernel, precision)
-    plane = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(x.shape[-3:-1], padding[-2:], spatial[-2:])]
-    if plane[0] * plane[1] < _IM2COL_MAX_PLANE:
+    if math.prod(_output_plane(x, kernel, padding)) < _IM2COL_MAX_PLANE:
         return _im2col(x, kernel, padding, precision)
     if len(spatial) == 3:
         return _depth_folded(x, kernel, padding, precision)
