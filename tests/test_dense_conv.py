@@ -212,3 +212,52 @@ def test_patch_conv_module_matches_nnx_conv():
         np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     half = PatchConv(3, 8, (2, 4, 4), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert half(x).dtype == jnp.bfloat16 and half.kernel[...].dtype == jnp.float32
+
+
+def _upsample2x(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+# Output channels below and from `_PHASES_IN_CHANNELS_MAX_OUT` (phases as channels / four 2x2 convs), odd and
+# non-square maps, a 1-pixel map (every tap but the centre reads padding).
+@pytest.mark.parametrize("shape,cout", [((2, 4, 5, 6), 3), ((2, 4, 5, 6), 9), ((3, 1, 1, 4), 4), ((1, 3, 2, 5), 16)])
+@pytest.mark.parametrize("implementation", ["fold", "conv"])
+def test_upsample2x_conv3x3_equals_upsampling_then_convolving(shape, cout, implementation):
+    kx, kw, kc = jax.random.split(jax.random.key(sum(shape) + cout), 3)
+    x = jax.random.normal(kx, shape, jnp.float32)
+    kernel = jax.random.normal(kw, (3, 3, shape[-1], cout), jnp.float32) * 0.3
+    cotangent = jax.random.normal(kc, (shape[0], 2 * shape[1], 2 * shape[2], cout), jnp.float32)
+    padding = ((1, 1), (1, 1))
+
+    def fused(x, k):
+        return layers.upsample2x_conv3x3(x, k, implementation=implementation, precision=HIGHEST)
+
+    def literal(x, k):
+        return _reference(_upsample2x(x), k, padding)
+
+    np.testing.assert_allclose(jax.jit(fused)(x, kernel), jax.jit(literal)(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda x, k: jnp.sum(fused(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+    grads_ref = jax.jit(jax.grad(lambda x, k: jnp.sum(literal(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+    for g, r in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_conv_after_upsample2x_keeps_bias_and_rejects_other_kernels():
+    conv = DenseConv(4, 5, (3, 3), padding=((1, 1), (1, 1)), bias_init=nnx.initializers.ones_init(),
+                     rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 3, 4), jnp.float32)
+    np.testing.assert_allclose(conv.after_upsample2x(x), conv(_upsample2x(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3x3 kernel with padding 1"):
+        DenseConv(4, 5, (1, 1), rngs=nnx.Rngs(0)).after_upsample2x(x)
+
+
+def test_cotangent_barrier_is_the_identity_for_values_and_gradients():
+    x = jax.random.normal(jax.random.key(0), (3, 7), jnp.float32)
+
+    def f(x, barrier):
+        y = jnp.tanh(x) * 2.0
+        return jnp.sum(jnp.sin(layers.cotangent_barrier(y) if barrier else y) ** 2)
+
+    assert float(f(x, True)) == float(f(x, False))
+    np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: f(x, True)))(x),
+                                  jax.jit(jax.grad(lambda x: f(x, False)))(x))

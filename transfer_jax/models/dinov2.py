@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv
+from transfer_jax.models.layers import PatchConv, cotangent_barrier
 
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
 _TRUNC_NORMAL_002 = nnx.initializers.truncated_normal(stddev=0.02)
@@ -150,7 +150,8 @@ class Block(nnx.Module):
         self.ls2 = LayerScale(config.width, config.layerscale_init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.ls1(self.attn(self.norm1(x)))
+        x = cotangent_barrier(x)
+        x = cotangent_barrier(x + self.ls1(self.attn(self.norm1(x))))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 

@@ -162,13 +162,28 @@ def batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 def run_layers(layers: nnx.List, x: jax.Array, collect: bool = False) -> jax.Array | list[jax.Array]:
-    """Apply a Sequential-like ``nnx.List``; with ``collect`` return every layer's output (index = torch index)."""
-    outputs = []
-    for layer in layers:
-        x = layer(x)
-        if collect:
+    """Apply a Sequential-like ``nnx.List``; with ``collect`` return every layer's output (index = torch index).
+
+    Without ``collect`` an up-sampling followed by a 3x3 conv runs as one layer on the low-resolution map
+    (`DenseConv.after_upsample2x`): the same result without materialising the up-sampled map.
+    """
+    if collect:
+        outputs = []
+        for layer in layers:
+            x = layer(x)
             outputs.append(x)
-    return outputs if collect else x
+        return outputs
+    index = 0
+    while index < len(layers):
+        layer = layers[index]
+        following = layers[index + 1] if index + 1 < len(layers) else None
+        if isinstance(layer, Upsample2x) and isinstance(following, DenseConv) and following.kernel.shape[:2] == (3, 3):
+            x = following.after_upsample2x(x)
+            index += 2
+        else:
+            x = layer(x)
+            index += 1
+    return x
 
 
 class ConvHead8(nnx.Module):
