@@ -325,9 +325,14 @@ def run_torch(args, row, retime):
     if proc.returncode or not results:
         print(f"[torch] {row['model']}/{row['size']}/{row['dtype']} failed (rc={proc.returncode}):\n"
               f"{proc.stderr[-2000:]}")
+    flops_over_peak = row["mfu"] * row["step_s"]  # the step's FLOPs in seconds at the measured matmul peak
     for r in results:
         r.update(section="torch", jax_step_s=jax_step, jax_volumes_per_s=jax_vps,
-                 jax_over_torch=(jax_vps / r["volumes_per_s"]) if r.get("volumes_per_s") else None)
+                 jax_over_torch=(jax_vps / r["volumes_per_s"]) if r.get("volumes_per_s") else None,
+                 jax_mfu=flops_over_peak / jax_step)
+        if r.get("step_s"):
+            # Same FLOPs for both frameworks: PyTorch's MFU bounds the reachable ratio (JAX at 100 % = 1 / torch_mfu).
+            r.update(torch_mfu=flops_over_peak / r["step_s"], ratio_at_peak=r["step_s"] / flops_over_peak)
         out.append(r)
     return out
 
@@ -522,7 +527,8 @@ def main(argv=None):
     if args.torch:
         all_rows += torch_rows
         table(torch_rows, ["model", "size", "dtype", "mode", "threads", "batch", "compile_s", "step_s",
-                           "volumes_per_s", "jax_step_s", "jax_volumes_per_s", "jax_over_torch", "error"],
+                           "volumes_per_s", "torch_mfu", "jax_step_s", "jax_volumes_per_s", "jax_mfu", "jax_over_torch",
+                           "ratio_at_peak", "error"],
               "PyTorch reference (same step) and JAX / PyTorch (JAX re-timed next to it)")
     if args.data:
         rows = data_section(args, model_rows)

@@ -35,13 +35,16 @@ def soft_dice_loss(probs: jax.Array, onehot: jax.Array, *, include_background: b
     return jnp.mean(dice)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:
-    """Mean voxel CE; with class weights the weighted mean sum(w_y nll) / sum(w_y), as torch does."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+def cross_entropy(log_probs: jax.Array, onehot: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:
+    """Mean voxel CE; with class weights the weighted mean sum(w_y nll) / sum(w_y), as torch does.
+
+    The label is picked with the one-hot map, not a gather: XLA:CPU builds the gather's indices and its scatter
+    gradient at full resolution (ProFound-Conv's default step was 9 % slower with `take_along_axis`).
+    """
+    nll = -jnp.sum(onehot * log_probs, axis=-1)
     if class_weights is None:
         return jnp.mean(nll)
-    w = class_weights[labels]
+    w = jnp.sum(onehot * class_weights, axis=-1)
     return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
@@ -49,9 +52,10 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, include_background: bo
                  class_weights: jax.Array | None = None) -> jax.Array:
     logits = logits.astype(jnp.float32)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    dice = soft_dice_loss(jax.nn.softmax(logits, axis=-1), onehot, include_background=include_background,
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    dice = soft_dice_loss(jnp.exp(log_probs), onehot, include_background=include_background,
                           class_weights=class_weights)
-    return dice + cross_entropy(logits, labels, class_weights)
+    return dice + cross_entropy(log_probs, onehot, class_weights)
 
 
 def dice_counts(pred: jax.Array, labels: jax.Array, num_classes: int) -> dict[str, jax.Array]:
