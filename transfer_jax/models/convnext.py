@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import DepthwiseConv, DropPath, PatchConv, gelu, layer_norm, trunc_normal
+from transfer_jax.models.layers import (DepthwiseConv, DropPath, PatchConv, gelu, layer_norm, rematerialised,
+                                         trunc_normal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +103,6 @@ class Block(nnx.Module):
         return x + self.drop_path(y)
 
 
-@nnx.remat
-def _remat_block(block: Block, x: jax.Array) -> jax.Array:
-    return block(x)
-
-
 class ConvNeXtV2(nnx.Module):
     def __init__(self, config: ConvNeXtConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -155,7 +151,7 @@ class ConvNeXtV2(nnx.Module):
             for layer in downsample:
                 x = layer(x)
             for block in blocks:
-                x = _remat_block(block, x) if self.config.remat else block(x)
+                x = rematerialised(block, x) if self.config.remat else block(x)
             stage_outputs.append(x)
         pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)).astype(x.dtype))
         return EncoderOutput(pooled=pooled, stages=tuple(stage_outputs))

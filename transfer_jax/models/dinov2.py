@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv, cotangent_barrier
+from transfer_jax.models.layers import PatchConv, cotangent_barrier, rematerialised
 
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
 _TRUNC_NORMAL_002 = nnx.initializers.truncated_normal(stddev=0.02)
@@ -221,9 +221,10 @@ class DinoV2(nnx.Module):
         tokens = self.embed_patches_with_positions(images)
         return jnp.concatenate([tokens[:, :1], self.registers(images.shape[0]), tokens[:, 1:]], axis=1)
 
-    def run_blocks(self, tokens: jax.Array) -> jax.Array:
+    def run_blocks(self, tokens: jax.Array, remat: bool = False) -> jax.Array:
+        """The blocks; with `remat` each block's activations are recomputed in the backward pass."""
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = rematerialised(block, tokens) if remat else block(tokens)
         return tokens
 
     def split_normed(self, prenorm: jax.Array, num_extra: int) -> BackboneFeatures:

@@ -202,6 +202,12 @@ def cotangent_barrier(x: jax.Array) -> jax.Array:
 cotangent_barrier.defvjp(lambda x: (x, None), lambda _, grad: (jax.lax.optimization_barrier(grad),))
 
 
+@nnx.remat
+def rematerialised(block: nnx.Module, x: jax.Array) -> jax.Array:
+    """`block(x)` with its activations recomputed in the backward pass (`nnx.remat`): memory for FLOPs."""
+    return block(x)
+
+
 def _same_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple(((k - 1) // 2, k // 2) for k in kernel_size)
 

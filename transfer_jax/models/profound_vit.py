@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv
+from transfer_jax.models.layers import PatchConv, rematerialised
 
 __all__ = [
     "ViTConfig", "MAEDecoderConfig", "Buffer", "ViTOutput", "MAEOutput", "ProFoundViT", "MAEDecoder", "MAE",
@@ -60,6 +60,7 @@ class ViTConfig:
     # Block outputs handed to dense heads (sibling `build_segment.py`: UPerNet takes blocks 3, 5, 7, 11).
     out_indices: tuple[int, ...] = (3, 5, 7, 11)
     dtype: str = "float32"
+    remat: bool = False  # recompute each block's activations in the backward pass (nnx.remat): memory for FLOPs
 
     def __post_init__(self):
         bad = [(s, p) for s, p in zip(self.img_size, self.patch_size) if s % p]
@@ -265,7 +266,7 @@ class ProFoundViT(nnx.Module):
         """Blocks on a cls-first sequence; returns the normed sequence and each block's output without cls."""
         hidden = []
         for block in self.blocks:
-            x = block(x)
+            x = rematerialised(block, x) if self.config.remat else block(x)
             hidden.append(x[:, 1:])
         return self.norm(x), tuple(hidden)
 

@@ -83,6 +83,7 @@ class ProViCNetConfig:
     head_channels: tuple[int, int] = (128, 64)
     reducer_in_channels: int | None = None
     contrastive_head: ContrastiveHeadConfig | None = dataclasses.field(default_factory=ContrastiveHeadConfig)
+    remat: bool = False  # recompute each ViT block's activations in the backward pass: memory for FLOPs
 
     @property
     def input_channels(self) -> int:
@@ -332,7 +333,7 @@ class ProViCNet(nnx.Module):
         """
         tokens = self.prepare_tokens(self.backbone_input(images), slice_position)
         num_extra = 0 if slice_position is None else NUM_SLICE_POSITION_TOKENS
-        return self.backbone.split_normed(self.backbone.run_blocks(tokens), num_extra)
+        return self.backbone.split_normed(self.backbone.run_blocks(tokens, self.config.remat), num_extra)
 
     def feature_map(self, features: BackboneFeatures, images: jax.Array) -> jax.Array:
         """Patch tokens as the NHWC map [B, gy, gx, width] (upstream ``features`` in NCHW)."""
