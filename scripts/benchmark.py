@@ -186,19 +186,12 @@ def build_step(config, mesh, strategy="replicate"):
 
 
 def synthetic_batch(config, task, seed=0):
-    """A training batch of random crops with a centred gland box and a lesion box inside it, made by the task's own
-    `make_sample` (so slice tasks get their slice stacks, positions and pair seeds as in training)."""
-    import numpy as np
+    """A training batch of the config's size made by the task's own `make_sample` (slice tasks get their slice
+    stacks, positions and pair seeds as in training)."""
+    from transfer_jax.data.phantom import random_crop_batch
 
-    rng = np.random.default_rng(seed)
-    crop = tuple(config.data.crop_size)
-    gland = np.zeros(crop, np.uint8)
-    gland[tuple(slice(c // 4, c - c // 4) for c in crop)] = 1
-    lesion = np.zeros(crop, np.uint8)
-    lesion[tuple(slice(c // 3, c // 2 + 1) for c in crop)] = 1
-    samples = [task.make_sample({"image": rng.normal(size=(*crop, len(config.data.channels))).astype(np.float32),
-                                 "gland": gland, "lesion": lesion}) for _ in range(config.batch_size)]
-    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+    return random_crop_batch(task.make_sample, config.data.crop_size, len(config.data.channels), config.batch_size,
+                             seed)
 
 
 def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3):
