@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv, cotangent_barrier, rematerialised
+from transfer_jax.models.layers import PatchConv, cotangent_barrier, layer_norm, rematerialised
 
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
 _TRUNC_NORMAL_002 = nnx.initializers.truncated_normal(stddev=0.02)
@@ -133,19 +133,14 @@ class LayerScale(nnx.Module):
         return x * self.gamma[...]
 
 
-def layer_norm(width: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance like PyTorch; the fast E[x^2]-E[x]^2 form loses digits on the large residual stream.
-    return nnx.LayerNorm(width, epsilon=eps, use_fast_variance=False, rngs=rngs)
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block with LayerScale (DINOv2 ``NestedTensorBlock`` at inference, drop path 0)."""
 
     def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
-        self.norm1 = layer_norm(config.width, config.norm_eps, rngs)
+        self.norm1 = layer_norm(config.width, epsilon=config.norm_eps, rngs=rngs)
         self.attn = Attention(config, rngs=rngs)
         self.ls1 = LayerScale(config.width, config.layerscale_init)
-        self.norm2 = layer_norm(config.width, config.norm_eps, rngs)
+        self.norm2 = layer_norm(config.width, epsilon=config.norm_eps, rngs=rngs)
         self.mlp = Mlp(config, rngs=rngs)
         self.ls2 = LayerScale(config.width, config.layerscale_init)
 
@@ -187,7 +182,7 @@ class DinoV2(nnx.Module):
         )
         self.mask_token = nnx.Param(jnp.zeros((1, width), jnp.float32))
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
-        self.norm = layer_norm(width, config.norm_eps, rngs)
+        self.norm = layer_norm(width, epsilon=config.norm_eps, rngs=rngs)
 
     def interpolated_pos_embed(self, grid_y: int, grid_x: int) -> jax.Array:
         """Position table for a ``grid_y x grid_x`` patch grid: ``[1, 1 + grid_y * grid_x, width]``.

@@ -491,9 +491,11 @@ class DropPath(nnx.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-def layer_norm(num_features: int, *, dtype, rngs: nnx.Rngs, epsilon: float = 1e-6) -> nnx.LayerNorm:
-    """LayerNorm over the last (channel) axis with the PyTorch-port epsilon made explicit."""
-    return nnx.LayerNorm(num_features, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def layer_norm(num_features: int, *, rngs: nnx.Rngs, dtype=None, epsilon: float = 1e-6) -> nnx.LayerNorm:
+    """LayerNorm over the last (channel) axis as PyTorch computes it: two-pass variance (the E[x^2] - E[x]^2 form
+    loses digits on a large residual stream), fp32 parameters, the port's epsilon made explicit."""
+    return nnx.LayerNorm(num_features, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                         use_fast_variance=False, rngs=rngs)
 
 
 def trunc_normal(std: float = 0.02) -> nnx.Initializer:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv, rematerialised
+from transfer_jax.models.layers import PatchConv, layer_norm, rematerialised
 
 __all__ = [
     "ViTConfig", "MAEDecoderConfig", "Buffer", "ViTOutput", "MAEOutput", "ProFoundViT", "MAEDecoder", "MAE",
@@ -154,10 +154,6 @@ def _xavier_linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype, rngs:
                       bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def _layer_norm(width: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
 class Attention(nnx.Module):
     """Multi-head self-attention with one fused `qkv` projection (torch rows [q | k | v], head-major)."""
 
@@ -191,9 +187,9 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, qkv_bias: bool, eps: float, dtype,
                  rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(width, eps, dtype=dtype, rngs=rngs)
+        self.norm1 = layer_norm(width, epsilon=eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.norm2 = _layer_norm(width, eps, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(width, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -240,7 +236,7 @@ class ProFoundViT(nnx.Module):
                   eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
             for _ in range(config.depth)
         ])
-        self.norm = _layer_norm(config.width, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.norm = layer_norm(config.width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     @property
     def feature_channels(self) -> tuple[int, ...]:
@@ -344,7 +340,7 @@ class MAEDecoder(nnx.Module):
                   dtype=dtype, rngs=rngs)
             for _ in range(config.depth)
         ])
-        self.decoder_norm = _layer_norm(config.width, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.decoder_norm = layer_norm(config.width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
         patch_values = math.prod(encoder_config.patch_size) * encoder_config.in_channels
         self.decoder_pred = _xavier_linear(config.width, patch_values, dtype=dtype, rngs=rngs)
 

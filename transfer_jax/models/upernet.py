@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import DenseConv, adaptive_avg_pool, gelu, resize_linear
+from transfer_jax.models.layers import DenseConv, adaptive_avg_pool, gelu, layer_norm, resize_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ConvModule(nnx.Module):
             in_ch, out_ch, (kernel,) * spatial_dims, padding=((pad, pad),) * spatial_dims, use_bias=False,
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs, implementation=conv_impl,
         )
-        self.norm = nnx.LayerNorm(out_ch, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.norm = layer_norm(out_ch, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return gelu(self.norm(self.conv(x)))
