@@ -10,13 +10,15 @@ from flax import nnx
 
 from transfer_jax.data.phantom import random_crop_batch
 from transfer_jax.tasks.registry import get_task
+from transfer_jax.train.state import model_graph, split_model
+from transfer_jax.train.step import make_eval_step
 
 from helpers import load_config
 
 
 def remat_flag(model) -> bool:
     encoder = getattr(model, "encoder", model)  # UPerNet wraps the conv / ViT encoder; ProViCNet is the model
-    return encoder.config.remat
+    return encoder.remat
 
 
 @pytest.mark.parametrize("arg", ["smoke", "profound_vit,smoke", "provicnet,smoke"])
@@ -44,3 +46,19 @@ def test_remat_keeps_loss_and_gradients(arg):
     assert len(leaves) == len(remat_leaves) > 0
     for a, b in zip(leaves, remat_leaves):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arg", ["smoke", "profound_vit,smoke", "provicnet,smoke"])
+def test_evaluation_graph_runs_without_remat(arg):
+    """The evaluator vmaps the model per row, where nnx.remat cannot run; its graph has remat off."""
+    config = load_config("seg", arg)
+    config.model.backbone_options.remat = True
+    task = get_task(config)
+    graph, _, _ = model_graph(task.build_model)
+    _, params, rest = split_model(task.build_model(nnx.Rngs(0)))
+    assert remat_flag(graph.merge(params, rest, training=True)) is True
+    assert remat_flag(graph.merge(params, rest, training=False)) is False
+    batch = {k: jnp.asarray(v) for k, v in random_crop_batch(
+        task.make_sample, config.data.crop_size, len(config.data.channels), 2).items()}
+    _, losses = jax.jit(make_eval_step(graph, task, jnp.float32))(params, rest, batch)
+    assert losses.shape == (2,) and bool(jnp.all(jnp.isfinite(losses)))

@@ -148,7 +148,8 @@ def apply_vit(c: ml_collections.ConfigDict, preset: str) -> None:
     if preset == "full":
         c.data.crop_size = crop = (64, 256, 256)  # ProFound-ViT's pretraining geometry (patch 16x32x32)
     c.model.backbone_options = ml_collections.ConfigDict(dict(
-        img_size=crop, in_channels=len(c.data.channels), mlp_ratio=4.0, dtype="float32", **VIT_SIZES[preset]))
+        img_size=crop, in_channels=len(c.data.channels), mlp_ratio=4.0, dtype="float32", remat=False,
+        **VIT_SIZES[preset]))
     c.alignment.sites = ALIGNMENT_SITES["profound_vit"]
 
 
@@ -157,7 +158,7 @@ def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> 
     c.model.backbone = backbone
     if backbone == "profound_conv":
         c.model.backbone_options = ml_collections.ConfigDict(dict(
-            drop_path_rate=0.1, dtype="float32", **CONV_SIZES[preset]))
+            drop_path_rate=0.1, dtype="float32", remat=False, **CONV_SIZES[preset]))
         c.alignment.sites = ALIGNMENT_SITES["profound_conv"]
     elif backbone == "profound_vit":
         apply_vit(c, preset)
@@ -248,7 +249,8 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
     # ProViCNetConfig fields, nested as in a converted artifact's config (init.checkpoint adopts them).
     c.model.backbone_options = ml_collections.ConfigDict(dict(
         backbone=dict(patch=14, num_registers=4, mlp_ratio=4.0, in_channels=3, **sizes["vit"]),
-        head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32"))
+        head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32",
+        remat=False))
     c.model.head_options = ml_collections.ConfigDict()
     c.alignment.sites = ("cls", "mean_patch")
     c.data.crop_size = sizes["crop"]

@@ -106,6 +106,7 @@ class Block(nnx.Module):
 class ConvNeXtV2(nnx.Module):
     def __init__(self, config: ConvNeXtConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = config.remat  # a plain attribute: the evaluation graph turns it off (train/state.py)
         dtype = jnp.dtype(config.dtype)
         dims = config.dims
         stem = nnx.List([
@@ -151,7 +152,7 @@ class ConvNeXtV2(nnx.Module):
             for layer in downsample:
                 x = layer(x)
             for block in blocks:
-                x = rematerialised(block, x) if self.config.remat else block(x)
+                x = rematerialised(block, x) if self.remat else block(x)
             stage_outputs.append(x)
         pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)).astype(x.dtype))
         return EncoderOutput(pooled=pooled, stages=tuple(stage_outputs))

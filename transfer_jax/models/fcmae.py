@@ -111,7 +111,7 @@ def masked_stages(encoder: ConvNeXtV2, images: jax.Array, visible: jax.Array) ->
         here = _upsample(visible, x.shape[1:4])
         x = x * here
         for block in blocks:
-            x = (_remat_masked_block if encoder.config.remat else _masked_block)(block, x, here)
+            x = (_remat_masked_block if encoder.remat else _masked_block)(block, x, here)
         stages.append(x)
     return tuple(stages)
 

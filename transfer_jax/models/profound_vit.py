@@ -227,6 +227,7 @@ class ProFoundViT(nnx.Module):
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = config.remat  # a plain attribute: the evaluation graph turns it off (train/state.py)
         dtype = jnp.dtype(config.dtype)
         self.patch_embed = PatchEmbed(config, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, config.width), jnp.float32))
@@ -262,7 +263,7 @@ class ProFoundViT(nnx.Module):
         """Blocks on a cls-first sequence; returns the normed sequence and each block's output without cls."""
         hidden = []
         for block in self.blocks:
-            x = rematerialised(block, x) if self.config.remat else block(x)
+            x = rematerialised(block, x) if self.remat else block(x)
             hidden.append(x[:, 1:])
         return self.norm(x), tuple(hidden)
 

@@ -282,6 +282,7 @@ class ProViCNet(nnx.Module):
 
     def __init__(self, config: ProViCNetConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.remat = config.remat  # a plain attribute: the evaluation graph turns it off (train/state.py)
         width = config.backbone.width
         self.ChannelReducer = (
             ChannelReducer(config.reducer_in_channels, config.backbone.in_channels, rngs=rngs)
@@ -333,7 +334,7 @@ class ProViCNet(nnx.Module):
         """
         tokens = self.prepare_tokens(self.backbone_input(images), slice_position)
         num_extra = 0 if slice_position is None else NUM_SLICE_POSITION_TOKENS
-        return self.backbone.split_normed(self.backbone.run_blocks(tokens, self.config.remat), num_extra)
+        return self.backbone.split_normed(self.backbone.run_blocks(tokens, self.remat), num_extra)
 
     def feature_map(self, features: BackboneFeatures, images: jax.Array) -> jax.Array:
         """Patch tokens as the NHWC map [B, gy, gx, width] (upstream ``features`` in NCHW)."""

@@ -45,6 +45,9 @@ def model_graph(build: Callable[[nnx.Rngs], nnx.Module]) -> tuple[ModelGraph, An
     abstract.train()
     train_def, params, rest = split_model(abstract)
     abstract.eval()
+    # Evaluation takes no gradient: rematerialising there only costs, and nnx.remat cannot run under the
+    # evaluator's per-row vmap (it writes the block's state back across trace levels).
+    abstract.set_attributes(remat=False, raise_if_not_found=False)
     eval_def, _, _ = split_model(abstract)
     return ModelGraph(train=train_def, eval=eval_def), params, rest
 
