@@ -16,6 +16,11 @@ from transfer_jax.train.step import make_eval_step
 from helpers import load_config
 
 
+def two_case_batch(config, task) -> dict[str, jax.Array]:
+    batch = random_crop_batch(task.make_sample, config.data.crop_size, len(config.data.channels), 2)
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def remat_flag(model) -> bool:
     encoder = getattr(model, "encoder", model)  # UPerNet wraps the conv / ViT encoder; ProViCNet is the model
     return encoder.remat
@@ -32,8 +37,7 @@ def test_remat_keeps_loss_and_gradients(arg):
         task = get_task(config)
         model = task.build_model(nnx.Rngs(0))
         assert remat_flag(model) is remat
-        batch = {k: jnp.asarray(v) for k, v in random_crop_batch(
-            task.make_sample, config.data.crop_size, len(config.data.channels), 2).items()}
+        batch = two_case_batch(config, task)
 
         def loss_fn(model):
             return task.loss(task.forward(model, batch, jnp.float32), batch)[0]
@@ -58,7 +62,6 @@ def test_evaluation_graph_runs_without_remat(arg):
     _, params, rest = split_model(task.build_model(nnx.Rngs(0)))
     assert remat_flag(graph.merge(params, rest, training=True)) is True
     assert remat_flag(graph.merge(params, rest, training=False)) is False
-    batch = {k: jnp.asarray(v) for k, v in random_crop_batch(
-        task.make_sample, config.data.crop_size, len(config.data.channels), 2).items()}
+    batch = two_case_batch(config, task)
     _, losses = jax.jit(make_eval_step(graph, task, jnp.float32))(params, rest, batch)
     assert losses.shape == (2,) and bool(jnp.all(jnp.isfinite(losses)))

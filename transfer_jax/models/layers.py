@@ -366,6 +366,11 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
 _PHASES_IN_CHANNELS_MAX_OUT = 8
 
 
+def nearest_upsample2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour x2 up-sampling of the two spatial axes of an NHWC map (`nn.Upsample(scale_factor=2)`)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
 def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, *, implementation: str = "auto",
                        precision=None) -> jax.Array:
     """`dense_conv(nearest_upsample2x(x), kernel, padding 1)` for a (3, 3, C, O) kernel, computed without the
@@ -375,8 +380,7 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, *, implementation: str =
     if implementation == "auto":
         implementation = "fold" if jax.default_backend() == "cpu" else "conv"
     if implementation == "conv":
-        upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return dense_conv(upsampled, kernel, ((1, 1), (1, 1)), implementation="conv", precision=precision)
+        return dense_conv(nearest_upsample2x(x), kernel, ((1, 1), (1, 1)), implementation="conv", precision=precision)
     n, h, w, c = x.shape
     out = kernel.shape[-1]
     taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
@@ -420,9 +424,14 @@ class DenseConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._apply(x, functools.partial(dense_conv, padding=self.padding))
 
+    @property
+    def fuses_upsample2x(self) -> bool:
+        """Whether `after_upsample2x` applies: a 3x3 kernel with padding 1."""
+        return self.kernel.shape[:-2] == (3, 3) and self.padding == ((1, 1), (1, 1))
+
     def after_upsample2x(self, x: jax.Array) -> jax.Array:
         """This conv applied to the nearest x2 up-sampled `x` (`upsample2x_conv3x3`): 3x3 kernels, padding 1."""
-        if self.kernel.shape[:-2] != (3, 3) or self.padding != ((1, 1), (1, 1)):
+        if not self.fuses_upsample2x:
             raise ValueError(f"after_upsample2x needs a 3x3 kernel with padding 1, this conv has kernel "
                              f"{self.kernel.shape} and padding {self.padding}")
         return self._apply(x, upsample2x_conv3x3)

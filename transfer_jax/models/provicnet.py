@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.dinov2 import BackboneFeatures, DinoV2, DinoV2Config, exact_gelu
-from transfer_jax.models.layers import DenseConv
+from transfer_jax.models.layers import DenseConv, nearest_upsample2x
 
 # Slice-position tokens inserted between the registers and the patch tokens (upstream ``additional_layers = 2``).
 NUM_SLICE_POSITION_TOKENS = 2
@@ -132,7 +132,7 @@ class Upsample2x(nnx.Module):
     """``nn.Upsample(scale_factor=2)`` (nearest) on NHWC."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nearest_upsample2x(x)
 
 
 class ReLU(nnx.Module):
@@ -178,7 +178,7 @@ def run_layers(layers: nnx.List, x: jax.Array, collect: bool = False) -> jax.Arr
     while index < len(layers):
         layer = layers[index]
         following = layers[index + 1] if index + 1 < len(layers) else None
-        if isinstance(layer, Upsample2x) and isinstance(following, DenseConv) and following.kernel.shape[:2] == (3, 3):
+        if isinstance(layer, Upsample2x) and isinstance(following, DenseConv) and following.fuses_upsample2x:
             x = following.after_upsample2x(x)
             index += 2
         else:
