@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.backbone = backbone
     c.model.backbone_options = ml_collections.ConfigDict(dict(
-        depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), drop_path_rate=0.1, dtype="float32", remat=False))
+        depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), drop_path_rate=0.1, dtype="float32", remat=False,
+        remat_policy="nothing_saveable"))
     c.model.head_options = ml_collections.ConfigDict(dict(
         hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=True))
     # Upstream's optimiser never sees UPerNet's hidden_norm (not in its parameter groups): keep it at init.

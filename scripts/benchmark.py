@@ -5,9 +5,9 @@
 
 Per model x size x dtype: the train step built exactly as the trainer builds it (`train/loop.py`: task model,
 `make_optimizer` with layer decay, `init_state` with shardings, `make_train_step`, jit with donated state,
-AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB), analytic FLOPs per step
-(ConvNeXt-V2 + UPerNet: convolutions and linears at 2 FLOPs per MAC, x3 for forward + backward) against XLA's
-`cost_analysis()`, steady-state step time (median of timed windows after warm-up, `jax.block_until_ready` at
+AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB), model FLOPs per step
+(`train/flops.py`: the dots and convolutions of the traced forward pass at 2 FLOPs per MAC, x3 for forward +
+backward) against XLA's `cost_analysis()` of the compiled step, steady-state step time (median of timed windows after warm-up, `jax.block_until_ready` at
 the end of each), volumes/s and MFU against the peak of a large matmul measured in the same run.
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="small", help="comma list of small | real (or smoke | default | full)")
     p.add_argument("--dtype", default="fp32", help="comma list of fp32 | bf16 (backbone_options.dtype)")
     p.add_argument("--remat", action="store_true", help="backbone_options.remat=True (nnx.remat per block)")
+    p.add_argument("--remat-policy", default="",
+                   help="backbone_options.remat_policy, implies --remat: nothing_saveable | dots_saveable | "
+                        "dots_with_no_batch_dims_saveable (what a rematerialised block saves)")
     p.add_argument("--depthwise-impl", default="auto",
                    help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz | matrix "
                         "(layers.DepthwiseConv)")
@@ -77,7 +80,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# configs and the analytic FLOP count
+# configs
 
 
 def load_config(arg: str):
@@ -92,8 +95,10 @@ def bench_config(model: str, preset: str, dtype: str, args):
     if config.model.backbone != model:
         raise ValueError(f"configs/seg.py:{model} builds {config.model.backbone}")
     config.model.backbone_options.dtype = DTYPES[dtype]
-    if args.remat:
+    if args.remat or args.remat_policy:
         config.model.backbone_options.remat = True
+    if args.remat_policy:
+        config.model.backbone_options.remat_policy = args.remat_policy
     with config.unlocked():  # speed-only options; the configs leave them at their "auto" defaults
         if getattr(args, "depthwise_impl", "auto") != "auto" and model == "profound_conv":
             config.model.backbone_options.depthwise_impl = args.depthwise_impl
@@ -106,52 +111,6 @@ def bench_config(model: str, preset: str, dtype: str, args):
     config.logging.progress_bar = False
     config.logging.tensorboard = False
     return config
-
-
-def _prod(xs):
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
-
-
-def convnext_upernet_flops(config, num_classes: int, training: bool = True) -> dict:
-    """Analytic FLOPs of one train step of ConvNeXt-V2 + UPerNet (+ FCN auxiliary head in training).
-
-    Convolutions and linears only (2 FLOPs per multiply-accumulate; the depthwise 7^3 conv counts 343 MACs per
-    voxel and channel); norms, GELU, GRN, resizes, pooling and the optimizer are left out (elementwise, < a few %).
-    A train step is 3x the forward pass (backward = grad w.r.t. activations + grad w.r.t. weights).
-    """
-    bo, ho = config.model.backbone_options, config.model.head_options
-    dims, depths = tuple(bo.dims), tuple(bo.depths)
-    stem = tuple(bo.get("stem_kernel", (4, 4, 4)))
-    down = tuple(bo.get("downsample_kernel", (2, 2, 2)))
-    last = tuple(bo.get("last_downsample", (1, 1, 1)))
-    shape = [c // k for c, k in zip(config.data.crop_size, stem)]
-    cin = len(config.data.channels)
-    macs = {"stem+downsample": _prod(shape) * _prod(stem) * cin * dims[0], "blocks": 0, "head": 0}
-    vols = []
-    for i, (dim, depth) in enumerate(zip(dims, depths)):
-        if i:
-            k = last if i == len(dims) - 1 else down
-            shape = [s // kk for s, kk in zip(shape, k)]
-            macs["stem+downsample"] += _prod(shape) * _prod(k) * dims[i - 1] * dim
-        v = _prod(shape)
-        vols.append(v)
-        macs["blocks"] += depth * v * dim * (343 + 8 * dim)  # dwconv 7^3 + pwconv1 (C->4C) + pwconv2 (4C->C)
-    hidden, scales = int(ho.hidden_size), tuple(ho.get("pool_scales", (1, 2, 3, 6)))
-    head = sum(s ** 3 * dims[-1] * hidden for s in scales)  # PSP 1x1 convs
-    head += vols[-1] * 27 * (dims[-1] + len(scales) * hidden) * hidden  # PSP bottleneck 3^3
-    for i in range(len(dims) - 1):
-        head += vols[i] * dims[i] * hidden + vols[i] * 27 * hidden * hidden  # lateral 1x1 + fpn 3^3
-    head += vols[0] * 27 * len(dims) * hidden * hidden + vols[0] * hidden * num_classes  # fpn bottleneck + cls
-    if training and ho.get("use_auxiliary_head", True):
-        aux, idx = int(ho.auxiliary_channels), 2
-        head += vols[idx] * 27 * dims[idx] * aux + vols[idx] * aux * num_classes
-    macs["head"] = head
-    forward = 2 * sum(macs.values()) * config.batch_size
-    return {"forward": forward, "step": 3 * forward if training else forward,
-            **{f"fwd_{k}": 2 * v * config.batch_size for k, v in macs.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +141,7 @@ def build_step(config, mesh, strategy="replicate"):
     step_fn = jax.jit(make_train_step(graph, task, tx, schedule, compute_dtype),
                       in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                       donate_argnums=(0,))
-    return task, state, step_fn
+    return task, graph, state, step_fn
 
 
 def synthetic_batch(config, task, seed=0):
@@ -235,29 +194,32 @@ def model_row(model, preset, dtype, args, peaks):
     import jax.numpy as jnp
 
     from transfer_jax.train.mesh import create_mesh, global_batch
+    from transfer_jax.train.flops import train_step_flops
     from transfer_jax.train.step import compiled_flops, describe_memory
 
     config = bench_config(model, preset, dtype, args)
     mesh = create_mesh(1, 1, devices=jax.devices()[:1])
-    task, state, step_fn = build_step(config, mesh)
+    task, graph, state, step_fn = build_step(config, mesh)
     batch = global_batch(synthetic_batch(config, task), mesh)
+    model_flops = train_step_flops(graph, state.params, state.rest, batch, task,
+                                   jnp.dtype(config.model.backbone_options.dtype))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     memory = describe_memory(compiled)
     xla_flops = compiled_flops(compiled)
     step_s, state, metrics = time_steps(compiled, state, batch, args.steps, args.warmup)
-    analytic = convnext_upernet_flops(config, task.num_classes) if model == "profound_conv" else None
-    flops = analytic["step"] if analytic else xla_flops
     row = {
-        "section": "model", "model": model, "size": preset, "dtype": dtype, "remat": bool(args.remat),
+        "section": "model", "model": model, "size": preset, "dtype": dtype,
+        "remat": bool(args.remat or args.remat_policy),
+        "remat_policy": args.remat_policy or ("nothing_saveable" if args.remat else None),
         "depthwise_impl": args.depthwise_impl, "conv_impl": args.conv_impl,
         "batch": config.batch_size, "crop": list(config.data.crop_size), "compile_s": compile_s,
         "step_s": step_s, "volumes_per_s": config.batch_size / step_s,
-        "analytic_gflop_step": analytic["step"] / 1e9 if analytic else None,
-        "xla_gflop_step": xla_flops / 1e9, "xla_over_analytic": xla_flops / analytic["step"] if analytic else None,
-        "achieved_gflops": flops / step_s / 1e9, "peak_gflops": peaks[dtype] / 1e9,
-        "mfu": flops / step_s / peaks[dtype], "loss": float(metrics["loss"]),
+        "model_gflop_step": model_flops / 1e9,
+        "xla_gflop_step": xla_flops / 1e9, "xla_over_model": xla_flops / model_flops,
+        "achieved_gflops": model_flops / step_s / 1e9, "peak_gflops": peaks[dtype] / 1e9,
+        "mfu": model_flops / step_s / peaks[dtype], "loss": float(metrics["loss"]),
         "mem_mib": {k: round(v, 2) for k, v in memory.items()},
     }
     box = {"state": state}
@@ -410,7 +372,7 @@ def scaling_child(args):
     layouts = [(n, 1, "replicate") for n in (1, 2, 4, 8)] + [(2, 2, "fsdp"), (4, 2, "fsdp")]
     for data, fsdp, strategy in layouts:
         mesh = create_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
-        task, state, step_fn = build_step(config, mesh, strategy)
+        task, _, state, step_fn = build_step(config, mesh, strategy)
         batch = global_batch(synthetic_batch(config, task), mesh)
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
@@ -512,7 +474,7 @@ def main(argv=None):
                     del retime  # frees the compiled step and its state
     model_rows = list(all_rows)
     table(model_rows, ["model", "size", "dtype", "batch", "crop", "compile_s", "step_s", "volumes_per_s",
-                       "analytic_gflop_step", "xla_gflop_step", "xla_over_analytic", "achieved_gflops",
+                       "model_gflop_step", "xla_gflop_step", "xla_over_model", "achieved_gflops",
                        "peak_gflops", "mfu"], "JAX fine-tuning step (1 device)")
     table([dict(r, **r["mem_mib"]) for r in model_rows],
           ["model", "size", "dtype", "argument_mib", "output_mib", "temp_mib", "alias_mib", "generated_code_mib"],

@@ -39,11 +39,12 @@ def test_all_visible_single_sample_equals_the_dense_encoder():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
 
 
-def test_remat_changes_neither_loss_nor_gradients():
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_changes_neither_loss_nor_gradients(policy):
     images, noise = _images(1), jnp.asarray([[0.1, 0.9, 0.2, 0.8]])
 
     def loss_and_grads(remat):
-        config = ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), remat=remat)
+        config = ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), remat=remat, remat_policy=policy)
         model = FCMAE(config, FCMAEConfig(mask_ratio=0.5, decoder_dim=16), rngs=nnx.Rngs(0))
         _trained_grn(model)
         return nnx.value_and_grad(lambda m: m(images, noise=noise).loss)(model)

@@ -1,5 +1,5 @@
-"""`backbone_options.remat`: every backbone's fine-tuning loss and gradients are unchanged by rematerialisation,
-and the option reaches the model from the seg config of each backbone."""
+"""`backbone_options.remat` and `remat_policy`: every backbone's fine-tuning loss and gradients are unchanged by
+rematerialisation under each policy, and both options reach the model from the seg config of each backbone."""
 from __future__ import annotations
 
 import jax
@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from transfer_jax.data.phantom import random_crop_batch
+from transfer_jax.models.layers import REMAT_POLICIES
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train.state import model_graph, split_model
 from transfer_jax.train.step import make_eval_step
@@ -26,18 +27,43 @@ def remat_flag(model) -> bool:
     return encoder.remat
 
 
+def policies_traced(task, model, batch) -> list:
+    """The policy of every rematerialised call in the traced forward pass (sub-jaxprs included)."""
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda state: task.forward(nnx.merge(graphdef, state), batch, jnp.float32))(state)
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if "policy" in eqn.params and "prevent_cse" in eqn.params:  # jax.checkpoint's primitive
+                found.append(eqn.params["policy"])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)  # a closed jaxpr (jit, custom_vjp) or a plain one (remat)
+                    if hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
 @pytest.mark.parametrize("arg", ["smoke", "profound_vit,smoke", "provicnet,smoke"])
-def test_remat_keeps_loss_and_gradients(arg):
+def test_remat_keeps_loss_and_gradients(arg, policy):
     results = []
     for remat in (False, True):
         config = load_config("seg", arg)
         config.model.backbone_options.remat = remat
+        config.model.backbone_options.remat_policy = policy
         if "drop_path_rate" in config.model.backbone_options:  # one forward each: no random masks to replay
             config.model.backbone_options.drop_path_rate = 0.0
         task = get_task(config)
         model = task.build_model(nnx.Rngs(0))
         assert remat_flag(model) is remat
         batch = two_case_batch(config, task)
+        if remat and policy != "nothing_saveable":  # equal gradients alone would not show the policy is used
+            traced = policies_traced(task, model, batch)
+            assert traced and all(p is REMAT_POLICIES[policy] for p in traced), traced
 
         def loss_fn(model):
             return task.loss(task.forward(model, batch, jnp.float32), batch)[0]
@@ -65,3 +91,22 @@ def test_evaluation_graph_runs_without_remat(arg):
     batch = two_case_batch(config, task)
     _, losses = jax.jit(make_eval_step(graph, task, jnp.float32))(params, rest, batch)
     assert losses.shape == (2,) and bool(jnp.all(jnp.isfinite(losses)))
+
+
+@pytest.mark.parametrize("arg", ["smoke", "profound_vit,smoke", "provicnet,smoke"])
+def test_unknown_remat_policy_fails_when_the_model_is_built(arg):
+    config = load_config("seg", arg)
+    config.model.backbone_options.remat = True
+    config.model.backbone_options.remat_policy = "dots_savable"
+    with pytest.raises(ValueError, match=r"backbone_options\.remat_policy='dots_savable'.*dots_saveable"):
+        get_task(config).build_model(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name,arg", [
+    (name, arg) for name in ("seg", "cls", "sr", "distortion", "synthesis")
+    for arg in ("smoke", "profound_vit,smoke", "provicnet,smoke")] + [
+    ("pretrain_fcmae", "smoke"), ("pretrain_mae", "smoke"), ("pretrain_contrastive", "smoke")])
+def test_every_preset_names_its_remat_policy(name, arg):
+    """Set in every preset, so `--config.model.backbone_options.remat_policy=...` works from the command line."""
+    options = load_config(name, arg).model.backbone_options
+    assert options.remat is False and options.remat_policy == "nothing_saveable"

@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=True, probe_size=32, sites=("pooled", "stage1", "stage2", "stage3", "stage4"),
         estimators=("unbiased",), kernel="gaussian", bandwidth="median", multipliers=(1.0,), permutations=200,
         tests=("permutation",), cka=True))
-    c.logging = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True))
+    # peak_tflops: per-device peak for the logged MFU; 0 = the bf16 datasheet peak of a known GPU/TPU (none on CPU).
+    c.logging = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True, peak_tflops=0.0))
     c.debug = ml_collections.ConfigDict(dict(preempt_after_step=0))
     return c
 
@@ -149,7 +150,7 @@ def apply_vit(c: ml_collections.ConfigDict, preset: str) -> None:
         c.data.crop_size = crop = (64, 256, 256)  # ProFound-ViT's pretraining geometry (patch 16x32x32)
     c.model.backbone_options = ml_collections.ConfigDict(dict(
         img_size=crop, in_channels=len(c.data.channels), mlp_ratio=4.0, dtype="float32", remat=False,
-        **VIT_SIZES[preset]))
+        remat_policy="nothing_saveable", **VIT_SIZES[preset]))
     c.alignment.sites = ALIGNMENT_SITES["profound_vit"]
 
 
@@ -158,7 +159,7 @@ def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> 
     c.model.backbone = backbone
     if backbone == "profound_conv":
         c.model.backbone_options = ml_collections.ConfigDict(dict(
-            drop_path_rate=0.1, dtype="float32", remat=False, **CONV_SIZES[preset]))
+            drop_path_rate=0.1, dtype="float32", remat=False, remat_policy="nothing_saveable", **CONV_SIZES[preset]))
         c.alignment.sites = ALIGNMENT_SITES["profound_conv"]
     elif backbone == "profound_vit":
         apply_vit(c, preset)
@@ -250,7 +251,7 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.backbone_options = ml_collections.ConfigDict(dict(
         backbone=dict(patch=14, num_registers=4, mlp_ratio=4.0, in_channels=3, **sizes["vit"]),
         head_channels=sizes["head"], reducer_in_channels=None, contrastive_head=sizes["cl"], dtype="float32",
-        remat=False))
+        remat=False, remat_policy="nothing_saveable"))
     c.model.head_options = ml_collections.ConfigDict()
     c.alignment.sites = ("cls", "mean_patch")
     c.data.crop_size = sizes["crop"]

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import (DepthwiseConv, DropPath, PatchConv, gelu, layer_norm, rematerialised,
-                                         trunc_normal)
+from transfer_jax.models.layers import (DepthwiseConv, DropPath, PatchConv, check_remat_policy, gelu, layer_norm,
+                                         rematerialised, trunc_normal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +31,10 @@ class ConvNeXtConfig:
     dtype: str = "float32"
     depthwise_impl: str = "auto"  # see layers.DepthwiseConv: a speed choice, identical results
     remat: bool = False  # recompute each block's activations in the backward pass (nnx.remat): memory for FLOPs
+    remat_policy: str = "nothing_saveable"  # with remat: what a block still saves (layers.REMAT_POLICIES)
 
     def __post_init__(self):
+        check_remat_policy(self.remat_policy)
         if len(self.depths) != len(self.dims):
             raise ValueError(f"ConvNeXtConfig: depths {self.depths} and dims {self.dims} must have the same length")
 
@@ -152,7 +154,7 @@ class ConvNeXtV2(nnx.Module):
             for layer in downsample:
                 x = layer(x)
             for block in blocks:
-                x = rematerialised(block, x) if self.remat else block(x)
+                x = rematerialised(block, x, self.config.remat_policy) if self.remat else block(x)
             stage_outputs.append(x)
         pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)).astype(x.dtype))
         return EncoderOutput(pooled=pooled, stages=tuple(stage_outputs))

@@ -216,10 +216,11 @@ class DinoV2(nnx.Module):
         tokens = self.embed_patches_with_positions(images)
         return jnp.concatenate([tokens[:, :1], self.registers(images.shape[0]), tokens[:, 1:]], axis=1)
 
-    def run_blocks(self, tokens: jax.Array, remat: bool = False) -> jax.Array:
-        """The blocks; with `remat` each block's activations are recomputed in the backward pass."""
+    def run_blocks(self, tokens: jax.Array, remat: bool = False, remat_policy: str = "nothing_saveable") -> jax.Array:
+        """The blocks; with `remat` each block's activations are recomputed in the backward pass, except those that
+        `remat_policy` (layers.REMAT_POLICIES) saves."""
         for block in self.blocks:
-            tokens = rematerialised(block, tokens) if remat else block(tokens)
+            tokens = rematerialised(block, tokens, remat_policy) if remat else block(tokens)
         return tokens
 
     def split_normed(self, prenorm: jax.Array, num_extra: int) -> BackboneFeatures:

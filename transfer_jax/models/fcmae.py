@@ -13,7 +13,7 @@ Masking: per sample, `int(L * (1 - mask_ratio))` of the L patches of the final-s
 sorting noise (`profound_vit.random_masking`); the patch size is the encoder's total stride (16 for ProFound-Conv).
 A `key` draws uniform noise where upstream draws Gaussian: any i.i.d. continuous noise ranks into the same uniformly
 random subset, so only the individual draws differ. With `remat` in the encoder config each masked block is
-recomputed in the backward pass, as in the fine-tuning forward.
+recomputed in the backward pass (under the encoder's `remat_policy`), as in the fine-tuning forward.
 
 Decoder (dense, as upstream): `proj` 1x1x1 conv to `decoder_dim`, masked sites replaced by the learned
 `mask_token`, `decoder_depth` ConvNeXt-V2 blocks, `pred` 1x1x1 conv to patch_volume x C values per site, read as
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.convnext import Block, ConvNeXtConfig, ConvNeXtV2, trunc_normal
-from transfer_jax.models.layers import gelu
+from transfer_jax.models.layers import gelu, remat_variants
 from transfer_jax.models.profound_vit import mae_loss, random_masking
 
 
@@ -91,7 +91,7 @@ def _masked_block(block: Block, x: jax.Array, visible: jax.Array) -> jax.Array:
     return (x + y) * visible
 
 
-_remat_masked_block = nnx.remat(_masked_block)
+_REMAT_MASKED_BLOCK = remat_variants(_masked_block)
 
 
 def masked_stages(encoder: ConvNeXtV2, images: jax.Array, visible: jax.Array) -> tuple[jax.Array, ...]:
@@ -111,7 +111,8 @@ def masked_stages(encoder: ConvNeXtV2, images: jax.Array, visible: jax.Array) ->
         here = _upsample(visible, x.shape[1:4])
         x = x * here
         for block in blocks:
-            x = (_remat_masked_block if encoder.remat else _masked_block)(block, x, here)
+            masked_block = _REMAT_MASKED_BLOCK[encoder.config.remat_policy] if encoder.remat else _masked_block
+            x = masked_block(block, x, here)
         stages.append(x)
     return tuple(stages)
 

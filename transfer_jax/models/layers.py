@@ -4,14 +4,37 @@ All spatial tensors are channels-last: (N, D, H, W, C) for volumes, (N, H, W, C)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+_FORMS = threading.local()
+
+
+def cpu_forms() -> bool:
+    """Whether the "auto" implementations pick their XLA:CPU rewrites (on the CPU backend, outside
+    `reference_forms`); elsewhere they run the plain lax convolution every accelerator is fast at."""
+    return jax.default_backend() == "cpu" and not getattr(_FORMS, "reference", False)
+
+
+@contextlib.contextmanager
+def reference_forms() -> Iterator[None]:
+    """Trace the "auto" implementations as their plain lax convolutions on any backend: the model's own FLOPs
+    (`train/flops.py`), not those of a CPU rewrite (the Toeplitz depthwise conv does (W + 6) / 7 x the MACs)."""
+    previous = getattr(_FORMS, "reference", False)
+    _FORMS.reference = True
+    try:
+        yield
+    finally:
+        _FORMS.reference = previous
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -161,7 +184,7 @@ class DepthwiseConv(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         implementation = self.implementation
         if implementation == "auto":
-            if jax.default_backend() != "cpu":
+            if not cpu_forms():
                 implementation = "conv"
             elif math.prod(x.shape[1:-1]) <= _MATRIX_MAX_VOXELS:
                 implementation = "matrix"
@@ -202,10 +225,42 @@ def cotangent_barrier(x: jax.Array) -> jax.Array:
 cotangent_barrier.defvjp(lambda x: (x, None), lambda _, grad: (jax.lax.optimization_barrier(grad),))
 
 
-@nnx.remat
-def rematerialised(block: nnx.Module, x: jax.Array) -> jax.Array:
-    """`block(x)` with its activations recomputed in the backward pass (`nnx.remat`): memory for FLOPs."""
+# `backbone_options.remat_policy`: which intermediates of a rematerialised block the backward pass keeps instead of
+# recomputing. Matmuls and convolutions are the costly recomputations; the no-batch-dims variant keeps the linear
+# projections but not the attention matmuls, whose scores grow with the square of the sequence length.
+# "everything_saveable" is left out: it stores what remat=False stores and still pays for the remat bookkeeping.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(name: str) -> str:
+    """`name` back if it is one of `REMAT_POLICIES`; called when a model config is built, so that a typo fails
+    there and not inside the traced training step."""
+    if not isinstance(name, str) or name not in REMAT_POLICIES:
+        raise ValueError(f"backbone_options.remat_policy={name!r} is not a known remat policy; "
+                         f"use one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
     return block(x)
+
+
+def remat_variants(fn):
+    """`fn` under `nnx.remat` once per `REMAT_POLICIES` name: nnx.remat fixes its policy when it is built."""
+    return {name: nnx.remat(fn, policy=policy) for name, policy in REMAT_POLICIES.items()}
+
+
+_REMATERIALISED_CALLS = remat_variants(_call_block)
+
+
+def rematerialised(block: nnx.Module, x: jax.Array, policy: str = "nothing_saveable") -> jax.Array:
+    """`block(x)` with its activations recomputed in the backward pass (`nnx.remat`), except the intermediates
+    that `policy` (a `REMAT_POLICIES` name) saves: memory for FLOPs."""
+    return _REMATERIALISED_CALLS[check_remat_policy(policy)](block, x)
 
 
 def _same_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -335,7 +390,7 @@ def dense_conv(x: jax.Array, kernel: jax.Array, padding, *, implementation: str 
         padding = _same_padding(spatial)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     if implementation == "auto":
-        implementation = "fold" if jax.default_backend() == "cpu" else "conv"
+        implementation = "fold" if cpu_forms() else "conv"
     if implementation == "conv":
         letters = "DHW"[3 - len(spatial):]
         return jax.lax.conv_general_dilated(
@@ -378,7 +433,7 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, *, implementation: str =
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"upsample2x_conv3x3 takes a 3x3 kernel, got kernel shape {kernel.shape}")
     if implementation == "auto":
-        implementation = "fold" if jax.default_backend() == "cpu" else "conv"
+        implementation = "fold" if cpu_forms() else "conv"
     if implementation == "conv":
         return dense_conv(nearest_upsample2x(x), kernel, ((1, 1), (1, 1)), implementation="conv", precision=precision)
     n, h, w, c = x.shape

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv, layer_norm, rematerialised
+from transfer_jax.models.layers import PatchConv, check_remat_policy, layer_norm, rematerialised
 
 __all__ = [
     "ViTConfig", "MAEDecoderConfig", "Buffer", "ViTOutput", "MAEOutput", "ProFoundViT", "MAEDecoder", "MAE",
@@ -61,8 +61,10 @@ class ViTConfig:
     out_indices: tuple[int, ...] = (3, 5, 7, 11)
     dtype: str = "float32"
     remat: bool = False  # recompute each block's activations in the backward pass (nnx.remat): memory for FLOPs
+    remat_policy: str = "nothing_saveable"  # with remat: what a block still saves (layers.REMAT_POLICIES)
 
     def __post_init__(self):
+        check_remat_policy(self.remat_policy)
         bad = [(s, p) for s, p in zip(self.img_size, self.patch_size) if s % p]
         if bad or len(self.img_size) != 3 or len(self.patch_size) != 3:
             raise ValueError(f"ViTConfig: img_size {self.img_size} must be a multiple of patch_size "
@@ -263,7 +265,7 @@ class ProFoundViT(nnx.Module):
         """Blocks on a cls-first sequence; returns the normed sequence and each block's output without cls."""
         hidden = []
         for block in self.blocks:
-            x = rematerialised(block, x) if self.remat else block(x)
+            x = rematerialised(block, x, self.config.remat_policy) if self.remat else block(x)
             hidden.append(x[:, 1:])
         return self.norm(x), tuple(hidden)
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.dinov2 import BackboneFeatures, DinoV2, DinoV2Config, exact_gelu
-from transfer_jax.models.layers import DenseConv, nearest_upsample2x
+from transfer_jax.models.layers import DenseConv, check_remat_policy, nearest_upsample2x
 
 # Slice-position tokens inserted between the registers and the patch tokens (upstream ``additional_layers = 2``).
 NUM_SLICE_POSITION_TOKENS = 2
@@ -84,6 +84,10 @@ class ProViCNetConfig:
     reducer_in_channels: int | None = None
     contrastive_head: ContrastiveHeadConfig | None = dataclasses.field(default_factory=ContrastiveHeadConfig)
     remat: bool = False  # recompute each ViT block's activations in the backward pass: memory for FLOPs
+    remat_policy: str = "nothing_saveable"  # with remat: what a block still saves (layers.REMAT_POLICIES)
+
+    def __post_init__(self):
+        check_remat_policy(self.remat_policy)
 
     @property
     def input_channels(self) -> int:
@@ -334,7 +338,8 @@ class ProViCNet(nnx.Module):
         """
         tokens = self.prepare_tokens(self.backbone_input(images), slice_position)
         num_extra = 0 if slice_position is None else NUM_SLICE_POSITION_TOKENS
-        return self.backbone.split_normed(self.backbone.run_blocks(tokens, self.remat), num_extra)
+        prenorm = self.backbone.run_blocks(tokens, self.remat, self.config.remat_policy)
+        return self.backbone.split_normed(prenorm, num_extra)
 
     def feature_map(self, features: BackboneFeatures, images: jax.Array) -> jax.Array:
         """Patch tokens as the NHWC map [B, gy, gx, width] (upstream ``features`` in NCHW)."""

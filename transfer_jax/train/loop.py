@@ -24,6 +24,7 @@ from transfer_jax.tasks.registry import get_task
 from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.export import model_arrays, write_pretrained
+from transfer_jax.train.flops import device_peak_flops, train_step_flops
 from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, create_mesh, global_batch
 from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, load_into
@@ -185,10 +186,15 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         compile_seconds = time.time() - compile_start
         memory = describe_memory(compiled)
         flops = compiled_flops(compiled)
+        model_flops = train_step_flops(graph, state.params, state.rest, batch, task, compute_dtype)
+        peak = device_peak_flops(jax.devices()[0], config.logging.get("peak_tflops", 0.0))
         log(f"compiled train step in {compile_seconds:.1f}s; memory per device (MiB): "
             + ", ".join(f"{k}={v:.1f}" for k, v in memory.items())
-            + (f"; XLA flops/step/device={flops:.3g}" if flops else ""))
-        throughput = {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops, **memory}
+            + f"; model FLOPs/step={model_flops:.3g} (dots + convs, 3 x forward)"
+            + (f"; XLA flops/step/device={flops:.3g}" if flops else "")
+            + (f"; peak {peak / 1e12:.3g} TFLOP/s per device" if peak else ""))
+        throughput = {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops,
+                      "model_flops_per_step": model_flops, "peak_flops_per_device": peak, **memory}
         state, meta, throughput = _train(config, state, compiled, batch, train_iter, mesh, evaluator, probe,
                                          checkpointer, writer, meta, start_step, task, throughput)
     checkpointer.close()
@@ -315,7 +321,8 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
             elapsed = time.time() - window_start - paused
             step_time = elapsed / max(window_steps, 1)
             scalars.update(step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
-                           data_wait_fraction=data_wait / max(elapsed, 1e-9))
+                           data_wait_fraction=data_wait / max(elapsed, 1e-9),
+                           **flops_rates(throughput, step_time, mesh.size))
             if step > start_step + config.log_every:  # the first window includes warm-up
                 steady.append(step_time)
             writer.write(step, scalars, prefix="train/")
@@ -343,5 +350,15 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
                           alignment_share=alignment_seconds / max(time.time() - run_start, 1e-9))
     if steady:
         step_time = float(np.median(steady))
-        throughput.update(steady_step_seconds=step_time, volumes_per_second=config.batch_size / step_time)
+        throughput.update(steady_step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
+                          **flops_rates(throughput, step_time, mesh.size))
     return state, meta, throughput
+
+
+def flops_rates(throughput: dict, step_seconds: float, num_devices: int) -> dict[str, float]:
+    """Achieved model TFLOP/s per device and, where the device's peak is known, MFU."""
+    per_device = throughput["model_flops_per_step"] / step_seconds / num_devices
+    rates = {"tflops_per_device": per_device / 1e12}
+    if throughput.get("peak_flops_per_device"):
+        rates["mfu"] = per_device / throughput["peak_flops_per_device"]
+    return rates

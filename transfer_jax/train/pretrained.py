@@ -19,7 +19,7 @@ from transfer_jax.convert.artifact import load_converted, read_metadata
 from transfer_jax.convert.table import flatten, unflatten
 
 # Options that describe how to run the encoder, not what it is: a checkpoint never overrides them.
-RUNTIME_OPTIONS = ("dtype", "drop_path_rate", "depthwise_impl", "remat", "conv_impl")
+RUNTIME_OPTIONS = ("dtype", "drop_path_rate", "depthwise_impl", "remat", "remat_policy", "conv_impl")
 
 
 class PretrainedMismatch(ValueError):
