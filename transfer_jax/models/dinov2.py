@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv, cotangent_barrier, layer_norm, rematerialised
+from transfer_jax.models.layers import PatchConv, cotangent_barrier, gelu, layer_norm, rematerialised
 
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
 _TRUNC_NORMAL_002 = nnx.initializers.truncated_normal(stddev=0.02)
@@ -74,11 +74,6 @@ class DinoV2Config:
         return height // self.patch, width // self.patch
 
 
-def exact_gelu(x: jax.Array) -> jax.Array:
-    """PyTorch ``nn.GELU()`` (erf form); JAX's default is the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
-
-
 class PatchEmbed(nnx.Module):
     """``patch_embed.proj``: [B, H, W, C] -> [B, gy * gx, width] (row-major over the grid)."""
 
@@ -120,7 +115,7 @@ class Mlp(nnx.Module):
         self.fc2 = nnx.Linear(config.mlp_hidden, config.width, kernel_init=_TRUNC_NORMAL_002, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(exact_gelu(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class LayerScale(nnx.Module):

@@ -38,8 +38,13 @@ def reference_forms() -> Iterator[None]:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """PyTorch's default GELU is the exact erf form; JAX defaults to the tanh approximation (off by up to 5e-4)."""
-    return jax.nn.gelu(x, approximate=False)
+    """PyTorch's default `nn.GELU()`, x / 2 * (1 + erf(x / sqrt 2)), in the same erf form.
+
+    `jax.nn.gelu` defaults to the tanh approximation (off by up to 5e-4), and its exact form goes through erfc,
+    which XLA:CPU lowers to two selected branches with an exp: measured 2.4x slower forward and 1.5x slower
+    forward + backward than erf on a ViT MLP's [2272, 512] activations (the two differ by < 1e-6).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / np.sqrt(2.0))).astype(x.dtype))
 
 
 def resize_linear(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transfer_jax.models.layers import PatchConv, check_remat_policy, layer_norm, rematerialised
+from transfer_jax.models.layers import PatchConv, check_remat_policy, gelu, layer_norm, rematerialised
 
 __all__ = [
     "ViTConfig", "MAEDecoderConfig", "Buffer", "ViTOutput", "MAEOutput", "ProFoundViT", "MAEDecoder", "MAE",
@@ -181,7 +181,7 @@ class Mlp(nnx.Module):
         self.fc2 = _xavier_linear(hidden, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):

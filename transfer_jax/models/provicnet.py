@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.dinov2 import BackboneFeatures, DinoV2, DinoV2Config, exact_gelu
-from transfer_jax.models.layers import DenseConv, check_remat_policy, nearest_upsample2x
+from transfer_jax.models.dinov2 import BackboneFeatures, DinoV2, DinoV2Config
+from transfer_jax.models.layers import DenseConv, check_remat_policy, gelu, nearest_upsample2x
 
 # Slice-position tokens inserted between the registers and the patch tokens (upstream ``additional_layers = 2``).
 NUM_SLICE_POSITION_TOKENS = 2
@@ -148,7 +148,7 @@ class GELU(nnx.Module):
     """Exact (erf) GELU, PyTorch ``nn.GELU()``."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return exact_gelu(x)
+        return gelu(x)
 
 
 def conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs) -> DenseConv:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.classifier import Activation, TorchBatchNorm
+from transfer_jax.models.layers import gelu
 
 __all__ = ["PatchConvTranspose", "Branch", "ViTAdapter"]
 
@@ -62,10 +63,6 @@ class Branch(nnx.List):
         return x
 
 
-def _gelu(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=False)
-
-
 class ViTAdapter(nnx.Module):
     def __init__(self, width: int, grid_size: Sequence[int], *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.grid_size = tuple(int(g) for g in grid_size)
@@ -77,9 +74,9 @@ class ViTAdapter(nnx.Module):
         def bn():
             return TorchBatchNorm(width, dtype=dtype)
 
-        self.fpn1 = Branch([up((1, 2, 2)), bn(), Activation(_gelu), up((2, 2, 2)), bn(), Activation(_gelu),
+        self.fpn1 = Branch([up((1, 2, 2)), bn(), Activation(gelu), up((2, 2, 2)), bn(), Activation(gelu),
                             up((2, 2, 2))])
-        self.fpn2 = Branch([up((1, 2, 2)), bn(), Activation(_gelu), up((2, 2, 2))])
+        self.fpn2 = Branch([up((1, 2, 2)), bn(), Activation(gelu), up((2, 2, 2))])
         self.fpn3 = Branch([up((1, 2, 2))])
 
     @staticmethod
