@@ -7,8 +7,9 @@ Per model x size x dtype: the train step built exactly as the trainer builds it 
 `make_optimizer` with layer decay, `init_state` with shardings, `make_train_step`, jit with donated state,
 AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB), model FLOPs per step
 (`train/flops.py`: the dots and convolutions of the traced forward pass at 2 FLOPs per MAC, x3 for forward +
-backward) against XLA's `cost_analysis()` of the compiled step, steady-state step time (median of timed windows after warm-up, `jax.block_until_ready` at
-the end of each), volumes/s and MFU against the peak of a large matmul measured in the same run.
+backward) against XLA's `cost_analysis()` of the compiled step, steady-state step time (median of timed windows
+after warm-up, `jax.block_until_ready` at the end of each), volumes/s and MFU against the peak of a large matmul
+measured in the same run.
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of

@@ -3,6 +3,7 @@ rematerialisation under each policy, and both options reach the model from the s
 from __future__ import annotations
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,14 +35,11 @@ def policies_traced(task, model, batch) -> list:
     found = []
 
     def visit(jaxpr):
-        for eqn in jaxpr.eqns:
+        for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
             if "policy" in eqn.params and "prevent_cse" in eqn.params:  # jax.checkpoint's primitive
                 found.append(eqn.params["policy"])
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else (param,):
-                    sub = getattr(sub, "jaxpr", sub)  # a closed jaxpr (jit, custom_vjp) or a plain one (remat)
-                    if hasattr(sub, "eqns"):
-                        visit(sub)
+            for sub in jex.jaxprs_in_params(eqn.params):
+                visit(sub)
 
     visit(jaxpr.jaxpr)
     return found

@@ -44,7 +44,7 @@ def gelu(x: jax.Array) -> jax.Array:
     which XLA:CPU lowers to two selected branches with an exp: measured 2.4x slower forward and 1.5x slower
     forward + backward than erf on a ViT MLP's [2272, 512] activations (the two differ by < 1e-6).
     """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / np.sqrt(2.0))).astype(x.dtype))
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))  # Python floats keep x's dtype
 
 
 def resize_linear(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
