@@ -100,3 +100,5 @@ def test_device_peaks():
     assert device_peak_flops(device("TPU v5p")) == 459e12
     assert device_peak_flops(device("cpu")) is None
     assert device_peak_flops(device("cpu"), override_tflops=0.5) == 0.5e12
+    with pytest.raises(ValueError, match="logging.peak_tflops"):
+        device_peak_flops(device("cpu"), override_tflops=-1.0)

@@ -86,6 +86,9 @@ def train_step_flops(graph, params: Any, rest: Any, batch: dict[str, Any], task,
 def device_peak_flops(device: jax.Device, override_tflops: float = 0.0) -> Optional[float]:
     """Per-chip peak FLOP/s for MFU: `override_tflops` when set, else the bf16 datasheet peak of a known
     accelerator, else None (CPUs and unknown devices: the benchmark measures a matmul peak instead)."""
+    if override_tflops < 0:
+        raise ValueError(f"logging.peak_tflops must be > 0 (per-device peak TFLOP/s) or 0 to look the device up, "
+                         f"got {override_tflops}")
     if override_tflops:
         return float(override_tflops) * 1e12
     kind = getattr(device, "device_kind", "")

@@ -180,6 +180,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     finished = start_step >= config.total_steps or meta.get("stopped_early", False)
     throughput: dict[str, float] = {}
     if not finished:
+        peak = device_peak_flops(jax.devices()[0], config.logging.peak_tflops)  # a bad value fails before compiling
         batch = global_batch(next(train_iter), mesh)
         compile_start = time.time()
         compiled = step_fn.lower(state, batch).compile()
@@ -187,7 +188,6 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
         memory = describe_memory(compiled)
         flops = compiled_flops(compiled)
         model_flops = train_step_flops(graph, state.params, state.rest, batch, task, compute_dtype)
-        peak = device_peak_flops(jax.devices()[0], config.logging.get("peak_tflops", 0.0))
         log(f"compiled train step in {compile_seconds:.1f}s; memory per device (MiB): "
             + ", ".join(f"{k}={v:.1f}" for k, v in memory.items())
             + f"; model FLOPs/step={model_flops:.3g} (dots + convs, 3 x forward)"
