@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -123,6 +124,7 @@ def run(mode, spec, args):
     windows = 3
     per = max(1, args.steps // windows)
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(max(1, args.steps // per)):
         start = time.perf_counter()
         for _ in range(per):
@@ -130,10 +132,13 @@ def run(mode, spec, args):
         float(loss)
         times.append((time.perf_counter() - start) / per)
     step_s = statistics.median(times)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (len(times) * per)
     return {"mode": mode, "model": spec.get("model", "profound_conv"), "size": spec.get("size"),
             "dtype": spec.get("dtype", "fp32"), "batch": spec["batch"], "crop": list(spec["crop"]),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "compile_s": compile_s,
-            "step_s": step_s, "volumes_per_s": spec["batch"] / step_s, "loss": float(loss)}
+            "step_s": step_s, "volumes_per_s": spec["batch"] / step_s, "loss": float(loss),
+            "minor_faults_per_step": faults, "malloc_env": {k: v for k, v in os.environ.items()
+                                                            if k.startswith("MALLOC_")}}
 
 
 def main(argv=None):

@@ -8,15 +8,16 @@ Per model x size x dtype: the train step built exactly as the trainer builds it 
 AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB), model FLOPs per step
 (`train/flops.py`: the dots and convolutions of the traced forward pass at 2 FLOPs per MAC, x3 for forward +
 backward) against XLA's `cost_analysis()` of the compiled step, steady-state step time (median of timed windows
-after warm-up, `jax.block_until_ready` at the end of each), volumes/s and MFU against the peak of a large matmul
-measured in the same run.
+after warm-up, `jax.block_until_ready` at the end of each), volumes/s, MFU against the peak of a large matmul
+measured in the same run, and minor page faults per step (temporaries the allocator maps afresh every step; glibc
+mmaps requests above its threshold: set MALLOC_* variables on the command to compare, both frameworks get them).
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
 the two JAX timings (machine speed drifts by tens of percent over minutes on shared CPUs); `--data` times
-preprocessing (NIfTI decode + resample + normalise + crop) and the grain training pipeline with 0 and 2 workers
-against the step; `--scaling` runs data-parallel and
-FSDP steps over 1/2/4/8 fake CPU devices (a subprocess with --xla_force_host_platform_device_count=8;
+preprocessing (NIfTI decode + resample + normalise + crop) and the grain training pipeline with 0, 2 and
+os.cpu_count() workers against the step; `--scaling` runs data-parallel and FSDP steps over 1/2/4/8 fake CPU
+devices (a subprocess with --xla_force_host_platform_device_count=8;
 correctness-only on CPU: the fake devices share the same cores); `--mmd` runs configs/seg.py (default preset) for
 `--mmd-steps` steps and prints the share of training time the in-loop alignment probe takes.
 
@@ -29,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--batch", type=int, default=0, help="override the config's global batch (small sizes)")
     p.add_argument("--real-batch", type=int, default=1, help="batch for the real (full) size")
+    p.add_argument("--real-slices", type=int, default=0,
+                   help="ProViCNet at the real size: slices per case (default the preset's 20; one case of 20 "
+                        "448-px slices needs ~31 GB of activations without remat)")
     p.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: os.cpu_count())")
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (default 2048; --quick 1024)")
     p.add_argument("--torch", action="store_true", help="also run scripts/bench_torch.py and print JAX/PyTorch")
@@ -107,6 +112,8 @@ def bench_config(model: str, preset: str, dtype: str, args):
             config.model.head_options.conv_impl = args.conv_impl
     if preset == "full":
         config.batch_size = args.real_batch
+        if model == "provicnet" and args.real_slices:
+            config.data.crop_size = (args.real_slices, *config.data.crop_size[1:])
     elif args.batch:
         config.batch_size = args.batch
     config.logging.progress_bar = False
@@ -154,8 +161,19 @@ def synthetic_batch(config, task, seed=0):
                              seed)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (a page touched for the first time since it was mapped)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def glibc_malloc_env() -> dict[str, str]:
+    """MALLOC_* variables of this process; the PyTorch subprocess inherits them, so both run with one allocator."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+
 def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3):
-    """Median seconds per step over `windows` timed windows (each ends with block_until_ready)."""
+    """(median seconds per step over `windows` timed windows, each ending with block_until_ready, state, metrics,
+    minor page faults per timed step)."""
     import jax
 
     metrics = None
@@ -164,13 +182,15 @@ def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3
     jax.block_until_ready(state)
     per_window = max(1, steps // windows)
     times = []
+    faults_before = minor_faults()
     for _ in range(max(1, steps // per_window)):
         start = time.perf_counter()
         for _ in range(per_window):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / per_window)
-    return statistics.median(times), state, metrics
+    faults = (minor_faults() - faults_before) / (len(times) * per_window)
+    return statistics.median(times), state, metrics, faults
 
 
 def measure_peak(n: int, dtype: str) -> float:
@@ -209,7 +229,7 @@ def model_row(model, preset, dtype, args, peaks):
     compile_s = time.perf_counter() - start
     memory = describe_memory(compiled)
     xla_flops = compiled_flops(compiled)
-    step_s, state, metrics = time_steps(compiled, state, batch, args.steps, args.warmup)
+    step_s, state, metrics, faults = time_steps(compiled, state, batch, args.steps, args.warmup)
     row = {
         "section": "model", "model": model, "size": preset, "dtype": dtype,
         "remat": bool(args.remat or args.remat_policy),
@@ -221,13 +241,14 @@ def model_row(model, preset, dtype, args, peaks):
         "xla_gflop_step": xla_flops / 1e9, "xla_over_model": xla_flops / model_flops,
         "achieved_gflops": model_flops / step_s / 1e9, "peak_gflops": peaks[dtype] / 1e9,
         "mfu": model_flops / step_s / peaks[dtype], "loss": float(metrics["loss"]),
+        "minor_faults_per_step": faults,
         "mem_mib": {k: round(v, 2) for k, v in memory.items()},
     }
     box = {"state": state}
 
     def retime() -> float:
         """The same compiled step timed again (JAX / PyTorch ratios use timings taken next to each other)."""
-        seconds, box["state"], _ = time_steps(compiled, box["state"], batch, args.steps, 1)
+        seconds, box["state"], _, _ = time_steps(compiled, box["state"], batch, args.steps, 1)
         return seconds
 
     return row, retime
@@ -342,7 +363,7 @@ def data_section(args, step_rows):
         task = get_task(config)
         with tempfile.TemporaryDirectory() as cache:
             splits = prepare_splits(config.data, cache, task, log=lambda *_: None)
-            for workers in (0, 2):
+            for workers in sorted({0, 2, os.cpu_count() or 1}):
                 ds = train_dataset(splits.paths["train"], task, crop_size=tuple(config.data.crop_size),
                                    augment=augment_config(config.data), per_process_batch=config.batch_size,
                                    seed=0, workers=workers, prefetch=config.data.prefetch)
@@ -380,7 +401,7 @@ def scaling_child(args):
         compile_s = time.perf_counter() - start
         state, metrics = compiled(state, batch)
         first_loss = float(metrics["loss"])
-        step_s, state, metrics = time_steps(compiled, state, batch, max(2, args.steps // 2), 0, windows=1)
+        step_s, state, metrics, _ = time_steps(compiled, state, batch, max(2, args.steps // 2), 0, windows=1)
         rows.append({"section": "scaling", "devices": data * fsdp, "data": data, "fsdp": fsdp,
                      "strategy": strategy, "batch": config.batch_size, "compile_s": compile_s, "step_s": step_s,
                      "volumes_per_s": config.batch_size / step_s, "first_loss": first_loss})
@@ -451,7 +472,8 @@ def main(argv=None):
 
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
           f"({jax.devices()[0].device_kind}); os.cpu_count()={os.cpu_count()}; XLA CPU uses its own thread pool "
-          f"over all visible cores (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch threads={args.threads}")
+          f"over all visible cores (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch threads={args.threads}; "
+          f"glibc malloc environment (both frameworks): {glibc_malloc_env() or 'defaults'}")
     if args.torch and not os.path.exists(TORCH_PYTHON):
         print(f"[torch] side venv not found at {TORCH_PYTHON}: the PyTorch comparison is skipped")
         args.torch = False
@@ -476,15 +498,15 @@ def main(argv=None):
     model_rows = list(all_rows)
     table(model_rows, ["model", "size", "dtype", "batch", "crop", "compile_s", "step_s", "volumes_per_s",
                        "model_gflop_step", "xla_gflop_step", "xla_over_model", "achieved_gflops",
-                       "peak_gflops", "mfu"], "JAX fine-tuning step (1 device)")
+                       "peak_gflops", "mfu", "minor_faults_per_step"], "JAX fine-tuning step (1 device)")
     table([dict(r, **r["mem_mib"]) for r in model_rows],
           ["model", "size", "dtype", "argument_mib", "output_mib", "temp_mib", "alias_mib", "generated_code_mib"],
           "compiled.memory_analysis() of the train step (MiB per device)")
     if args.torch:
         all_rows += torch_rows
         table(torch_rows, ["model", "size", "dtype", "mode", "threads", "batch", "compile_s", "step_s",
-                           "volumes_per_s", "torch_mfu", "jax_step_s", "jax_volumes_per_s", "jax_mfu", "jax_over_torch",
-                           "ratio_at_peak", "error"],
+                           "volumes_per_s", "minor_faults_per_step", "torch_mfu", "jax_step_s", "jax_volumes_per_s",
+                           "jax_mfu", "jax_over_torch", "ratio_at_peak", "error"],
               "PyTorch reference (same step) and JAX / PyTorch (JAX re-timed next to it)")
     if args.data:
         rows = data_section(args, model_rows)

@@ -30,7 +30,8 @@ from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, load_into
 from transfer_jax.train.probe import AlignmentProbe, probe_images
 from transfer_jax.train.state import abstract_state, count_params, init_state, model_graph
-from transfer_jax.train.step import compiled_flops, describe_memory, make_eval_step, make_train_step
+from transfer_jax.train.step import (compiled_flops, describe_memory, host_memory_hint, make_eval_step,
+                                     make_train_step)
 from transfer_jax.train.writer import MetricWriter
 
 
@@ -193,6 +194,9 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
             + f"; model FLOPs/step={model_flops:.3g} (dots + convs, 3 x forward)"
             + (f"; XLA flops/step/device={flops:.3g}" if flops else "")
             + (f"; peak {peak / 1e12:.3g} TFLOP/s per device" if peak else ""))
+        hint = host_memory_hint(jax.devices()[0].platform, memory, os.environ)
+        if hint:
+            log(hint)
         throughput = {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops,
                       "model_flops_per_step": model_flops, "peak_flops_per_device": peak, **memory}
         state, meta, throughput = _train(config, state, compiled, batch, train_iter, mesh, evaluator, probe,
