@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_parity_fixtures import ConvNeXtV2, UperNet, ViT, ViTAdapter  # noqa: E402
 from make_provicnet_fixtures import ProViCNetReference  # noqa: E402
+from benchmark import glibc_malloc_env, minor_faults  # noqa: E402  (stdlib-only at import)
 
 
 def dice_ce(logits, labels, num_classes, include_background=False, weights=None):
@@ -124,7 +124,7 @@ def run(mode, spec, args):
     windows = 3
     per = max(1, args.steps // windows)
     times = []
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults_before = minor_faults()
     for _ in range(max(1, args.steps // per)):
         start = time.perf_counter()
         for _ in range(per):
@@ -132,13 +132,12 @@ def run(mode, spec, args):
         float(loss)
         times.append((time.perf_counter() - start) / per)
     step_s = statistics.median(times)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (len(times) * per)
+    faults = (minor_faults() - faults_before) / (len(times) * per)
     return {"mode": mode, "model": spec.get("model", "profound_conv"), "size": spec.get("size"),
             "dtype": spec.get("dtype", "fp32"), "batch": spec["batch"], "crop": list(spec["crop"]),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "compile_s": compile_s,
             "step_s": step_s, "volumes_per_s": spec["batch"] / step_s, "loss": float(loss),
-            "minor_faults_per_step": faults, "malloc_env": {k: v for k, v in os.environ.items()
-                                                            if k.startswith("MALLOC_")}}
+            "minor_faults_per_step": faults, "malloc_env": glibc_malloc_env()}
 
 
 def main(argv=None):

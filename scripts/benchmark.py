@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="also append every row as a JSON line to this file")
     p.add_argument("--scaling-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.real_slices < 0:
+        p.error(f"--real-slices {args.real_slices}: expected a positive slice count (0 = the preset's)")
     if not args.steps:
         args.steps = 4 if args.quick else 10
     if not args.peak_n:
