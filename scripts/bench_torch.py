@@ -31,6 +31,9 @@ from make_parity_fixtures import ConvNeXtV2, UperNet, ViT, ViTAdapter  # noqa: E
 from make_provicnet_fixtures import ProViCNetReference  # noqa: E402
 from benchmark import glibc_malloc_env, minor_faults  # noqa: E402  (stdlib-only at import)
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transfer_jax.allocator import active_allocator  # noqa: E402  (stdlib-only)
+
 
 def dice_ce(logits, labels, num_classes, include_background=False, weights=None):
     """Soft Dice per (sample, class) + cross-entropy, like transfer_jax.tasks.segmentation.dice_ce_loss: Dice over
@@ -137,7 +140,7 @@ def run(mode, spec, args):
             "dtype": spec.get("dtype", "fp32"), "batch": spec["batch"], "crop": list(spec["crop"]),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "compile_s": compile_s,
             "step_s": step_s, "volumes_per_s": spec["batch"] / step_s, "loss": float(loss),
-            "minor_faults_per_step": faults, "malloc_env": glibc_malloc_env()}
+            "minor_faults_per_step": faults, "allocator": active_allocator(), "malloc_env": glibc_malloc_env()}
 
 
 def main(argv=None):

@@ -9,8 +9,11 @@ AOT `lower().compile()`), on one device; compile time, `memory_analysis()` (MiB)
 (`train/flops.py`: the dots and convolutions of the traced forward pass at 2 FLOPs per MAC, x3 for forward +
 backward) against XLA's `cost_analysis()` of the compiled step, steady-state step time (median of timed windows
 after warm-up, `jax.block_until_ready` at the end of each), volumes/s, MFU against the peak of a large matmul
-measured in the same run, and minor page faults per step (temporaries the allocator maps afresh every step; glibc
-mmaps requests above its threshold: set MALLOC_* variables on the command to compare, both frameworks get them).
+measured in the same run, and minor page faults per step (temporaries the allocator maps afresh every step).
+
+Host allocator: like the trainer's entry points, the benchmark re-executes itself with tcmalloc preloaded when it
+is installed (`--allocator`, `transfer_jax/allocator.py`); the PyTorch subprocess inherits it (`--torch-allocator
+same`) or runs on glibc malloc (`system`); MALLOC_* variables on the command reach both frameworks.
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
@@ -70,6 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (default 2048; --quick 1024)")
     p.add_argument("--torch", action="store_true", help="also run scripts/bench_torch.py and print JAX/PyTorch")
     p.add_argument("--no-compile", action="store_true", help="PyTorch: eager only (skip torch.compile)")
+    p.add_argument("--allocator", default=os.environ.get("TRANSFER_JAX_ALLOCATOR", "auto"),
+                   help="host allocator: auto (tcmalloc when installed) | system (glibc) | tcmalloc | jemalloc | "
+                        "a library path (TRANSFER_JAX_ALLOCATOR)")
+    p.add_argument("--torch-allocator", default="same", choices=("same", "system"),
+                   help="PyTorch's allocator: the same as JAX's, or glibc malloc (PyTorch as usually run)")
     p.add_argument("--data", action="store_true", help="data pipeline throughput section")
     p.add_argument("--scaling", action="store_true", help="1/2/4/8 fake-device data-parallel / FSDP section")
     p.add_argument("--mmd", action="store_true", help="in-loop alignment overhead section (a short training run)")
@@ -171,6 +179,17 @@ def minor_faults() -> int:
 def glibc_malloc_env() -> dict[str, str]:
     """MALLOC_* variables of this process; the PyTorch subprocess inherits them, so both run with one allocator."""
     return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+
+def torch_environment(torch_allocator: str) -> dict[str, str]:
+    """The PyTorch subprocess's environment: this one's, without the preloaded allocator for `system`."""
+    from transfer_jax.allocator import ALLOCATOR_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if torch_allocator == "system":
+        env.pop("LD_PRELOAD", None)
+        env[ALLOCATOR_ENV] = "system"
+    return env
 
 
 def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3):
@@ -292,9 +311,9 @@ def run_torch(args, row, retime):
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.no_compile or args.quick:  # torch.compile takes minutes on CPU (and fails here, see RESULTS.md)
         cmd.append("--no-compile")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                              env=torch_environment(args.torch_allocator), cwd=REPO)
     except subprocess.TimeoutExpired:
         print(f"[torch] {row['model']}/{row['size']}/{row['dtype']}: timed out")
         return []
@@ -470,12 +489,17 @@ def main(argv=None):
     if args.scaling_child:
         scaling_child(args)
         return
+    from transfer_jax.allocator import ALLOCATOR_ENV, active_allocator, apply_host_allocator
+
+    os.environ[ALLOCATOR_ENV] = args.allocator
+    apply_host_allocator()  # before JAX starts: re-executes this command with the library preloaded
     import jax
 
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
           f"({jax.devices()[0].device_kind}); os.cpu_count()={os.cpu_count()}; XLA CPU uses its own thread pool "
           f"over all visible cores (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch threads={args.threads}; "
-          f"glibc malloc environment (both frameworks): {glibc_malloc_env() or 'defaults'}")
+          f"host allocator: {active_allocator()} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}; PyTorch: "
+          f"{args.torch_allocator}); glibc malloc environment (both frameworks): {glibc_malloc_env() or 'defaults'}")
     if args.torch and not os.path.exists(TORCH_PYTHON):
         print(f"[torch] side venv not found at {TORCH_PYTHON}: the PyTorch comparison is skipped")
         args.torch = False
@@ -506,7 +530,7 @@ def main(argv=None):
           "compiled.memory_analysis() of the train step (MiB per device)")
     if args.torch:
         all_rows += torch_rows
-        table(torch_rows, ["model", "size", "dtype", "mode", "threads", "batch", "compile_s", "step_s",
+        table(torch_rows, ["model", "size", "dtype", "mode", "threads", "allocator", "batch", "compile_s", "step_s",
                            "volumes_per_s", "minor_faults_per_step", "torch_mfu", "jax_step_s", "jax_volumes_per_s",
                            "jax_mfu", "jax_over_torch", "ratio_at_peak", "error"],
               "PyTorch reference (same step) and JAX / PyTorch (JAX re-timed next to it)")

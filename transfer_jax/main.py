@@ -2,13 +2,15 @@
 
     python -m transfer_jax.main --config=configs/seg.py --workdir=runs/seg [--config.optimizer.lr=3e-4]
 
-Re-running with the same workdir resumes from its latest checkpoint.
+Re-running with the same workdir resumes from its latest checkpoint. The process re-executes itself once with
+tcmalloc preloaded when it is installed (`transfer_jax/allocator.py`; TRANSFER_JAX_ALLOCATOR=system turns it off).
 """
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from transfer_jax.allocator import apply_host_allocator
 from transfer_jax.cli import parse_flags, prepare_runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/seg.py[:ARG].",
@@ -34,6 +36,7 @@ def main(argv):
 
 
 def run():
+    apply_host_allocator()
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)
 

@@ -9,6 +9,7 @@ Re-running with the same workdir skips finished runs and resumes the others from
 from absl import app, flags
 from ml_collections import config_flags
 
+from transfer_jax.allocator import apply_host_allocator
 from transfer_jax.cli import parse_flags, prepare_runtime
 
 # New attributes are accepted so that `--config.study.overrides.<field>=...` can add overrides; the study
@@ -29,5 +30,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    apply_host_allocator()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=parse_flags)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from transfer_jax.allocator import active_allocator, host_memory_hint
 from transfer_jax.data.dataset import augment_config, prepare_splits
 from transfer_jax.data.pipeline import eval_batches, train_dataset
 from transfer_jax.models.convnext import layer_id as convnext_layer_id
@@ -30,8 +31,7 @@ from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, load_into
 from transfer_jax.train.probe import AlignmentProbe, probe_images
 from transfer_jax.train.state import abstract_state, count_params, init_state, model_graph
-from transfer_jax.train.step import (compiled_flops, describe_memory, host_memory_hint, make_eval_step,
-                                     make_train_step)
+from transfer_jax.train.step import compiled_flops, describe_memory, make_eval_step, make_train_step
 from transfer_jax.train.writer import MetricWriter
 
 
@@ -103,9 +103,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     wall_start = time.time()
     log = writer.log
+    allocator = active_allocator()
     log(f"transfer_jax: task={config.task.name} backbone={config.model.backbone} workdir={workdir}")
     log(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"{jax.process_count()} process(es), python {platform.python_version()}")
+        f"{jax.process_count()} process(es), python {platform.python_version()}, host allocator {allocator}")
 
     if config.init.mode not in ("scratch", "pretrained"):
         raise ValueError(f"init.mode must be 'scratch' or 'pretrained', got {config.init.mode!r}")
@@ -194,7 +195,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
             + f"; model FLOPs/step={model_flops:.3g} (dots + convs, 3 x forward)"
             + (f"; XLA flops/step/device={flops:.3g}" if flops else "")
             + (f"; peak {peak / 1e12:.3g} TFLOP/s per device" if peak else ""))
-        hint = host_memory_hint(jax.devices()[0].platform, memory, os.environ)
+        hint = host_memory_hint(jax.devices()[0].platform, memory.get("temp_mib", 0.0), allocator, os.environ)
         if hint:
             log(hint)
         throughput = {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops,

@@ -75,25 +75,6 @@ def describe_memory(compiled) -> dict[str, float]:
     return {k: getattr(analysis, v, 0) / mib for k, v in fields.items()}
 
 
-# glibc settings that keep freed host memory mapped: XLA:CPU mallocs a step's temporaries on every execution, and
-# glibc maps anything above 32 MiB (above 64 MiB from a worker thread) afresh, so each step page-faults and zeroes
-# all of it again. Measured on ProViCNet at the released size (benchmarks/RESULTS.md §2e): 7.07 -> 3.86 s a step.
-# Not set by default: with one arena, small CPU steps (ProFound-Conv default) ran up to 1.4x slower.
-RETAIN_HOST_MEMORY_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-CPU_TEMP_HINT_MIB = 1024.0
-
-
-def host_memory_hint(platform: str, memory: dict[str, float], environ) -> str | None:
-    """A hint for CPU steps with large temporaries when glibc's defaults are in force, else None."""
-    temp = memory.get("temp_mib", 0.0)
-    if platform != "cpu" or temp < CPU_TEMP_HINT_MIB or any(k in environ for k in RETAIN_HOST_MEMORY_ENV):
-        return None
-    settings = " ".join(f"{k}={v}" for k, v in RETAIN_HOST_MEMORY_ENV.items())
-    return (f"hint: the step's {temp / 1024:.1f} GiB of temporaries are mapped afresh by glibc on every step (page "
-            f"faults); start the run with {settings} to keep them (1.8-2.0x faster at ProViCNet's released size "
-            "on CPU)")
-
-
 def compiled_flops(compiled) -> float:
     """XLA's FLOP count for one step on one device (0 when unavailable)."""
     try:
