@@ -2,7 +2,7 @@
 
 XLA:CPU allocates an executable's temporaries (the step's activations) on every execution and frees them after.
 glibc serves the large ones with a fresh `mmap`, so each step page-faults on, and the kernel zeroes, all of its
-temporaries; tcmalloc keeps freed pages for the next step (benchmarks/RESULTS.md §2f: CPU steps 1.2-2.1x faster).
+temporaries; tcmalloc keeps freed pages for the next step (benchmarks/RESULTS.md §2f: CPU steps 1.1-2.8x faster).
 A preloaded library must be in place before the interpreter starts, hence the re-exec, which happens before JAX is
 imported. `TRANSFER_JAX_ALLOCATOR` picks: `auto` (default: tcmalloc when installed, else glibc), `tcmalloc`,
 `jemalloc`, `system` (glibc, no re-exec) or the path of a malloc library; a library that is already in LD_PRELOAD
@@ -141,7 +141,7 @@ def host_memory_hint(platform: str, temp_mib: float, allocator: str, environ: Ma
     if any(k in environ for k in GLIBC_RETAIN_ENV):
         return None
     hint = (f"hint: glibc malloc maps the step's {temp_mib:.0f} MiB of temporaries afresh on every step (page "
-            f"faults); install tcmalloc ({INSTALL_HINT}) and the entry points preload it (CPU steps 1.2-2.1x "
+            f"faults); install tcmalloc ({INSTALL_HINT}) and the entry points preload it (CPU steps 1.1-2.8x "
             "faster)")
     if temp_mib >= GLIBC_RETAIN_TEMP_MIB:
         settings = " ".join(f"{k}={v}" for k, v in GLIBC_RETAIN_ENV.items())
