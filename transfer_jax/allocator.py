@@ -20,8 +20,8 @@ ALLOCATOR_ENV = "TRANSFER_JAX_ALLOCATOR"
 LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
 INSTALL_HINT = ("apt-get install libtcmalloc-minimal4 (Debian/Ubuntu), dnf install gperftools-libs, or "
                 "conda install -c conda-forge gperftools")
-# gperftools prints a warning (with a stack trace) for every allocation above 1 GiB unless told otherwise;
-# released-size CPU steps allocate several such temporaries per step.
+# gperftools reports every allocation above 1 GiB on stderr unless told otherwise: a step's temporaries at large
+# batch sizes can hold such buffers on every step.
 _QUIET_LARGE_ALLOCS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 # Temporaries above glibc's largest mmap threshold (32 MiB) are mapped afresh every step.
 GLIBC_FAULT_TEMP_MIB = 64.0
