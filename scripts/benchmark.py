@@ -182,14 +182,9 @@ def glibc_malloc_env() -> dict[str, str]:
 
 
 def torch_environment(torch_allocator: str) -> dict[str, str]:
-    """The PyTorch subprocess's environment: this one's, without the preloaded allocator for `system`."""
-    from transfer_jax.allocator import ALLOCATOR_ENV
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if torch_allocator == "system":
-        env.pop("LD_PRELOAD", None)
-        env[ALLOCATOR_ENV] = "system"
-    return env
+    """The PyTorch subprocess's environment: this one's, without LD_PRELOAD for `system` (glibc malloc)."""
+    dropped = {"PYTHONPATH", "LD_PRELOAD"} if torch_allocator == "system" else {"PYTHONPATH"}
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
 def time_steps(compiled, state, batch, steps: int, warmup: int, windows: int = 3):

@@ -27,6 +27,7 @@ _QUIET_LARGE_ALLOCS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 GLIBC_FAULT_TEMP_MIB = 64.0
 GLIBC_RETAIN_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 GLIBC_RETAIN_TEMP_MIB = 1024.0
+_EXPECTED = f"expected auto, system, {', '.join(LIBRARIES)} or the path of a malloc library"
 
 
 class AllocatorError(ValueError):
@@ -74,12 +75,10 @@ def requested_library(environ: Mapping[str, str]) -> str | None:
         return found
     if os.sep in choice:
         if not os.path.isfile(choice):
-            raise AllocatorError(f"{ALLOCATOR_ENV}={choice}: no such file (expected auto, system, "
-                                 f"{', '.join(LIBRARIES)} or the path of a malloc library)")
+            raise AllocatorError(f"{ALLOCATOR_ENV}={choice}: no such file ({_EXPECTED})")
         path = os.path.abspath(choice)
         return None if path in _entries(environ.get("LD_PRELOAD", "")) else path
-    raise AllocatorError(f"{ALLOCATOR_ENV}={choice!r}: expected auto, system, {', '.join(LIBRARIES)} or the path "
-                         "of a malloc library")
+    raise AllocatorError(f"{ALLOCATOR_ENV}={choice!r}: {_EXPECTED}")
 
 
 def preload_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
