@@ -141,6 +141,27 @@ def test_crops_and_augmentation_are_deterministic_per_seed():
     np.testing.assert_array_equal(same["gland"], crop["gland"])
 
 
+def test_axis_aligned_warp_samples_like_ndimage_affine_transform():
+    from scipy import ndimage
+    from transfer_jax.data.augment import axis_aligned_warp
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        region, crop = tuple(rng.integers(6, 18, 3)), tuple(int(n) for n in rng.integers(5, 18, 3))
+        scale = np.where(rng.random(3) < 0.5, -1.0, 1.0) * rng.uniform(0.7, 1.3, 3)
+        offset = (np.asarray(region) - 1) / 2 + rng.uniform(-5, 5, 3) - scale * (np.asarray(crop) - 1) / 2
+        if trial % 4 == 0:  # whole and half voxel positions: the edges and the nearest-neighbour ties
+            offset, scale = np.round(offset * 2) / 2, np.sign(scale)
+        image = rng.normal(size=region + (2,)).astype(np.float32)
+        mask = rng.integers(0, 3, region).astype(np.uint8)
+        reference = lambda a, order: ndimage.affine_transform(  # noqa: E731
+            a, scale, offset=offset, output_shape=crop, order=order, mode="constant", cval=0.0, prefilter=False)
+        expected = np.stack([reference(image[..., c], 1) for c in range(2)], axis=-1)
+        np.testing.assert_allclose(axis_aligned_warp(image, scale, offset, crop, order=1), expected, atol=2e-6)
+        np.testing.assert_array_equal(axis_aligned_warp(mask, scale, offset, crop, order=0), reference(mask, 0))
+    with pytest.raises(ValueError, match="order must be 0"):
+        axis_aligned_warp(mask, scale, offset, crop, order=3)
+
+
 def test_train_pipeline_resumes_exactly(tmp_path):
     from transfer_jax.data.preprocess import preprocess_cases
     from transfer_jax.data.pipeline import train_dataset

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
 MASK_KEYS = ("gland", "lesion")
 
@@ -37,6 +36,53 @@ def center_crop(sample: dict, crop_size: tuple[int, int, int]) -> dict:
     return out
 
 
+def _axis_sampling(size: int, coords: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Source indices and weights along one axis, as `scipy.ndimage.affine_transform(mode="constant", cval=0)`.
+
+    Points outside [0, size - 1] are cval; inside, order 1 blends the two neighbours (a neighbour past the edge
+    weighs nothing) and order 0 takes the nearest, halves rounding up. Returns (low, high, weight of high) for
+    order 1 and (index, inside, None) for order 0.
+    """
+    inside = (coords >= 0.0) & (coords <= size - 1)
+    if order == 0:
+        return np.clip(np.floor(coords + 0.5).astype(np.int64), 0, size - 1), inside, None
+    low = np.floor(coords)
+    frac = coords - low
+    low = low.astype(np.int64)
+    w_low = np.where(inside, 1.0 - frac, 0.0)
+    w_high = np.where(inside & (low + 1 <= size - 1), frac, 0.0)
+    return np.clip(low, 0, size - 1), np.minimum(low + 1, size - 1), np.stack([w_low, w_high])
+
+
+def axis_aligned_warp(volume: np.ndarray, scale: np.ndarray, offset: np.ndarray, output_shape: tuple[int, ...],
+                      order: int) -> np.ndarray:
+    """`output[o] = volume[offset + scale * o]` over the first len(output_shape) axes (trailing axes ride along).
+
+    The same samples as `ndimage.affine_transform` with the diagonal matrix `scale` (order 0 or 1, constant 0
+    outside, no prefilter), computed one axis at a time: an axis-aligned map is separable, which makes it about
+    10x cheaper than the general 3-D interpolation for the crops of every training step.
+    """
+    if order not in (0, 1):
+        raise ValueError(f"axis_aligned_warp: order must be 0 (nearest) or 1 (linear), got {order}")
+    out = volume if order == 0 else volume.astype(np.float32, copy=False)
+    for axis, size in enumerate(output_shape):
+        coords = offset[axis] + scale[axis] * np.arange(size, dtype=np.float64)
+        first, second, weights = _axis_sampling(volume.shape[axis], coords, order)
+        shape = [1] * out.ndim
+        shape[axis] = size
+        if order == 0:
+            out = np.take(out, first, axis=axis) * second.reshape(shape).astype(out.dtype)
+        else:
+            weights = weights.astype(np.float32)
+            low = np.take(out, first, axis=axis)
+            low *= weights[0].reshape(shape)
+            high = np.take(out, second, axis=axis)
+            high *= weights[1].reshape(shape)
+            low += high
+            out = low
+    return out
+
+
 def random_crop(sample: dict, crop_size: tuple[int, int, int], config: AugmentConfig,
                 rng: np.random.Generator) -> dict:
     """Zoom + translation + flips + intensity jitter, sampling the crop straight from the stored region."""
@@ -48,19 +94,15 @@ def random_crop(sample: dict, crop_size: tuple[int, int, int], config: AugmentCo
     # output index o -> region index: centre + (o - crop_centre) * scale * (+-1 per flipped axis)
     direction = np.where(flips, -1.0, 1.0) * scale
     offset = (region - 1) / 2.0 + shift - direction * (crop - 1) / 2.0
-    matrix = np.diag(direction)
-
-    def warp(volume: np.ndarray, order: int) -> np.ndarray:
-        return ndimage.affine_transform(volume, matrix, offset=offset, output_shape=crop_size, order=order,
-                                        mode="constant", cval=0.0, prefilter=False)
-
-    image = np.stack([warp(sample["image"][..., c], 1) for c in range(sample["image"].shape[-1])], axis=-1)
+    image = axis_aligned_warp(sample["image"], direction, offset, crop_size, order=1)
     channels = image.shape[-1]
     gain = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, channels)
     bias = rng.uniform(-config.intensity_shift, config.intensity_shift, channels)
     out = dict(sample)
-    out["image"] = (image * gain + bias).astype(np.float32)
+    image *= gain.astype(np.float32)
+    image += bias.astype(np.float32)
+    out["image"] = image
     for key in MASK_KEYS:
         if sample.get(key) is not None:
-            out[key] = warp(sample[key], 0).astype(np.uint8)
+            out[key] = axis_aligned_warp(sample[key], direction, offset, crop_size, order=0).astype(np.uint8)
     return out

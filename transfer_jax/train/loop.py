@@ -26,6 +26,7 @@ from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.export import model_arrays, write_pretrained
 from transfer_jax.train.flops import device_peak_flops, train_step_flops
+from transfer_jax.train.input_wait import InputWaitClock
 from transfer_jax.train.mesh import batch_sharding, check_batch_divisible, create_mesh, global_batch
 from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, load_into
@@ -286,7 +287,8 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not config.logging.progress_bar or jax.process_index() != 0)
     pending = None  # metrics of the last step of the current logging window (still on device)
-    window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
+    window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
+    input_clock = InputWaitClock()
     steady: list[float] = []
     run_start, alignment_seconds = time.time(), 0.0
 
@@ -317,6 +319,7 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
     while step < total:
         state, metrics = compiled(state, batch)
         step += 1
+        input_clock.dispatched(step, metrics)
         window_steps += 1
         pending = metrics
         bar.update(1)
@@ -327,14 +330,15 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
             step_time = elapsed / max(window_steps, 1)
             scalars.update(step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
                            data_wait_fraction=data_wait / max(elapsed, 1e-9),
+                           input_fetch_fraction=input_fetch / max(elapsed, 1e-9),
                            **flops_rates(throughput, step_time, mesh.size))
             if step > start_step + config.log_every:  # the first window includes warm-up
                 steady.append(step_time)
             writer.write(step, scalars, prefix="train/")
             if scalars["data_wait_fraction"] > 0.05 and step > start_step + config.log_every:
-                log(f"hint: {scalars['data_wait_fraction']:.0%} of the step time is spent waiting for data; "
+                log(f"hint: {scalars['data_wait_fraction']:.0%} of the time the devices sat idle waiting for the next batch; "
                     "raise data.workers or cache preprocessed cases on faster storage")
-            window_start, window_steps, data_wait, paused = time.time(), 0, 0.0, 0.0
+            window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
         pause_start = time.time()
         if step % config.eval_every == 0 or last:
             last = evaluate(step) or last
@@ -346,9 +350,14 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
         paused += time.time() - pause_start
         if last:
             break
-        fetch_start = time.time()
+        fetch_start = time.perf_counter()
         batch = global_batch(next(train_iter), mesh)
-        data_wait += time.time() - fetch_start
+        if config.debug.input_delay_seconds:
+            time.sleep(config.debug.input_delay_seconds)
+        fetch_end = time.perf_counter()
+        input_fetch += fetch_end - fetch_start
+        data_wait += input_clock.idle_seconds(step, metrics, fetch_start, fetch_end)
+    input_clock.close()
     bar.close()
     if probe is not None:
         throughput.update(alignment_seconds=alignment_seconds,
