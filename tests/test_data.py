@@ -162,6 +162,18 @@ def test_axis_aligned_warp_samples_like_ndimage_affine_transform():
         axis_aligned_warp(mask, scale, offset, crop, order=3)
 
 
+def test_epoch_shuffle_permutes_every_epoch_anew_and_reproducibly():
+    import grain
+    from transfer_jax.data.pipeline import EpochShuffle
+    shuffled = EpochShuffle(grain.MapDataset.range(10), seed=4).repeat()
+    epochs = [[shuffled[e * 10 + i] for i in range(10)] for e in range(3)]
+    assert all(sorted(order) == list(range(10)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3 and epochs[0] != list(range(10))
+    again = EpochShuffle(grain.MapDataset.range(10), seed=4).repeat()
+    assert [again[i] for i in (25, 3, 17)] == [epochs[2][5], epochs[0][3], epochs[1][7]]  # any order of access
+    assert [shuffled[i] for i in range(10)] != [EpochShuffle(grain.MapDataset.range(10), seed=5)[i] for i in range(10)]
+
+
 def test_train_pipeline_resumes_exactly(tmp_path):
     from transfer_jax.data.preprocess import preprocess_cases
     from transfer_jax.data.pipeline import train_dataset
