@@ -46,4 +46,4 @@ def test_trainer_reports_slow_input_and_hints(tmp_path, capsys):
     for record in windows[1:]:  # after the warm-up window: each step waits ~0.4 s for a batch that takes ~0.03 s
         assert record["train/data_wait_fraction"] > 0.5
         assert record["train/input_fetch_fraction"] >= record["train/data_wait_fraction"]
-    assert "devices sat idle waiting for the next batch" in capsys.readouterr().out
+    assert "the devices sat idle waiting for the next batch" in capsys.readouterr().out

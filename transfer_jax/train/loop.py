@@ -336,8 +336,8 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
                 steady.append(step_time)
             writer.write(step, scalars, prefix="train/")
             if scalars["data_wait_fraction"] > 0.05 and step > start_step + config.log_every:
-                log(f"hint: {scalars['data_wait_fraction']:.0%} of the time the devices sat idle waiting for the next batch; "
-                    "raise data.workers or cache preprocessed cases on faster storage")
+                log(f"hint: the devices sat idle waiting for the next batch {scalars['data_wait_fraction']:.0%} of "
+                    "the time; raise data.workers or cache preprocessed cases on faster storage")
             window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
         pause_start = time.time()
         if step % config.eval_every == 0 or last:
