@@ -18,7 +18,8 @@ same`) or runs on glibc malloc (`system`); MALLOC_* variables on the command rea
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
 the two JAX timings (machine speed drifts by tens of percent over minutes on shared CPUs); `--data` times
-preprocessing (NIfTI decode + resample + normalise + crop) and the grain training pipeline with 0, 2 and
+preprocessing (NIfTI decode + resample + normalise + crop), the random crop's resampling (separable, against
+`ndimage.affine_transform`'s general path in the same process) and the grain training pipeline with 0, 2 and
 os.cpu_count() workers against the step; `--scaling` runs data-parallel and FSDP steps over 1/2/4/8 fake CPU
 devices (a subprocess with --xla_force_host_platform_device_count=8;
 correctness-only on CPU: the fake devices share the same cores); `--mmd` runs configs/seg.py (default preset) for
