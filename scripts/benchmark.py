@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -382,20 +383,25 @@ def data_section(args, step_rows):
             splits = prepare_splits(config.data, cache, task, log=lambda *_: None)
             rows += warp_rows(PreparedCaseSource(splits.paths["train"])[0], tuple(config.data.crop_size), preset,
                               step_vps)
-            for workers in sorted({0, 2, os.cpu_count() or 1}):
+            cache_bytes = int(config.data.memory_cache_mb * 2 ** 20)
+            epoch_batches = -(-len(splits.paths["train"]) // config.batch_size)
+            for workers, memory_cache in itertools.product(sorted({0, 2, os.cpu_count() or 1}), (0, cache_bytes)):
                 ds = train_dataset(splits.paths["train"], task, crop_size=tuple(config.data.crop_size),
                                    augment=augment_config(config.data), per_process_batch=config.batch_size,
-                                   seed=0, workers=workers, prefetch=config.data.prefetch)
+                                   seed=0, workers=workers, prefetch=config.data.prefetch,
+                                   memory_cache_bytes=memory_cache)
                 it = iter(ds)
-                next(it)  # start-up (worker processes, first reads)
+                for _ in range(1 if args.quick else epoch_batches):  # start-up and a first epoch's reads
+                    next(it)
                 n = 3 if args.quick else 10
                 start = time.perf_counter()
                 for _ in range(n):
                     batch = next(it)
                 vps = n * config.batch_size / (time.perf_counter() - start)
                 del it
-                rows.append({"section": "data", "what": f"grain train pipeline, {workers} workers", "size": preset,
-                             "volumes_per_s": vps, "over_step": vps / step_vps if step_vps else None,
+                rows.append({"section": "data", "what": f"grain train pipeline, {workers} workers",
+                             "memory_cache_mib": memory_cache / 2 ** 20, "size": preset, "volumes_per_s": vps,
+                             "over_step": vps / step_vps if step_vps else None,
                              "batch_shape": list(np.shape(batch["image"]))})
     return rows
 
@@ -579,7 +585,7 @@ def main(argv=None):
     if args.data:
         rows = data_section(args, model_rows)
         all_rows += rows
-        table(rows, ["what", "size", "volumes_per_s", "over_step", "over_general"],
+        table(rows, ["what", "memory_cache_mib", "size", "volumes_per_s", "over_step", "over_general"],
               "Data pipeline (volumes/s; over_step = data volumes/s / train-step volumes/s; over_general = "
               "separable / general resampling, same process)")
     if args.scaling:

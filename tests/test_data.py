@@ -201,3 +201,52 @@ def test_train_pipeline_resumes_exactly(tmp_path):
         got = next(resumed)
         np.testing.assert_array_equal(got["image"], want["image"])
         np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_memory_cache_gives_the_same_stream_and_keeps_within_its_budget(tmp_path):
+    import pickle
+
+    from transfer_jax.data.pipeline import PreparedCaseSource, train_dataset
+    from transfer_jax.data.preprocess import preprocess_cases
+    from helpers import smoke_config
+    from transfer_jax.tasks.registry import get_task
+
+    cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=5))
+    report = preprocess_cases(cases, PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32)),
+                              str(tmp_path / "cache"))
+    task = get_task(smoke_config())
+    paths = [report.paths[c.case_id] for c in cases if c.split == "train"]
+
+    def batches(memory_cache_bytes):
+        it = iter(train_dataset(paths, task, crop_size=(16, 32, 32), augment=AugmentConfig(), per_process_batch=2,
+                                seed=3, memory_cache_bytes=memory_cache_bytes))
+        return [next(it) for _ in range(3 * len(paths))]  # several epochs: later ones come from the cache
+
+    for want, got in zip(batches(0), batches(1 << 30)):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+    one_case = sum(v.nbytes for v in PreparedCaseSource(paths)[0].values() if isinstance(v, np.ndarray))
+    source = PreparedCaseSource(paths, memory_cache_bytes=int(1.5 * one_case))
+    for index in range(len(paths)):
+        source[index]
+    assert source.cached_cases == 1  # a second case would exceed the budget
+    cached = source[0]
+    assert not cached["image"].flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        cached["image"][0] = 0.0
+    np.testing.assert_array_equal(cached["image"], PreparedCaseSource(paths)[0]["image"])
+    copy = pickle.loads(pickle.dumps(source))  # what a grain worker process receives
+    assert copy.cached_cases == 0 and copy.memory_cache_bytes == source.memory_cache_bytes
+    assert PreparedCaseSource(paths)[0]["image"].flags.writeable  # no cache: arrays as loaded
+
+
+def test_memory_cache_size_must_be_a_non_negative_number(tmp_path):
+    from helpers import smoke_config
+    from transfer_jax.train.loop import train_and_evaluate
+
+    config = smoke_config()
+    config.data.memory_cache_mb = -1
+    with pytest.raises(ValueError, match="config.data.memory_cache_mb must be a number of MiB >= 0"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(str(tmp_path / "run" / "checkpoints"))

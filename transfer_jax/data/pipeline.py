@@ -10,6 +10,7 @@ padded to a fixed size (one compiled eval step).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Iterator
 
 import grain
@@ -22,18 +23,62 @@ from transfer_jax.data.preprocess import PreparedCase
 
 
 class PreparedCaseSource:
-    """Random access over cached prepared cases; each worker process loads files on demand."""
+    """Random access over cached prepared cases, read from disk on demand.
 
-    def __init__(self, paths: list[str]):
+    With `memory_cache_bytes`, cases stay in memory after their first read until that budget is used (the first
+    ones read; no eviction, so under a random order every case has the same chance of being cached). Reading a
+    case's .npz is 35-45 % of a training element's host time (augment included). The budget is per process: every
+    grain worker holds its own copy. Cached arrays are read-only, so a transform that wrote into its input would
+    fail loudly instead of corrupting later epochs.
+    """
+
+    def __init__(self, paths: list[str], memory_cache_bytes: int = 0):
         self.paths = list(paths)
+        self.memory_cache_bytes = int(memory_cache_bytes)
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._cache: dict[int, dict] = {}
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # worker processes start with an empty cache of their own
+        return {"paths": self.paths, "memory_cache_bytes": self.memory_cache_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_cache()
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def cached_cases(self) -> int:
+        return len(self._cache)
+
     def __getitem__(self, index: int) -> dict:
+        element = self._cache.get(index)
+        if element is None:
+            element = self._read(index)
+            if self.memory_cache_bytes > 0:
+                self._keep(index, element)
+        return dict(element)
+
+    def _read(self, index: int) -> dict:
         case = PreparedCase.load(self.paths[index])
         return {"image": case.image, "gland": case.gland, "lesion": case.lesion, "label": case.label,
                 "case_index": np.int32(index)}
+
+    def _keep(self, index: int, element: dict) -> None:
+        arrays = [v for v in element.values() if isinstance(v, np.ndarray)]
+        size = sum(a.nbytes for a in arrays)
+        with self._lock:
+            if index in self._cache or self._cached_bytes + size > self.memory_cache_bytes:
+                return
+            for array in arrays:
+                array.setflags(write=False)
+            self._cache[index] = element
+            self._cached_bytes += size
 
 
 class EpochShuffle(grain.MapDataset):
@@ -97,9 +142,10 @@ class _TaskSample(grain.transforms.Map):
 
 
 def train_dataset(paths: list[str], task, *, crop_size, augment: AugmentConfig, per_process_batch: int,
-                  seed: int, workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+                  seed: int, workers: int = 0, prefetch: int = 2,
+                  memory_cache_bytes: int = 0) -> grain.IterDataset:
     process, processes = jax.process_index(), jax.process_count()
-    source = grain.MapDataset.source(PreparedCaseSource(paths))
+    source = grain.MapDataset.source(PreparedCaseSource(paths, memory_cache_bytes))
     if len(source) == 0:
         raise DataError("no training cases: the training split is empty")
     # One global stream (shuffle, augmentation seeds) for every process count: global batch b is the per-process

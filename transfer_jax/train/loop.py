@@ -86,6 +86,14 @@ class Evaluator:
         return metrics
 
 
+def _memory_cache_bytes(data_config) -> int:
+    megabytes = data_config.memory_cache_mb
+    if isinstance(megabytes, bool) or not isinstance(megabytes, (int, float)) or megabytes < 0:
+        raise ValueError(f"config.data.memory_cache_mb must be a number of MiB >= 0 (0 = read every case from "
+                         f"disk), got {megabytes!r}")
+    return int(megabytes * 2 ** 20)
+
+
 def _config_snapshot(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -124,6 +132,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     task = get_task(config)
     per_process_batch = check_batch_divisible(config.batch_size, mesh)
     eval_per_process = check_batch_divisible(config.eval_batch_size, mesh)
+    memory_cache_bytes = _memory_cache_bytes(config.data)
     compute_dtype = jnp.dtype(config.model.backbone_options.get("dtype", "float32"))
 
     cache_dir = config.data.cache_dir or os.path.join(workdir, "preprocessed")
@@ -163,7 +172,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     train_iter = iter(train_dataset(
         splits.paths["train"], task, crop_size=tuple(config.data.crop_size), augment=augment_config(config.data),
         per_process_batch=per_process_batch, seed=config.seed, workers=config.data.workers,
-        prefetch=config.data.prefetch,
+        prefetch=config.data.prefetch, memory_cache_bytes=memory_cache_bytes,
     ))
     checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     meta: dict[str, Any] = {"history": [], "best": None, "best_step": None, "evals_without_improvement": 0,
@@ -337,7 +346,8 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
             writer.write(step, scalars, prefix="train/")
             if scalars["data_wait_fraction"] > 0.05 and step > start_step + config.log_every:
                 log(f"hint: the devices sat idle waiting for the next batch {scalars['data_wait_fraction']:.0%} of "
-                    "the time; raise data.workers or cache preprocessed cases on faster storage")
+                    "the time; raise data.workers or data.memory_cache_mb, or cache preprocessed cases on faster "
+                    "storage")
             window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
         pause_start = time.time()
         if step % config.eval_every == 0 or last:
