@@ -1,6 +1,7 @@
 """A run stopped hard after a checkpoint and restarted ends exactly where an uninterrupted run ends."""
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -32,6 +33,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     with pytest.raises(SimulatedPreemption):
         train_and_evaluate(_config(**{"debug.preempt_after_step": 3}), interrupted)
     assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == ["3"]
+    assert not [t for t in threading.enumerate() if t.name == "input-wait-clock"]  # closed on the way out
     resumed = train_and_evaluate(_config(), interrupted)
     assert resumed["steps"] == 6
 

@@ -297,7 +297,6 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
                disable=not config.logging.progress_bar or jax.process_index() != 0)
     pending = None  # metrics of the last step of the current logging window (still on device)
     window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
-    input_clock = InputWaitClock()
     steady: list[float] = []
     run_start, alignment_seconds = time.time(), 0.0
 
@@ -325,50 +324,53 @@ def _train(config, state, compiled, first_batch, train_iter, mesh, evaluator, pr
     if start_step == 0:  # the untrained (pretrained or scratch) starting point: step 0 of every curve
         evaluate(0)
     batch, step = first_batch, start_step
-    while step < total:
-        state, metrics = compiled(state, batch)
-        step += 1
-        input_clock.dispatched(step, metrics)
-        window_steps += 1
-        pending = metrics
-        bar.update(1)
-        last = step == total
-        if step % config.log_every == 0 or last:
-            scalars = {k: float(v) for k, v in _fetch(pending).items()}
-            elapsed = time.time() - window_start - paused
-            step_time = elapsed / max(window_steps, 1)
-            scalars.update(step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
-                           data_wait_fraction=data_wait / max(elapsed, 1e-9),
-                           input_fetch_fraction=input_fetch / max(elapsed, 1e-9),
-                           **flops_rates(throughput, step_time, mesh.size))
-            if step > start_step + config.log_every:  # the first window includes warm-up
-                steady.append(step_time)
-            writer.write(step, scalars, prefix="train/")
-            if scalars["data_wait_fraction"] > 0.05 and step > start_step + config.log_every:
-                log(f"hint: the devices sat idle waiting for the next batch {scalars['data_wait_fraction']:.0%} of "
-                    "the time; raise data.workers or data.memory_cache_mb, or cache preprocessed cases on faster "
-                    "storage")
-            window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
-        pause_start = time.time()
-        if step % config.eval_every == 0 or last:
-            last = evaluate(step) or last
-        if step % config.checkpoint_every == 0 or last:
-            checkpointer.save(step, state, train_iter, meta)
-            if config.debug.preempt_after_step and step >= config.debug.preempt_after_step:
-                checkpointer.wait()
-                raise SimulatedPreemption(f"simulated preemption after the checkpoint of step {step}")
-        paused += time.time() - pause_start
-        if last:
-            break
-        fetch_start = time.perf_counter()
-        batch = global_batch(next(train_iter), mesh)
-        if config.debug.input_delay_seconds:
-            time.sleep(config.debug.input_delay_seconds)
-        fetch_end = time.perf_counter()
-        input_fetch += fetch_end - fetch_start
-        data_wait += input_clock.idle_seconds(step, metrics, fetch_start, fetch_end)
-    input_clock.close()
-    bar.close()
+    input_clock = InputWaitClock()
+    try:
+        while step < total:
+            state, metrics = compiled(state, batch)
+            step += 1
+            input_clock.dispatched(step, metrics)
+            window_steps += 1
+            pending = metrics
+            bar.update(1)
+            last = step == total
+            if step % config.log_every == 0 or last:
+                scalars = {k: float(v) for k, v in _fetch(pending).items()}
+                elapsed = time.time() - window_start - paused
+                step_time = elapsed / max(window_steps, 1)
+                scalars.update(step_seconds=step_time, volumes_per_second=config.batch_size / step_time,
+                               data_wait_fraction=data_wait / max(elapsed, 1e-9),
+                               input_fetch_fraction=input_fetch / max(elapsed, 1e-9),
+                               **flops_rates(throughput, step_time, mesh.size))
+                if step > start_step + config.log_every:  # the first window includes warm-up
+                    steady.append(step_time)
+                writer.write(step, scalars, prefix="train/")
+                if scalars["data_wait_fraction"] > 0.05 and step > start_step + config.log_every:
+                    log(f"hint: the devices sat idle waiting for the next batch {scalars['data_wait_fraction']:.0%} of "
+                        "the time; raise data.workers or data.memory_cache_mb, or cache preprocessed cases on faster "
+                        "storage")
+                window_start, window_steps, data_wait, input_fetch, paused = time.time(), 0, 0.0, 0.0, 0.0
+            pause_start = time.time()
+            if step % config.eval_every == 0 or last:
+                last = evaluate(step) or last
+            if step % config.checkpoint_every == 0 or last:
+                checkpointer.save(step, state, train_iter, meta)
+                if config.debug.preempt_after_step and step >= config.debug.preempt_after_step:
+                    checkpointer.wait()
+                    raise SimulatedPreemption(f"simulated preemption after the checkpoint of step {step}")
+            paused += time.time() - pause_start
+            if last:
+                break
+            fetch_start = time.perf_counter()
+            batch = global_batch(next(train_iter), mesh)
+            if config.debug.input_delay_seconds:
+                time.sleep(config.debug.input_delay_seconds)
+            fetch_end = time.perf_counter()
+            input_fetch += fetch_end - fetch_start
+            data_wait += input_clock.idle_seconds(step, metrics, fetch_start, fetch_end)
+    finally:  # also when training raises (preemption, bad batch): no thread left waiting
+        input_clock.close()
+        bar.close()
     if probe is not None:
         throughput.update(alignment_seconds=alignment_seconds,
                           alignment_share=alignment_seconds / max(time.time() - run_start, 1e-9))
