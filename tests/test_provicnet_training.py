@@ -129,6 +129,28 @@ def test_loss_decreases_on_a_fixed_batch_and_contrastive_changes_it():
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
+def test_bf16_compute_covers_the_whole_slice_model_and_keeps_fp32_params():
+    batch = None
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        config = _config(**{"task.contrastive_alpha": 0.05, "model.backbone_options.dtype": dtype})
+        task = get_task(config)
+        model = task.build_model(nnx.Rngs(0))
+        batch = batch or _batch(task, [_phantom_sample(seed=0), _phantom_sample(seed=1)])
+        model.eval()
+        compute = jnp.dtype(dtype)
+        inner = model.backbone.blocks[0].mlp.fc1(jnp.ones((1, model.config.backbone.width), compute))
+        assert inner.dtype == compute  # the ViT blocks compute in it
+        logits[dtype] = task.forward(model, batch, compute).logits
+        assert logits[dtype].dtype == compute  # and so does the conv head
+        assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+        model.train()
+        total, parts = task.loss(task.forward(model, batch, compute), batch)
+        assert np.isfinite(float(total)) and np.isfinite(float(parts["loss_contrastive"]))
+    want, got = np.asarray(logits["float32"]), np.asarray(logits["bfloat16"].astype(jnp.float32))
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # the same model, in bf16
+
+
 def test_smoke_run_end_to_end(tmp_path):
     config = _config()
     summary = train_and_evaluate(config, str(tmp_path / "run"))

@@ -74,12 +74,17 @@ class DinoV2Config:
         return height // self.patch, width // self.patch
 
 
+def _linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, kernel_init=_TRUNC_NORMAL_002, dtype=dtype, param_dtype=jnp.float32,
+                      rngs=rngs)
+
+
 class PatchEmbed(nnx.Module):
     """``patch_embed.proj``: [B, H, W, C] -> [B, gy * gx, width] (row-major over the grid)."""
 
-    def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: DinoV2Config, *, dtype=None, rngs: nnx.Rngs):
         p = config.patch
-        self.proj = PatchConv(config.in_channels, config.width, (p, p), rngs=rngs)
+        self.proj = PatchConv(config.in_channels, config.width, (p, p), dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         features = self.proj(images)
@@ -90,10 +95,10 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention with DINOv2's fused ``qkv`` projection and ``proj`` output, both with bias."""
 
-    def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: DinoV2Config, *, dtype=None, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
-        self.qkv = nnx.Linear(config.width, 3 * config.width, kernel_init=_TRUNC_NORMAL_002, rngs=rngs)
-        self.proj = nnx.Linear(config.width, config.width, kernel_init=_TRUNC_NORMAL_002, rngs=rngs)
+        self.qkv = _linear(config.width, 3 * config.width, dtype=dtype, rngs=rngs)
+        self.proj = _linear(config.width, config.width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, width = x.shape
@@ -102,7 +107,7 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
-        weights = jax.nn.softmax(logits, axis=-1)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # bf16: softmax in fp32
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
         return self.proj(out)
 
@@ -110,9 +115,9 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """``fc1 -> exact GELU -> fc2``."""
 
-    def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(config.width, config.mlp_hidden, kernel_init=_TRUNC_NORMAL_002, rngs=rngs)
-        self.fc2 = nnx.Linear(config.mlp_hidden, config.width, kernel_init=_TRUNC_NORMAL_002, rngs=rngs)
+    def __init__(self, config: DinoV2Config, *, dtype=None, rngs: nnx.Rngs):
+        self.fc1 = _linear(config.width, config.mlp_hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = _linear(config.mlp_hidden, config.width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
@@ -125,18 +130,18 @@ class LayerScale(nnx.Module):
         self.gamma = nnx.Param(jnp.full((width,), init_value, jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.gamma[...]
+        return x * self.gamma[...].astype(x.dtype)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block with LayerScale (DINOv2 ``NestedTensorBlock`` at inference, drop path 0)."""
 
-    def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
-        self.norm1 = layer_norm(config.width, epsilon=config.norm_eps, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
+    def __init__(self, config: DinoV2Config, *, dtype=None, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(config.width, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(config, dtype=dtype, rngs=rngs)
         self.ls1 = LayerScale(config.width, config.layerscale_init)
-        self.norm2 = layer_norm(config.width, epsilon=config.norm_eps, rngs=rngs)
-        self.mlp = Mlp(config, rngs=rngs)
+        self.norm2 = layer_norm(config.width, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(config, dtype=dtype, rngs=rngs)
         self.ls2 = LayerScale(config.width, config.layerscale_init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,20 +169,21 @@ class DinoV2(nnx.Module):
 
     ``mask_token`` is kept as a parameter so converted checkpoints round-trip every key, but it is only used by
     DINOv2's masked-image pre-training (``prepare_tokens_with_masks(x, masks)``), never at inference or here.
+    ``dtype`` is the compute dtype (e.g. bfloat16; parameters stay fp32); ``None`` computes in fp32.
     """
 
-    def __init__(self, config: DinoV2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: DinoV2Config, *, dtype=None, rngs: nnx.Rngs):
         self.config = config
         width = config.width
-        self.patch_embed = PatchEmbed(config, rngs=rngs)
+        self.patch_embed = PatchEmbed(config, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, width), jnp.float32))
         self.pos_embed = nnx.Param(_TRUNC_NORMAL_002(rngs.params(), (1, 1 + config.pos_grid**2, width), jnp.float32))
         self.register_tokens = nnx.Param(
             1e-6 * jax.random.normal(rngs.params(), (1, config.num_registers, width), jnp.float32)
         )
         self.mask_token = nnx.Param(jnp.zeros((1, width), jnp.float32))
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
-        self.norm = layer_norm(width, epsilon=config.norm_eps, rngs=rngs)
+        self.blocks = nnx.List([Block(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
+        self.norm = layer_norm(width, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
 
     def interpolated_pos_embed(self, grid_y: int, grid_x: int) -> jax.Array:
         """Position table for a ``grid_y x grid_x`` patch grid: ``[1, 1 + grid_y * grid_x, width]``.
@@ -199,17 +205,18 @@ class DinoV2(nnx.Module):
         batch, height, width_px, _ = images.shape
         grid_y, grid_x = self.config.patch_grid(height, width_px)
         patches = self.patch_embed(images)
-        cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, self.config.width))
+        cls = jnp.broadcast_to(self.cls_token[...].astype(patches.dtype), (batch, 1, self.config.width))
         tokens = jnp.concatenate([cls, patches], axis=1)
-        return tokens + self.interpolated_pos_embed(grid_y, grid_x)
+        return tokens + self.interpolated_pos_embed(grid_y, grid_x).astype(patches.dtype)
 
-    def registers(self, batch: int) -> jax.Array:
-        return jnp.broadcast_to(self.register_tokens[...], (batch, self.config.num_registers, self.config.width))
+    def registers(self, batch: int, dtype=jnp.float32) -> jax.Array:
+        return jnp.broadcast_to(self.register_tokens[...].astype(dtype),
+                                (batch, self.config.num_registers, self.config.width))
 
     def prepare_tokens(self, images: jax.Array) -> jax.Array:
         """Plain DINOv2 token sequence ``[cls, registers, patches]``: [B, 1 + R + gy * gx, width]."""
         tokens = self.embed_patches_with_positions(images)
-        return jnp.concatenate([tokens[:, :1], self.registers(images.shape[0]), tokens[:, 1:]], axis=1)
+        return jnp.concatenate([tokens[:, :1], self.registers(images.shape[0], tokens.dtype), tokens[:, 1:]], axis=1)
 
     def run_blocks(self, tokens: jax.Array, remat: bool = False, remat_policy: str = "nothing_saveable") -> jax.Array:
         """The blocks; with `remat` each block's activations are recomputed in the backward pass, except those that

@@ -151,19 +151,20 @@ class GELU(nnx.Module):
         return gelu(x)
 
 
-def conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs) -> DenseConv:
+def conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs, dtype=None) -> DenseConv:
     """``nn.Conv2d(in, out, 3, padding=1)`` with bias: `nnx.Conv`'s parameters and init, computed as XLA:CPU runs
     fastest (`layers.dense_conv`)."""
-    return DenseConv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+    return DenseConv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
 
 
-def batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(channels: int, rngs: nnx.Rngs, dtype=None) -> nnx.BatchNorm:
     """``nn.BatchNorm2d`` defaults: eps 1e-5, running-average momentum 0.1 (= Flax 0.9).
 
     Training mode normalises with the biased batch variance like PyTorch; the running variance update uses the
     biased variance too (PyTorch uses the unbiased one: a factor n/(n-1), negligible at 64x64 maps).
     """
-    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
 
 
 def run_layers(layers: nnx.List, x: jax.Array, collect: bool = False) -> jax.Array | list[jax.Array]:
@@ -197,20 +198,20 @@ class ConvHead8(nnx.Module):
     ``segmentation_conv`` indices as in PyTorch: 0 up, 1 conv, 2 BN, 3 ReLU, 4 up, 5 conv, 6 BN, 7 ReLU, 8 up, 9 conv.
     """
 
-    def __init__(self, width: int, channels: tuple[int, int], num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, width: int, channels: tuple[int, int], num_classes: int, *, dtype=None, rngs: nnx.Rngs):
         first, second = channels
         self.segmentation_conv = nnx.List(
             [
                 Upsample2x(),
-                conv3x3(width, first, rngs),
-                batch_norm(first, rngs),
+                conv3x3(width, first, rngs, dtype),
+                batch_norm(first, rngs, dtype),
                 ReLU(),
                 Upsample2x(),
-                conv3x3(first, second, rngs),
-                batch_norm(second, rngs),
+                conv3x3(first, second, rngs, dtype),
+                batch_norm(second, rngs, dtype),
                 ReLU(),
                 Upsample2x(),
-                conv3x3(second, num_classes, rngs),
+                conv3x3(second, num_classes, rngs, dtype),
             ]
         )
 
@@ -265,8 +266,9 @@ class ContrastiveHead(nnx.Module):
 class ChannelReducer(nnx.Module):
     """TRUS ``ChannelReducer.reduce_channels``: 1x1 conv with bias, e.g. 9 -> 3 channels (NHWC)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
-        self.reduce_channels = nnx.Conv(in_channels, out_channels, (1, 1), padding="VALID", rngs=rngs)
+    def __init__(self, in_channels: int, out_channels: int, *, dtype=None, rngs: nnx.Rngs):
+        self.reduce_channels = nnx.Conv(in_channels, out_channels, (1, 1), padding="VALID", dtype=dtype,
+                                        param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.reduce_channels(images)
@@ -281,27 +283,29 @@ class ProViCNet(nnx.Module):
     """ProViCNet slice model (MRI ``ProViCNet_contrastive`` / TRUS ``ProViCNet_contrastive_US``).
 
     Inputs: ``images`` [B, H, W, input_channels] NHWC (448 x 448 for the released weights) and ``slice_position``
-    [B, 2] float32 raw ``(slice index j, number of slices n)`` or ``None`` (plain DINOv2 tokens).
+    [B, 2] float32 raw ``(slice index j, number of slices n)`` or ``None`` (plain DINOv2 tokens). ``dtype``: the
+    compute dtype of the reducer, the ViT and the conv head (parameters stay fp32; ``None`` = fp32); ``CL_Head``
+    computes in fp32 whatever its input.
     """
 
-    def __init__(self, config: ProViCNetConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ProViCNetConfig, *, dtype=None, rngs: nnx.Rngs):
         self.config = config
         self.remat = config.remat  # a plain attribute: the evaluation graph turns it off (train/state.py)
         width = config.backbone.width
         self.ChannelReducer = (
-            ChannelReducer(config.reducer_in_channels, config.backbone.in_channels, rngs=rngs)
+            ChannelReducer(config.reducer_in_channels, config.backbone.in_channels, dtype=dtype, rngs=rngs)
             if config.reducer_in_channels
             else None
         )
         self.CL_Head = (
             ContrastiveHead(width, config.contrastive_head, rngs=rngs) if config.contrastive_head else None
         )
-        self.backbone = DinoV2(config.backbone, rngs=rngs)
-        self.head = ConvHead8(width, config.head_channels, config.num_classes, rngs=rngs)
+        self.backbone = DinoV2(config.backbone, dtype=dtype, rngs=rngs)
+        self.head = ConvHead8(width, config.head_channels, config.num_classes, dtype=dtype, rngs=rngs)
         # Upstream init: normal(0, 0.02) weights, zero bias.
         token_init = nnx.initializers.normal(stddev=0.02)
-        self.axis_pos = nnx.Linear(1, width, kernel_init=token_init, rngs=rngs)
-        self.axis_max = nnx.Linear(1, width, kernel_init=token_init, rngs=rngs)
+        self.axis_pos = nnx.Linear(1, width, kernel_init=token_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.axis_max = nnx.Linear(1, width, kernel_init=token_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
     def backbone_input(self, images: jax.Array) -> jax.Array:
         """The 3-channel image the ViT sees (TRUS: after ``ChannelReducer``)."""
@@ -327,7 +331,7 @@ class ProViCNet(nnx.Module):
         position = slice_position.astype(tokens.dtype)
         axis_pos = self.axis_pos(position[:, 0:1])[:, None]
         axis_max = self.axis_max(position[:, 1:2])[:, None]
-        registers = self.backbone.registers(images.shape[0])
+        registers = self.backbone.registers(images.shape[0], tokens.dtype)
         return jnp.concatenate([tokens[:, :1], registers, axis_pos, axis_max, tokens[:, 1:]], axis=1)
 
     def forward_features(self, images: jax.Array, slice_position: jax.Array | None = None) -> BackboneFeatures:

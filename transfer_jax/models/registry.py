@@ -31,7 +31,8 @@ def _profound_vit(options: dict, rngs: nnx.Rngs) -> ProFoundViT:
 
 def _provicnet(options: dict, rngs: nnx.Rngs) -> ProViCNet:
     """The whole ProViCNet slice model (ViT + slice-position tokens + conv head); its task builds it directly."""
-    return ProViCNet(ProViCNetConfig.from_dict({k: v for k, v in options.items() if k != "dtype"}), rngs=rngs)
+    return ProViCNet(ProViCNetConfig.from_dict({k: v for k, v in options.items() if k != "dtype"}),
+                     dtype=jnp.dtype(options.get("dtype", "float32")), rngs=rngs)
 
 
 BACKBONES: dict[str, Callable[[dict, nnx.Rngs], nnx.Module]] = {

@@ -31,7 +31,8 @@ import numpy as np
 from transfer_jax.models.provicnet import ProViCNet
 from transfer_jax.tasks import provicnet_contrastive as contrastive
 from transfer_jax.tasks.base import PretrainedExport
-from transfer_jax.tasks.slice_segmentation import HEAD_UPSAMPLING, SliceSegmentationTask, provicnet_config
+from transfer_jax.tasks.slice_segmentation import (HEAD_UPSAMPLING, SliceSegmentationTask, build_provicnet,
+                                                   provicnet_config)
 
 VARIANTS = ("label_guided", "self_supervised", "both")
 
@@ -84,8 +85,8 @@ class ContrastivePretrainTask(SliceSegmentationTask):
 
     # -- model --------------------------------------------------------------------------------------------------
     def build_model(self, rngs) -> ProViCNet:
-        options = self.config.model.backbone_options.to_dict()
-        return ProViCNet(provicnet_config(options, num_classes=self.num_classes, contrastive_head=True), rngs=rngs)
+        return build_provicnet(self.config.model.backbone_options.to_dict(), rngs, num_classes=self.num_classes,
+                               contrastive_head=True)
 
     def _feature_vectors(self, model, images, positions, cases: int) -> jax.Array:
         """Final-norm patch tokens of every slice, grouped per case: [B, S * gy * gx, width] (float32)."""

@@ -13,15 +13,14 @@ its segmentation head (`head.segmentation_conv.*`) has no counterpart here and i
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from transfer_jax.models.classifier import ClassifierHead
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
 from transfer_jax.tasks.classification import ClassificationTask
-from transfer_jax.tasks.slice_segmentation import (SliceTask, normalise_in_gland, provicnet_config, slice_positions,
-                                                   slice_stacks)
+from transfer_jax.tasks.slice_segmentation import (SliceTask, compute_dtype_of, normalise_in_gland, provicnet_config,
+                                                   slice_positions, slice_stacks)
 
 
 class SliceClassifier(ProViCNet):
@@ -32,7 +31,7 @@ class SliceClassifier(ProViCNet):
     """
 
     def __init__(self, config: ProViCNetConfig, num_classes: int, *, bottleneck_dim: int, dtype, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
+        super().__init__(config, dtype=dtype, rngs=rngs)
         self.head = ClassifierHead(config.backbone.width, num_classes, bottleneck_dim=bottleneck_dim, dtype=dtype,
                                    rngs=rngs)
 
@@ -61,7 +60,7 @@ class SliceClassificationTask(SliceTask, ClassificationTask):
         options = self.config.model.backbone_options.to_dict()
         return SliceClassifier(provicnet_config(options, num_classes=self.num_classes, contrastive_head=False),
                                self.num_classes, bottleneck_dim=int(self.config.task.get("bottleneck_dim", 256)),
-                               dtype=jnp.dtype(options.get("dtype", "float32")), rngs=rngs)
+                               dtype=compute_dtype_of(options), rngs=rngs)
 
     def forward(self, model: SliceClassifier, batch, compute_dtype):
         return model(batch["image"].astype(compute_dtype), batch["slice_position"])

@@ -76,6 +76,16 @@ def provicnet_config(options: dict, *, num_classes: int, contrastive_head: bool)
     return ProViCNetConfig.from_dict(values)
 
 
+def compute_dtype_of(options: dict) -> jnp.dtype:
+    return jnp.dtype(options.get("dtype", "float32"))
+
+
+def build_provicnet(options: dict, rngs: nnx.Rngs, *, num_classes: int, contrastive_head: bool) -> ProViCNet:
+    """ProViCNet from `model.backbone_options`, computing in their `dtype`."""
+    return ProViCNet(provicnet_config(options, num_classes=num_classes, contrastive_head=contrastive_head),
+                     dtype=compute_dtype_of(options), rngs=rngs)
+
+
 def label_size(image_size: int, patch: int) -> int:
     if image_size % patch:
         raise ValueError(f"task.image_size={image_size} is not a multiple of the ViT patch size {patch}")
@@ -146,9 +156,8 @@ class SliceTask:
         return slice_stacks(volume[..., self.channel], self.image_size, self.edge)[0]
 
     def provicnet(self, rngs: nnx.Rngs, *, num_classes: int, contrastive_head: bool = False) -> ProViCNet:
-        options = self.config.model.backbone_options.to_dict()
-        return ProViCNet(provicnet_config(options, num_classes=num_classes, contrastive_head=contrastive_head),
-                         rngs=rngs)
+        return build_provicnet(self.config.model.backbone_options.to_dict(), rngs, num_classes=num_classes,
+                               contrastive_head=contrastive_head)
 
     @staticmethod
     def slice_batch(batch) -> tuple[jax.Array, jax.Array]:
