@@ -241,6 +241,35 @@ def test_memory_cache_gives_the_same_stream_and_keeps_within_its_budget(tmp_path
     assert PreparedCaseSource(paths)[0]["image"].flags.writeable  # no cache: arrays as loaded
 
 
+def test_evaluation_reads_each_case_once_with_a_memory_cache(tmp_path, monkeypatch):
+    from transfer_jax.data import pipeline
+    from transfer_jax.data.preprocess import preprocess_cases
+    from helpers import smoke_config
+    from transfer_jax.tasks.registry import get_task
+
+    cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=5))
+    report = preprocess_cases(cases, PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32)),
+                              str(tmp_path / "cache"))
+    paths = [report.paths[c.case_id] for c in cases]
+    task = get_task(smoke_config())
+    loads = []
+    load = pipeline.PreparedCase.load
+    monkeypatch.setattr(pipeline.PreparedCase, "load", staticmethod(lambda path: loads.append(path) or load(path)))
+
+    def evaluation(source):
+        return list(pipeline.eval_batches(source, task, crop_size=(16, 32, 32), per_process_batch=2))
+
+    cached = pipeline.PreparedCaseSource(paths, memory_cache_bytes=1 << 30)
+    first, second = evaluation(cached), evaluation(cached)
+    assert sorted(loads) == sorted(paths)  # the second evaluation read nothing from disk
+    uncached = evaluation(pipeline.PreparedCaseSource(paths))
+    assert len(loads) == 2 * len(paths)
+    for a, b, c in zip(first, second, uncached):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+            np.testing.assert_array_equal(a[key], c[key])
+
+
 def test_memory_cache_size_must_be_a_non_negative_number(tmp_path):
     from helpers import smoke_config
     from transfer_jax.train.loop import train_and_evaluate

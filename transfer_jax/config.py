@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.preprocess_workers = 0
     c.data.workers = 0  # grain worker processes for augmentation
     c.data.prefetch = 2
-    c.data.memory_cache_mb = 1024  # prepared training cases kept in memory after their first read, per data process
+    c.data.memory_cache_mb = 1024  # prepared cases kept in memory after their first read, per data process and split
     c.data.augment = ml_collections.ConfigDict(dict(
         zoom=0.1, translate=0.1, flip_axes=(2,), intensity_scale=0.1, intensity_shift=0.1))
 

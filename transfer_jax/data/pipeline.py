@@ -27,9 +27,10 @@ class PreparedCaseSource:
 
     With `memory_cache_bytes`, cases stay in memory after their first read until that budget is used (the first
     ones read; no eviction, so under a random order every case has the same chance of being cached). Reading a
-    case's .npz is 35-45 % of a training element's host time (augment included). The budget is per process: every
-    grain worker holds its own copy. Cached arrays are read-only, so a transform that wrote into its input would
-    fail loudly instead of corrupting later epochs.
+    case's .npz is 35-45 % of a training element's host time (augment included). The budget is per source and
+    process: the trainer's training and validation sources have one each, and every grain worker holds its own.
+    Cached arrays are read-only, so a transform that wrote into its input would fail loudly instead of corrupting
+    later epochs.
     """
 
     def __init__(self, paths: list[str], memory_cache_bytes: int = 0):
@@ -165,13 +166,14 @@ def train_dataset(paths: list[str], task, *, crop_size, augment: AugmentConfig, 
     return it
 
 
-def eval_batches(paths: list[str], task, *, crop_size, per_process_batch: int) -> Iterator[dict]:
+def eval_batches(cases: PreparedCaseSource, task, *, crop_size, per_process_batch: int) -> Iterator[dict]:
     """Centre-cropped evaluation batches of exactly `per_process_batch` rows for this process's slice of cases.
 
-    Every process yields the same number of batches (collectives need it); padding rows have valid=False.
+    Every process yields the same number of batches (collectives need it); padding rows have valid=False. Pass the
+    same `cases` to every evaluation so that its memory cache saves the re-reads.
     """
     process, processes = jax.process_index(), jax.process_count()
-    ds = grain.MapDataset.source(PreparedCaseSource(paths)).map(_CenterCrop(tuple(crop_size))).map(_TaskSample(task))
+    ds = grain.MapDataset.source(cases).map(_CenterCrop(tuple(crop_size))).map(_TaskSample(task))
     local = list(range(process, len(ds), processes))
     per_process = -(-len(ds) // processes)
     num_batches = -(-per_process // per_process_batch)

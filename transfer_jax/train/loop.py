@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from transfer_jax.allocator import active_allocator, host_memory_hint
 from transfer_jax.data.dataset import augment_config, prepare_splits
-from transfer_jax.data.pipeline import eval_batches, train_dataset
+from transfer_jax.data.pipeline import PreparedCaseSource, eval_batches, train_dataset
 from transfer_jax.models.convnext import layer_id as convnext_layer_id
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train import distributed
@@ -64,14 +64,16 @@ def _fetch(tree):
 
 
 class Evaluator:
-    def __init__(self, task, graph, paths, crop_size, per_process_batch, mesh, compute_dtype):
-        self.task, self.paths, self.mesh = task, paths, mesh
+    def __init__(self, task, graph, paths, crop_size, per_process_batch, mesh, compute_dtype,
+                 memory_cache_bytes: int = 0):
+        self.task, self.mesh = task, mesh
+        self.cases = PreparedCaseSource(paths, memory_cache_bytes)  # read once, evaluated every `eval_every`
         self.crop_size, self.per_process_batch = crop_size, per_process_batch
         self.step = jax.jit(make_eval_step(graph, task, compute_dtype))
 
     def __call__(self, state) -> dict[str, float]:
         stats, losses, valid = [], [], []
-        for batch in eval_batches(self.paths, self.task, crop_size=self.crop_size,
+        for batch in eval_batches(self.cases, self.task, crop_size=self.crop_size,
                                   per_process_batch=self.per_process_batch):
             device_batch = global_batch(batch, self.mesh)
             batch_stats, loss = self.step(state.params, state.rest, device_batch)
@@ -184,7 +186,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     start_step = int(_fetch(state.step))
 
     evaluator = Evaluator(task, graph, splits.paths["val"], tuple(config.data.crop_size), eval_per_process, mesh,
-                          compute_dtype)
+                          compute_dtype, memory_cache_bytes)
     train_step = make_train_step(graph, task, tx, schedule, compute_dtype)
     step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                       donate_argnums=(0,))
