@@ -174,17 +174,23 @@ def test_epoch_shuffle_permutes_every_epoch_anew_and_reproducibly():
     assert [shuffled[i] for i in range(10)] != [EpochShuffle(grain.MapDataset.range(10), seed=5)[i] for i in range(10)]
 
 
-def test_train_pipeline_resumes_exactly(tmp_path):
+def _prepared_phantom_cases(tmp_path, split: str | None = "train"):
+    """(prepared-case paths of 5 phantom cases, `split` only unless None; the smoke config's task)."""
     from transfer_jax.data.preprocess import preprocess_cases
-    from transfer_jax.data.pipeline import train_dataset
     from helpers import smoke_config
     from transfer_jax.tasks.registry import get_task
 
     cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=5))
-    config = PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32))
-    report = preprocess_cases(cases, config, str(tmp_path / "cache"))
-    task = get_task(smoke_config())
-    paths = [report.paths[c.case_id] for c in cases if c.split == "train"]
+    report = preprocess_cases(cases, PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32)),
+                              str(tmp_path / "cache"))
+    paths = [report.paths[c.case_id] for c in cases if split is None or c.split == split]
+    return paths, get_task(smoke_config())
+
+
+def test_train_pipeline_resumes_exactly(tmp_path):
+    from transfer_jax.data.pipeline import train_dataset
+
+    paths, task = _prepared_phantom_cases(tmp_path)
 
     def make():
         return iter(train_dataset(paths, task, crop_size=(16, 32, 32), augment=AugmentConfig(), per_process_batch=2,
@@ -207,15 +213,8 @@ def test_memory_cache_gives_the_same_stream_and_keeps_within_its_budget(tmp_path
     import pickle
 
     from transfer_jax.data.pipeline import PreparedCaseSource, train_dataset
-    from transfer_jax.data.preprocess import preprocess_cases
-    from helpers import smoke_config
-    from transfer_jax.tasks.registry import get_task
 
-    cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=5))
-    report = preprocess_cases(cases, PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32)),
-                              str(tmp_path / "cache"))
-    task = get_task(smoke_config())
-    paths = [report.paths[c.case_id] for c in cases if c.split == "train"]
+    paths, task = _prepared_phantom_cases(tmp_path)
 
     def batches(memory_cache_bytes):
         it = iter(train_dataset(paths, task, crop_size=(16, 32, 32), augment=AugmentConfig(), per_process_batch=2,
@@ -243,15 +242,8 @@ def test_memory_cache_gives_the_same_stream_and_keeps_within_its_budget(tmp_path
 
 def test_evaluation_reads_each_case_once_with_a_memory_cache(tmp_path, monkeypatch):
     from transfer_jax.data import pipeline
-    from transfer_jax.data.preprocess import preprocess_cases
-    from helpers import smoke_config
-    from transfer_jax.tasks.registry import get_task
 
-    cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=5))
-    report = preprocess_cases(cases, PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32)),
-                              str(tmp_path / "cache"))
-    paths = [report.paths[c.case_id] for c in cases]
-    task = get_task(smoke_config())
+    paths, task = _prepared_phantom_cases(tmp_path, split=None)
     loads = []
     load = pipeline.PreparedCase.load
     monkeypatch.setattr(pipeline.PreparedCase, "load", staticmethod(lambda path: loads.append(path) or load(path)))

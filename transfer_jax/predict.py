@@ -45,6 +45,7 @@ from transfer_jax.data.manifest import read_manifest
 from transfer_jax.data.nifti import Volume, resample, write_like
 from transfer_jax.data.preprocess import prepare_case
 from transfer_jax.tasks.classification import ClassificationTask
+from transfer_jax.models.registry import compute_dtype as model_compute_dtype
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.tasks.slice_segmentation import SliceTask
 from transfer_jax.tasks.sliding_window import sliding_window_inference
@@ -125,7 +126,7 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
             batch_size: int = 2) -> dict:
     config, task, graph, params, rest, step = load_run(workdir, step)
     os.makedirs(output, exist_ok=True)
-    compute_dtype = jnp.dtype(config.model.backbone_options.get("dtype", "float32"))
+    compute_dtype = model_compute_dtype(config.model.backbone_options)
     roi = tuple(int(s) for s in config.data.crop_size)
     prep = preprocess_config(config.data)
     cases = read_manifest(manifest)

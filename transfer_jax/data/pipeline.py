@@ -22,6 +22,15 @@ from transfer_jax.data.errors import DataError
 from transfer_jax.data.preprocess import PreparedCase
 
 
+def memory_cache_bytes(data_config) -> int:
+    """`config.data.memory_cache_mb` in bytes, checked."""
+    megabytes = data_config.memory_cache_mb
+    if isinstance(megabytes, bool) or not isinstance(megabytes, (int, float)) or megabytes < 0:
+        raise ValueError(f"config.data.memory_cache_mb must be a number of MiB >= 0 (0 = read every case from "
+                         f"disk), got {megabytes!r}")
+    return int(megabytes * 2 ** 20)
+
+
 class PreparedCaseSource:
     """Random access over cached prepared cases, read from disk on demand.
 

@@ -21,6 +21,11 @@ def dataclass_from_dict(cls, values: dict[str, Any]):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def compute_dtype(backbone_options) -> jnp.dtype:
+    """The dtype a model computes in (`model.backbone_options.dtype`; parameters stay fp32)."""
+    return jnp.dtype(backbone_options.get("dtype", "float32"))
+
+
 def _profound_conv(options: dict, rngs: nnx.Rngs) -> ConvNeXtV2:
     return ConvNeXtV2(dataclass_from_dict(ConvNeXtConfig, options), rngs=rngs)
 
@@ -32,7 +37,7 @@ def _profound_vit(options: dict, rngs: nnx.Rngs) -> ProFoundViT:
 def _provicnet(options: dict, rngs: nnx.Rngs) -> ProViCNet:
     """The whole ProViCNet slice model (ViT + slice-position tokens + conv head); its task builds it directly."""
     return ProViCNet(ProViCNetConfig.from_dict({k: v for k, v in options.items() if k != "dtype"}),
-                     dtype=jnp.dtype(options.get("dtype", "float32")), rngs=rngs)
+                     dtype=compute_dtype(options), rngs=rngs)
 
 
 BACKBONES: dict[str, Callable[[dict, nnx.Rngs], nnx.Module]] = {

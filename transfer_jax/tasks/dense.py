@@ -10,12 +10,11 @@
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.classifier import Classifier, ClassifierHead
 from transfer_jax.models.profound_vit import ProFoundViT
-from transfer_jax.models.registry import build_backbone, dataclass_from_dict
+from transfer_jax.models.registry import build_backbone, compute_dtype, dataclass_from_dict
 from transfer_jax.models.upernet import UPerNet, UPerNetConfig
 from transfer_jax.models.vit_adapter import ViTAdapter
 
@@ -27,12 +26,12 @@ def backbone_from_config(model_config, rngs: nnx.Rngs, **overrides) -> nnx.Modul
 def build_dense_model(model_config, out_channels: int, rngs: nnx.Rngs, **head_overrides) -> UPerNet:
     """UPerNet(out_channels) over the configured backbone (`model.backbone_options`, `model.head_options`)."""
     encoder = backbone_from_config(model_config, rngs)
-    dtype = model_config.backbone_options.get("dtype", "float32")
+    dtype = compute_dtype(model_config.backbone_options)
     head = dataclass_from_dict(UPerNetConfig, {**model_config.head_options.to_dict(), "num_classes": out_channels,
-                                               "dtype": dtype, **head_overrides})
+                                               "dtype": dtype.name, **head_overrides})
     adapter, tokens = None, False
     if isinstance(encoder, ProFoundViT):
-        adapter = ViTAdapter(encoder.config.width, encoder.config.grid_size, dtype=jnp.dtype(dtype), rngs=rngs)
+        adapter = ViTAdapter(encoder.config.width, encoder.config.grid_size, dtype=dtype, rngs=rngs)
         tokens = True
     return UPerNet(encoder, head, in_channels=tuple(encoder.feature_channels), rngs=rngs, adapter=adapter,
                    token_hidden_states=tokens, out_channels=out_channels)
@@ -47,6 +46,6 @@ def feature_width(encoder: nnx.Module) -> int:
 
 def build_classifier(model_config, num_classes: int, rngs: nnx.Rngs, bottleneck_dim: int = 256) -> Classifier:
     encoder = backbone_from_config(model_config, rngs)
-    dtype = jnp.dtype(model_config.backbone_options.get("dtype", "float32"))
+    dtype = compute_dtype(model_config.backbone_options)
     head = ClassifierHead(feature_width(encoder), num_classes, bottleneck_dim=bottleneck_dim, dtype=dtype, rngs=rngs)
     return Classifier(encoder, head)

@@ -19,8 +19,9 @@ from flax import nnx
 from transfer_jax.models.classifier import ClassifierHead
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
 from transfer_jax.tasks.classification import ClassificationTask
-from transfer_jax.tasks.slice_segmentation import (SliceTask, compute_dtype_of, normalise_in_gland, provicnet_config,
-                                                   slice_positions, slice_stacks)
+from transfer_jax.models.registry import compute_dtype
+from transfer_jax.tasks.slice_segmentation import (SliceTask, normalise_in_gland, provicnet_config, slice_positions,
+                                                   slice_stacks)
 
 
 class SliceClassifier(ProViCNet):
@@ -60,7 +61,7 @@ class SliceClassificationTask(SliceTask, ClassificationTask):
         options = self.config.model.backbone_options.to_dict()
         return SliceClassifier(provicnet_config(options, num_classes=self.num_classes, contrastive_head=False),
                                self.num_classes, bottleneck_dim=int(self.config.task.get("bottleneck_dim", 256)),
-                               dtype=compute_dtype_of(options), rngs=rngs)
+                               dtype=compute_dtype(options), rngs=rngs)
 
     def forward(self, model: SliceClassifier, batch, compute_dtype):
         return model(batch["image"].astype(compute_dtype), batch["slice_position"])

@@ -47,7 +47,7 @@ from flax import nnx
 
 from transfer_jax.data import slices as slice_data
 from transfer_jax.models.provicnet import ContrastiveHeadConfig, ProViCNet, ProViCNetConfig
-from transfer_jax.models.registry import encoder_feature_sites
+from transfer_jax.models.registry import compute_dtype, encoder_feature_sites
 from transfer_jax.tasks import provicnet_contrastive as contrastive
 from transfer_jax.tasks.base import Task, require
 from transfer_jax.tasks.segmentation import dice_ce_loss, dice_counts, dice_from_counts
@@ -76,14 +76,10 @@ def provicnet_config(options: dict, *, num_classes: int, contrastive_head: bool)
     return ProViCNetConfig.from_dict(values)
 
 
-def compute_dtype_of(options: dict) -> jnp.dtype:
-    return jnp.dtype(options.get("dtype", "float32"))
-
-
 def build_provicnet(options: dict, rngs: nnx.Rngs, *, num_classes: int, contrastive_head: bool) -> ProViCNet:
     """ProViCNet from `model.backbone_options`, computing in their `dtype`."""
     return ProViCNet(provicnet_config(options, num_classes=num_classes, contrastive_head=contrastive_head),
-                     dtype=compute_dtype_of(options), rngs=rngs)
+                     dtype=compute_dtype(options), rngs=rngs)
 
 
 def label_size(image_size: int, patch: int) -> int:

@@ -13,14 +13,14 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from transfer_jax.allocator import active_allocator, host_memory_hint
 from transfer_jax.data.dataset import augment_config, prepare_splits
-from transfer_jax.data.pipeline import PreparedCaseSource, eval_batches, train_dataset
+from transfer_jax.data.pipeline import PreparedCaseSource, eval_batches, memory_cache_bytes, train_dataset
 from transfer_jax.models.convnext import layer_id as convnext_layer_id
+from transfer_jax.models.registry import compute_dtype as model_compute_dtype
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer
@@ -65,9 +65,9 @@ def _fetch(tree):
 
 class Evaluator:
     def __init__(self, task, graph, paths, crop_size, per_process_batch, mesh, compute_dtype,
-                 memory_cache_bytes: int = 0):
+                 cache_bytes: int = 0):
         self.task, self.mesh = task, mesh
-        self.cases = PreparedCaseSource(paths, memory_cache_bytes)  # read once, evaluated every `eval_every`
+        self.cases = PreparedCaseSource(paths, cache_bytes)  # read once, evaluated every `eval_every`
         self.crop_size, self.per_process_batch = crop_size, per_process_batch
         self.step = jax.jit(make_eval_step(graph, task, compute_dtype))
 
@@ -86,14 +86,6 @@ class Evaluator:
         metrics = self.task.summarize(merged)
         metrics["loss"] = float(np.mean(np.concatenate(losses)[mask]))  # mean over cases, padding left out
         return metrics
-
-
-def _memory_cache_bytes(data_config) -> int:
-    megabytes = data_config.memory_cache_mb
-    if isinstance(megabytes, bool) or not isinstance(megabytes, (int, float)) or megabytes < 0:
-        raise ValueError(f"config.data.memory_cache_mb must be a number of MiB >= 0 (0 = read every case from "
-                         f"disk), got {megabytes!r}")
-    return int(megabytes * 2 ** 20)
 
 
 def _config_snapshot(config) -> dict:
@@ -134,8 +126,8 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     task = get_task(config)
     per_process_batch = check_batch_divisible(config.batch_size, mesh)
     eval_per_process = check_batch_divisible(config.eval_batch_size, mesh)
-    memory_cache_bytes = _memory_cache_bytes(config.data)
-    compute_dtype = jnp.dtype(config.model.backbone_options.get("dtype", "float32"))
+    cache_bytes = memory_cache_bytes(config.data)
+    compute_dtype = model_compute_dtype(config.model.backbone_options)
 
     cache_dir = config.data.cache_dir or os.path.join(workdir, "preprocessed")
     splits = prepare_splits(config.data, cache_dir, task, log=log)
@@ -174,7 +166,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     train_iter = iter(train_dataset(
         splits.paths["train"], task, crop_size=tuple(config.data.crop_size), augment=augment_config(config.data),
         per_process_batch=per_process_batch, seed=config.seed, workers=config.data.workers,
-        prefetch=config.data.prefetch, memory_cache_bytes=memory_cache_bytes,
+        prefetch=config.data.prefetch, memory_cache_bytes=cache_bytes,
     ))
     checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     meta: dict[str, Any] = {"history": [], "best": None, "best_step": None, "evals_without_improvement": 0,
@@ -186,7 +178,7 @@ def _run(config, workdir: str, writer: MetricWriter) -> dict[str, Any]:
     start_step = int(_fetch(state.step))
 
     evaluator = Evaluator(task, graph, splits.paths["val"], tuple(config.data.crop_size), eval_per_process, mesh,
-                          compute_dtype, memory_cache_bytes)
+                          compute_dtype, cache_bytes)
     train_step = make_train_step(graph, task, tx, schedule, compute_dtype)
     step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                       donate_argnums=(0,))
