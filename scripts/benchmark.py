@@ -139,8 +139,8 @@ def bench_config(model: str, preset: str, dtype: str, args):
 
 def build_step(config, mesh, strategy="replicate"):
     import jax
-    import jax.numpy as jnp
 
+    from transfer_jax.models.registry import compute_dtype as model_compute_dtype
     from transfer_jax.tasks.registry import get_task
     from transfer_jax.train.loop import _backbone_layer_fn
     from transfer_jax.train.mesh import batch_sharding
@@ -157,7 +157,7 @@ def build_step(config, mesh, strategy="replicate"):
                                      is_backbone=lambda name: name.startswith("encoder."))
     state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, strategy,
                                          config.mesh.fsdp_min_size)
-    compute_dtype = jnp.dtype(config.model.backbone_options.get("dtype", "float32"))
+    compute_dtype = model_compute_dtype(config.model.backbone_options)
     step_fn = jax.jit(make_train_step(graph, task, tx, schedule, compute_dtype),
                       in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                       donate_argnums=(0,))
@@ -338,7 +338,7 @@ def data_section(args, step_rows):
     from transfer_jax.data.dataset import augment_config, preprocess_config, prepare_splits
     from transfer_jax.data.manifest import read_manifest
     from transfer_jax.data.phantom import PhantomConfig, default_phantom_manifest
-    from transfer_jax.data.pipeline import PreparedCaseSource, train_dataset
+    from transfer_jax.data.pipeline import PreparedCaseSource, memory_cache_bytes, train_dataset
     from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
     from transfer_jax.data.manifest import Case
     from transfer_jax.tasks.registry import get_task
@@ -383,7 +383,7 @@ def data_section(args, step_rows):
             splits = prepare_splits(config.data, cache, task, log=lambda *_: None)
             rows += warp_rows(PreparedCaseSource(splits.paths["train"])[0], tuple(config.data.crop_size), preset,
                               step_vps)
-            cache_bytes = int(config.data.memory_cache_mb * 2 ** 20)
+            cache_bytes = memory_cache_bytes(config.data)
             epoch_batches = -(-len(splits.paths["train"]) // config.batch_size)
             for workers, memory_cache in itertools.product(sorted({0, 2, os.cpu_count() or 1}), (0, cache_bytes)):
                 ds = train_dataset(splits.paths["train"], task, crop_size=tuple(config.data.crop_size),
@@ -392,6 +392,10 @@ def data_section(args, step_rows):
                                    memory_cache_bytes=memory_cache)
                 it = iter(ds)
                 for _ in range(1 if args.quick else epoch_batches):  # start-up and a first epoch's reads
+                    next(it)
+                # Empty the prefetch buffers (grain's thread buffer holds max(prefetch, threads <= 4) batches, each
+                # worker `prefetch` more) so the timed batches are produced while timed, not handed over ready.
+                for _ in range(max(config.data.prefetch, 4) + workers * config.data.prefetch):
                     next(it)
                 n = 3 if args.quick else 10
                 start = time.perf_counter()
