@@ -61,9 +61,9 @@ def parse_args(argv=None):
                         "dots_with_no_batch_dims_saveable (what a rematerialised block saves)")
     p.add_argument("--depthwise-impl", default="auto",
                    help="backbone_options.depthwise_impl: auto | conv | shift_sum | toeplitz | matrix "
-                        "(layers.DepthwiseConv)")
+                        "(cpu_conv.depthwise_conv)")
     p.add_argument("--conv-impl", default="auto",
-                   help="head_options.conv_impl: auto | conv | fold (layers.dense_conv, the UPerNet head)")
+                   help="head_options.conv_impl: auto | conv | fold (cpu_conv.dense_conv, the UPerNet head)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default 10; --quick 4)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--batch", type=int, default=0, help="override the config's global batch (small sizes)")

@@ -1,4 +1,5 @@
-"""DenseConv / dense_conv: the CPU formulations ("fold") equal lax.conv_general_dilated, forward and gradients."""
+"""The CPU forms of models/cpu_conv.py (dense "fold", the depthwise forms, the fused up-sampling conv) equal the lax
+convolutions, forward and gradients; the modules of models/layers.py that use them match nnx.Conv."""
 from __future__ import annotations
 
 import jax
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transfer_jax.models import layers
-from transfer_jax.models.layers import DenseConv, dense_conv
+from transfer_jax.models import cpu_conv, layers
+from transfer_jax.models.cpu_conv import dense_conv, depthwise_conv, upsample2x_conv3x3
+from transfer_jax.models.layers import DenseConv
 from transfer_jax.models.upernet import UPerNetConfig
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -38,8 +40,8 @@ def _reference(x, kernel, padding):
 @pytest.mark.parametrize("shape,kernel_size", CASES)
 def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size, matmul_kernel_grad, monkeypatch):
     if matmul_kernel_grad:
-        monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_POSITIONS", 0)
-        monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_CHANNELS", 0)
+        monkeypatch.setattr(cpu_conv, "_MATMUL_GRAD_MIN_POSITIONS", 0)
+        monkeypatch.setattr(cpu_conv, "_MATMUL_GRAD_MIN_CHANNELS", 0)
     cout = 3
     kx, kw, kc = jax.random.split(jax.random.key(sum(shape) + sum(kernel_size)), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
@@ -65,8 +67,8 @@ def test_fold_matches_lax_conv_forward_and_grads(shape, kernel_size, matmul_kern
     ((2, 3, 8, 9, 4), (3, 3, 3), ((1, 1), (2, 0), (1, 1))),
 ])
 def test_fold_kernel_gradient_for_wide_outputs_and_uneven_padding(shape, kernel_size, padding, cout, monkeypatch):
-    monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_POSITIONS", 0)  # the matmul kernel gradient at test sizes
-    monkeypatch.setattr(layers, "_MATMUL_GRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(cpu_conv, "_MATMUL_GRAD_MIN_POSITIONS", 0)  # the matmul kernel gradient at test sizes
+    monkeypatch.setattr(cpu_conv, "_MATMUL_GRAD_MIN_CHANNELS", 0)
     kx, kw, kc = jax.random.split(jax.random.key(cout), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
     kernel = jax.random.normal(kw, (*kernel_size, shape[-1], cout), jnp.float32) * 0.3
@@ -146,13 +148,11 @@ def test_upernet_conv_impl_gives_the_same_model():
 @pytest.mark.parametrize("form,shape", [
     ("toeplitz", (2, 3, 8, 8, 4)), ("toeplitz", (1, 4, 5, 11, 3)), ("toeplitz", (2, 2, 6, 16, 5)),
     ("matrix", (2, 2, 4, 4, 5)), ("matrix", (3, 1, 2, 2, 4)), ("matrix", (2, 1, 1, 1, 3)), ("matrix", (2, 5, 6, 3)),
+    ("shift_sum", (2, 3, 5, 4, 3)), ("shift_sum", (1, 9, 10, 2)), ("conv", (2, 3, 5, 4, 3)),
 ])
-def test_depthwise_cpu_forms_match_grouped_conv(form, shape):
-    """DepthwiseConv's CPU forms picked by "auto" ("toeplitz" for 8-64 wide maps, "matrix" for maps of at most
-    128 voxels, also narrower than the kernel) against lax's grouped conv, forward and gradients."""
-    from transfer_jax.models.layers import _depthwise_matrix, _depthwise_toeplitz
-
-    form_fn = {"toeplitz": _depthwise_toeplitz, "matrix": _depthwise_matrix}[form]
+def test_depthwise_forms_match_grouped_conv(form, shape):
+    """Every explicit depthwise form ("toeplitz" for 8-64 wide maps, "matrix" for maps of at most 128 voxels, also
+    narrower than the kernel, "shift_sum" otherwise) against lax's grouped conv, forward and gradients."""
     channels, rank = shape[-1], len(shape) - 2
     kx, kw, kc = jax.random.split(jax.random.key(sum(shape)), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
@@ -167,7 +167,7 @@ def test_depthwise_cpu_forms_match_grouped_conv(form, shape):
 
     def ours(x, k):
         with jax.default_matmul_precision("highest"):
-            return form_fn(x, k)
+            return depthwise_conv(x, k, implementation=form)
 
     np.testing.assert_allclose(jax.jit(ours)(x, kernel), jax.jit(grouped)(x, kernel), rtol=1e-5, atol=1e-5)
     grads = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
@@ -230,7 +230,7 @@ def test_upsample2x_conv3x3_equals_upsampling_then_convolving(shape, cout, imple
     padding = ((1, 1), (1, 1))
 
     def fused(x, k):
-        return layers.upsample2x_conv3x3(x, k, implementation=implementation, precision=HIGHEST)
+        return upsample2x_conv3x3(x, k, implementation=implementation, precision=HIGHEST)
 
     def literal(x, k):
         return _reference(_upsample2x(x), k, padding)

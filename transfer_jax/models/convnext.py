@@ -29,7 +29,7 @@ class ConvNeXtConfig:
     downsample_kernel: tuple[int, int, int] = (2, 2, 2)
     last_downsample: tuple[int, int, int] = (1, 1, 1)
     dtype: str = "float32"
-    depthwise_impl: str = "auto"  # see layers.DepthwiseConv: a speed choice, identical results
+    depthwise_impl: str = "auto"  # see cpu_conv.depthwise_conv: a speed choice, identical results
     remat: bool = False  # recompute each block's activations in the backward pass (nnx.remat): memory for FLOPs
     remat_policy: str = "nothing_saveable"  # with remat: what a block still saves (layers.REMAT_POLICIES)
 

@@ -153,7 +153,7 @@ class GELU(nnx.Module):
 
 def conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs, dtype=None) -> DenseConv:
     """``nn.Conv2d(in, out, 3, padding=1)`` with bias: `nnx.Conv`'s parameters and init, computed as XLA:CPU runs
-    fastest (`layers.dense_conv`)."""
+    fastest (`cpu_conv.dense_conv`)."""
     return DenseConv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
 
 

@@ -29,7 +29,7 @@ class UPerNetConfig:
     use_auxiliary_head: bool = True
     auxiliary_in_index: int = 2
     dtype: str = "float32"
-    conv_impl: str = "auto"  # see layers.dense_conv: a speed choice, identical results
+    conv_impl: str = "auto"  # see cpu_conv.dense_conv: a speed choice, identical results
 
 
 class SegmentationOutput(NamedTuple):

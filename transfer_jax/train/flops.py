@@ -3,10 +3,10 @@
 The count is read off the traced forward pass of the task's own model on a batch, so it holds for every
 backbone, head and size without a hand-written formula per architecture: every `dot_general` and
 `conv_general_dilated` at 2 FLOPs per multiply-accumulate, traced with the plain lax convolutions
-(`layers.reference_forms`) so that XLA:CPU rewrites which trade MACs for speed (the Toeplitz depthwise conv)
-do not inflate it. Norms, activations, softmax, resizes, pooling, the loss and the optimiser are left out, as
-in MaxText's and PaLM's MFU. A train step is 3 x the forward pass (backward: gradients with respect to the
-activations and to the weights).
+(`cpu_conv.target_platform("reference")`) so that XLA:CPU rewrites which trade MACs for speed (the Toeplitz
+depthwise conv) do not inflate it. Norms, activations, softmax, resizes, pooling, the loss and the optimiser are
+left out, as in MaxText's and PaLM's MFU. A train step is 3 x the forward pass (backward: gradients with respect
+to the activations and to the weights).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Optional
 import jax
 import jax.extend.core as jex
 
-from transfer_jax.models.layers import reference_forms
+from transfer_jax.models.cpu_conv import target_platform
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' datasheets (no sparsity), keyed by a substring of
 # `jax.Device.device_kind`; first match wins, so more specific names come first.
@@ -74,7 +74,7 @@ def forward_flops(graph, params: Any, rest: Any, batch: dict[str, Any], task, co
     def forward(params, rest, batch):
         return task.forward(graph.merge(params, rest, training=True), batch, compute_dtype)
 
-    with reference_forms():
+    with target_platform("reference"):
         return jaxpr_flops(jax.make_jaxpr(forward)(params, rest, batch))
 
 
