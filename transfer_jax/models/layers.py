@@ -69,9 +69,9 @@ class DepthwiseConv(nnx.Module):
 
     def __init__(self, channels: int, kernel_size: tuple[int, ...], *, kernel_init, dtype, rngs: nnx.Rngs,
                  implementation: str = "auto"):
+        self.implementation = check_implementation("depthwise", implementation)
         self.kernel = nnx.Param(kernel_init(rngs.params(), (*kernel_size, 1, channels), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
-        self.implementation = check_implementation("depthwise", implementation)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -143,6 +143,7 @@ class DenseConv(nnx.Module):
                  kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
                  bias_init: nnx.Initializer = nnx.initializers.zeros_init(), implementation: str = "auto",
                  rngs: nnx.Rngs):
+        self.implementation = check_implementation("dense", implementation)
         kernel_size = tuple(int(k) for k in kernel_size)
         self.kernel = nnx.Param(kernel_init(rngs.params(), (*kernel_size, in_features, out_features), param_dtype))
         if use_bias:
@@ -152,7 +153,6 @@ class DenseConv(nnx.Module):
         self.padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
         self.dtype = dtype
         self.precision = precision
-        self.implementation = check_implementation("dense", implementation)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._apply(x, functools.partial(dense_conv, padding=self.padding))
