@@ -401,7 +401,7 @@ def test_extract_command_vit_tokens(tmp_path):
 
 
 def test_extract_from_manifest(tmp_path):
-    from transfer_jax.convert.features import extract_profound_conv
+    from transfer_jax.features.profound import extract_profound_conv
     from transfer_jax.data.phantom import PhantomConfig, generate_phantom_dataset
 
     manifest = generate_phantom_dataset(str(tmp_path / "phantom"), PhantomConfig(num_cases=3, num_val=1,

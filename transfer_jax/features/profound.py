@@ -26,6 +26,9 @@ import numpy as np
 from flax import nnx
 
 from transfer_jax.convert.profound import CONV_MODEL, VIT_MODEL, EncoderOnly, load_profound
+from transfer_jax.data.augment import center_crop
+from transfer_jax.data.manifest import cases_in_split, read_manifest
+from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
 from transfer_jax.models.classifier import Classifier
 from transfer_jax.models.profound_vit import MAE
 from transfer_jax.models.upernet import UPerNet
@@ -59,10 +62,6 @@ def read_npz_volumes(path: str | os.PathLike, in_channels: int) -> np.ndarray:
 def read_manifest_volumes(manifest: str | os.PathLike, crop_size: Sequence[int], *, split: Optional[str] = None,
                           spacing: Optional[Sequence[float]] = (1.0, 0.5, 0.5)) -> tuple[list[str], np.ndarray]:
     """Cases of a manifest (optionally one split) preprocessed as for evaluation -> (case ids, (N, D, H, W, C))."""
-    from transfer_jax.data.augment import center_crop
-    from transfer_jax.data.manifest import cases_in_split, read_manifest
-    from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
-
     cases = read_manifest(os.fspath(manifest))
     if split is not None:
         cases = cases_in_split(cases, split)
