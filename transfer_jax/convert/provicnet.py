@@ -68,7 +68,6 @@ from transfer_jax.models.provicnet import (
 
 SLICE_MODEL_NAME = "provicnet"
 FUSION_MODEL_NAME = "provicnet_fusion"
-KINDS = ("mri", "trus", "fusion")
 # DINOv2 ViT-S/B/L/g all use 64-wide attention heads.
 DEFAULT_HEAD_DIM = 64
 # Upstream file names per fusion stream (for messages only).
