@@ -128,8 +128,8 @@ def apply_full(c: ml_collections.ConfigDict) -> None:
     c.data.workers = 8
 
 
-# Backbone sizes per preset for the task configs (configs/cls.py, sr.py, distortion.py, synthesis.py; seg.py keeps
-# its own conv sizes and uses `apply_vit` for profound_vit). Call after apply_smoke / apply_full (crop size).
+# Backbone sizes per preset for the task configs (through `apply_backbone`). Call after apply_smoke / apply_full
+# (crop size).
 CONV_SIZES = {
     "default": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
     "smoke": dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)),
