@@ -8,8 +8,7 @@
 """
 import ml_collections
 
-from transfer_jax.config import (apply_backbone, apply_full, apply_provicnet, apply_smoke, base_config, parse_arg,
-                                 provicnet_finetuning)
+from transfer_jax.config import apply_dense_head, apply_provicnet, base_config, parse_arg, provicnet_finetuning
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -19,22 +18,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
         name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True))
-    c.model = ml_collections.ConfigDict()
-    c.model.head_options = ml_collections.ConfigDict(dict(
-        hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=True))
-    # Upstream's optimiser never sees UPerNet's hidden_norm (not in its parameter groups): keep it at init.
-    c.optimizer.frozen_patterns = (r"^hidden_norm\.",)
-    if preset == "smoke":
-        apply_smoke(c)
-        c.model.head_options.hidden_size = 8
-        c.model.head_options.auxiliary_channels = 8
-    elif preset == "full":
-        apply_full(c)
-        c.model.head_options.hidden_size = 512
-        c.model.head_options.auxiliary_channels = 256
-        c.optimizer.layer_decay = 0.6
     # profound_vit: UPerNet reads the token levels `out_indices` through the ViT adapter.
-    apply_backbone(c, backbone, preset)
+    apply_dense_head(c, backbone, preset, auxiliary_head=True)
+    if preset == "full":
+        c.optimizer.layer_decay = 0.6
     return c
 
 
