@@ -32,7 +32,7 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     crop's in-plane size, which must be the output size 8 * image_size / 14. Presets:
     * smoke: ViT width 32, depth 2, 112 px input (8 x 8 patches) -> 64 x 64 labels, 4 slices per case; CPU tests.
     * default: ViT width 128, depth 4, 112 px -> 64 x 64 labels (1 mm), 16 slices (3 mm) per case, batch 2 cases
-      = 32 slices per step: a few minutes on a 2-core CPU. Reduced sizes; not the released geometry.
+      = 32 slices per step, sized for a CPU. Reduced sizes; not the released geometry.
     * full: the released ViT-S/14 at 448 px with 256 x 256 labels (0.5 mm) and 20 slices (3 mm), upstream's data
       geometry; pair it with init.checkpoint = a converted T2_best.pth (scripts/convert_provicnet.py).
     Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);
