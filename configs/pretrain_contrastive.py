@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         class_weights=(), eval_class_weights=()))
     apply_provicnet(c, preset)
     apply_pretraining(c, preset)
-    c.optimizer.lr = 3e-4  # measured on the smoke preset: 1e-3 makes the loss rise in the first steps
+    c.optimizer.lr = 3e-4  # at 1e-3 the loss rises over the first steps
     if preset != "full":
         # Upstream's 62 / 64 is for 8 x 8 blocks of 0.5 mm label pixels; the reduced presets' labels are 1-1.5 mm,
         # so a block covers 4-9x the area: at 62 only 3 of 32 default-preset phantom cases have an anchor, at 48

@@ -8,10 +8,7 @@
 """
 import ml_collections
 
-from transfer_jax.config import (apply_full, apply_provicnet, apply_smoke, apply_vit, base_config, parse_arg,
-                                 provicnet_finetuning)
-
-TINY_CONVNEXT = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+from transfer_jax.config import apply_dense_head, apply_provicnet, base_config, parse_arg, provicnet_finetuning
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,29 +18,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
         name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True))
-    c.model = ml_collections.ConfigDict()
-    c.model.backbone = backbone
-    c.model.backbone_options = ml_collections.ConfigDict(dict(
-        depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), drop_path_rate=0.1, dtype="float32", remat=False,
-        remat_policy="nothing_saveable"))
-    c.model.head_options = ml_collections.ConfigDict(dict(
-        hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=True))
-    # Upstream's optimiser never sees UPerNet's hidden_norm (not in its parameter groups): keep it at init.
-    c.optimizer.frozen_patterns = (r"^hidden_norm\.",)
-    if preset == "smoke":
-        apply_smoke(c)
-        c.model.backbone_options.depths = (1, 1, 1, 1)
-        c.model.backbone_options.dims = (8, 16, 16, 32)
-        c.model.head_options.hidden_size = 8
-        c.model.head_options.auxiliary_channels = 8
-    elif preset == "full":
-        apply_full(c)
-        c.model.backbone_options.update(TINY_CONVNEXT)
-        c.model.head_options.hidden_size = 512
-        c.model.head_options.auxiliary_channels = 256
+    # profound_vit: UPerNet reads the token levels `out_indices` through the ViT adapter.
+    apply_dense_head(c, backbone, preset, auxiliary_head=True)
+    if preset == "full":
         c.optimizer.layer_decay = 0.6
-    if backbone == "profound_vit":  # ViT encoder; UPerNet reads token levels `out_indices` through the ViT adapter
-        apply_vit(c, preset)
     return c
 
 
@@ -54,7 +32,7 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     crop's in-plane size, which must be the output size 8 * image_size / 14. Presets:
     * smoke: ViT width 32, depth 2, 112 px input (8 x 8 patches) -> 64 x 64 labels, 4 slices per case; CPU tests.
     * default: ViT width 128, depth 4, 112 px -> 64 x 64 labels (1 mm), 16 slices (3 mm) per case, batch 2 cases
-      = 32 slices per step: a few minutes on a 2-core CPU. Reduced sizes; not the released geometry.
+      = 32 slices per step, sized for a CPU. Reduced sizes; not the released geometry.
     * full: the released ViT-S/14 at 448 px with 256 x 256 labels (0.5 mm) and 20 slices (3 mm), upstream's data
       geometry; pair it with init.checkpoint = a converted T2_best.pth (scripts/convert_provicnet.py).
     Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);

@@ -1,7 +1,7 @@
 """The transfer study: every (backbone, task, init) fine-tuning run, then statistics and a report.
 
     python -m transfer_jax.study --config=configs/study.py:smoke --workdir=studies/smoke
-    python -m transfer_jax.study --config=configs/study.py:cpu --workdir=studies/cpu     # < 45 min on 2 CPU cores
+    python -m transfer_jax.study --config=configs/study.py:cpu --workdir=studies/cpu     # tiny models, for a CPU
     python -m transfer_jax.study --config=configs/study.py:full --workdir=studies/full   # real sizes, accelerators
     # a subset, and overrides applied to every run:
     python -m transfer_jax.study --config=configs/study.py:smoke --workdir=DIR \
@@ -66,11 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # CI: each task's own smoke preset (tiny models, 4 steps on a few tiny phantom volumes).
         pass
     elif preset == "cpu":
-        # 3 backbones x 5 tasks x 2 inits = 30 runs in under 45 minutes on 2 CPU cores: the tiny smoke models,
-        # 60 steps (~0.25 s each) with an evaluation (and alignment probe) every 10 steps, so the convergence
-        # measure (first evaluation within 95 % of the best) has six points to choose from. Measured for
-        # seg x profound_conv: 91 s for the pretrained run, 21 s for the scratch run (the compilation cache of
-        # `python -m transfer_jax.study` serves it), so ~28 min for 15 pairs of that cost.
+        # 3 backbones x 5 tasks x 2 inits = 30 runs small enough for a CPU: the tiny smoke models, 60 steps with
+        # an evaluation (and alignment probe) every 10 steps, so the convergence measure (first evaluation within
+        # 95 % of the best) has six points to choose from. The scratch runs reuse the pretrained runs' compiled
+        # steps through the compilation cache of `python -m transfer_jax.study`.
         # The pretrained runs start from each backbone's JAX pretraining (`pretraining`) on its own phantom cohort
         # (16 cases drawn with another seed than the fine-tuning cases), unless
         # --config.study.pretrained_checkpoints.<backbone>=DIR points at (small) converted weights.

@@ -1,8 +1,10 @@
-"""Small builders shared by the tests: NIfTI files, manifests and configs."""
+"""Small builders shared by the tests: NIfTI files, manifests, configs, fixture paths and command runs."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +12,18 @@ import numpy as np
 from transfer_jax.data.manifest import Case, write_manifest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def fixture_path(model: str, name: str) -> str:
+    """``tests/fixtures/<model>/<name>``: the tiny upstream checkpoints and their reference outputs."""
+    return os.path.join(REPO, "tests", "fixtures", model, name)
+
+
+def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root, as a user runs it (one CPU device), output captured."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def write_nifti(path: str, array_ijk: np.ndarray, affine: np.ndarray | None = None, dtype=np.float32) -> str:

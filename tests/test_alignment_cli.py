@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from helpers import run_python
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device is enough for the command
-    return subprocess.run(
-        [sys.executable, "-m", "transfer_jax.alignment", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return run_python("-m", "transfer_jax.alignment", *args, timeout=120)
 
 
 def last_json(process: subprocess.CompletedProcess) -> dict:

@@ -1,4 +1,5 @@
 """The torch-free checkpoint reader: dtypes, views, safety, corrupt files, safetensors."""
+import functools
 import json
 import os
 import pickle
@@ -9,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from helpers import fixture_path
 from transfer_jax.convert.torch_pickle import (
     CheckpointReadError,
     UnsafeCheckpointError,
@@ -16,11 +18,7 @@ from transfer_jax.convert.torch_pickle import (
     load_torch_checkpoint,
 )
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "profound")
-
-
-def fixture(name):
-    return os.path.join(FIXTURES, name)
+fixture = functools.partial(fixture_path, "profound")
 
 
 def test_every_dtype_and_view_matches_torch():

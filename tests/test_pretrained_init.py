@@ -6,18 +6,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import smoke_config
+from helpers import fixture_path, smoke_config
 from transfer_jax.convert.profound import convert_to_artifact
 from transfer_jax.convert.table import flatten
 from transfer_jax.train.loop import train_and_evaluate
 from transfer_jax.train.pretrained import PretrainedMismatch
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "profound")
-
-
 def _artifact(tmp_path, name="conv_fcmae.pth"):
     out = str(tmp_path / "artifact")
-    convert_to_artifact(os.path.join(FIXTURES, name), out)
+    convert_to_artifact(fixture_path("profound", name), out)
     return out
 
 

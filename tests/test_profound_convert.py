@@ -1,13 +1,13 @@
 """Conversion machinery: the key-table engine, the artifact format, the ProFound converter and its commands."""
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import fixture_path, run_python
 from transfer_jax.convert import artifact
 from transfer_jax.convert.table import (
     CONV3D,
@@ -25,12 +25,7 @@ from transfer_jax.convert.table import (
     unflatten,
 )
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "profound")
-
-
-def fixture(name):
-    return os.path.join(FIXTURES, name)
+fixture = functools.partial(fixture_path, "profound")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,26 +331,19 @@ def test_artifact_round_trip_rebuilds_the_model(tmp_path):
 # Commands end to end (subprocess, as a user runs them)
 
 
-def _run(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_convert_script_and_extract_command_conv(tmp_path):
     out = tmp_path / "conv_cls"
-    result = _run("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
+    result = run_python("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
                   "--output", str(out), "--variant", "conv")
     assert result.returncode == 0, result.stderr
     assert "64,432 trainable parameters" in result.stdout
     assert "head.1.num_batches_tracked" in result.stdout
-    again = _run("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
+    again = run_python("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
                  "--output", str(out))
     assert again.returncode == 1 and "overwrite" in again.stderr
 
     features = tmp_path / "features.npz"
-    result = _run("-m", "transfer_jax.extract", "--model", "profound_conv", "--params", str(out),
+    result = run_python("-m", "transfer_jax.extract", "--model", "profound_conv", "--params", str(out),
                   "--input", fixture("inputs.npz"), "--output", str(features), "--batch-size", "3")
     assert result.returncode == 0, result.stderr
     got = np.load(features)
@@ -372,7 +360,7 @@ def test_convert_script_reports_every_problem(tmp_path):
     sd["decode_head.fpn_convs.0.conv.weight"] = sd["decode_head.fpn_convs.0.conv.weight"][:, :4]
     sd["decode_head.extra.weight"] = np.zeros(2, np.float32)
     path = _save_safetensors(tmp_path / "broken.safetensors", sd)
-    result = _run("scripts/convert_profound.py", "--checkpoint", str(path), "--output", str(tmp_path / "x"))
+    result = run_python("scripts/convert_profound.py", "--checkpoint", str(path), "--output", str(tmp_path / "x"))
     assert result.returncode == 1
     assert "2 problem(s)" in result.stderr
     assert "decode_head.fpn_convs.0.conv.weight" in result.stderr and "decode_head.extra.weight" in result.stderr
@@ -381,11 +369,11 @@ def test_convert_script_reports_every_problem(tmp_path):
 
 def test_extract_command_vit_tokens(tmp_path):
     out = tmp_path / "vit"
-    result = _run("scripts/convert_profound.py", "--checkpoint", fixture("vit_mae.pth"), "--output", str(out),
+    result = run_python("scripts/convert_profound.py", "--checkpoint", fixture("vit_mae.pth"), "--output", str(out),
                   "--variant", "vit", "--num-heads", "3")
     assert result.returncode == 0, result.stderr
     features = tmp_path / "vit.npz"
-    result = _run("-m", "transfer_jax.extract", "--model", "profound_vit", "--params", str(out),
+    result = run_python("-m", "transfer_jax.extract", "--model", "profound_vit", "--params", str(out),
                   "--input", fixture("inputs.npz"), "--output", str(features))
     assert result.returncode == 0, result.stderr
     got = np.load(features)
@@ -395,13 +383,13 @@ def test_extract_command_vit_tokens(tmp_path):
     np.testing.assert_allclose(got["cls"], ref["cls"], atol=1e-3)
     np.testing.assert_allclose(got["tokens"][:, 0], ref["cls"], atol=1e-3)
     np.testing.assert_allclose(got["tokens"][:, 1:], ref["tokens"], atol=1e-3)
-    wrong = _run("-m", "transfer_jax.extract", "--model", "profound_conv", "--params", str(out),
+    wrong = run_python("-m", "transfer_jax.extract", "--model", "profound_conv", "--params", str(out),
                  "--input", fixture("inputs.npz"), "--output", str(tmp_path / "no.npz"))
     assert wrong.returncode != 0 and "expected 'profound_conv'" in wrong.stderr
 
 
 def test_extract_from_manifest(tmp_path):
-    from transfer_jax.convert.features import extract_profound_conv
+    from transfer_jax.features.profound import extract_profound_conv
     from transfer_jax.data.phantom import PhantomConfig, generate_phantom_dataset
 
     manifest = generate_phantom_dataset(str(tmp_path / "phantom"), PhantomConfig(num_cases=3, num_val=1,

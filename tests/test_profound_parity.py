@@ -1,24 +1,23 @@
 """Layer-by-layer parity of the Flax ProFound ports with PyTorch references (tests/fixtures/profound, written by
 scripts/make_parity_fixtures.py). Checkpoints are read with the torch-free reader and converted with the real
 converter; every compared array must agree to 1e-4 (absolute) at full fp32 matmul precision."""
-import os
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import fixture_path
 from transfer_jax.convert.profound import convert_profound, instantiate
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
 from transfer_jax.models.profound_vit import mae_loss, patchify, sincos_pos_embed_3d, unpatchify
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "profound")
 ATOL = 1e-4
 VIT_OPTIONS = dict(num_heads=3)  # the tiny fixture ViT: width 24, 3 heads (not inferable from weights)
 
 
-def fixture(name):
-    return os.path.join(FIXTURES, name)
+fixture = functools.partial(fixture_path, "profound")
 
 
 def close(actual, expected, what):

@@ -4,15 +4,15 @@ Full-size state dicts are synthesised from the key lists in ``/work/shared/specs
 zero-stride ``np.broadcast_to`` views, so the 45M-value released layouts convert without allocating them.
 """
 
+import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import REPO, fixture_path, run_python
 from transfer_jax.convert.provicnet import (
     ConversionError,
     convert_checkpoint,
@@ -25,13 +25,8 @@ from transfer_jax.convert.torch_pickle import CheckpointReadError, load_state_di
 from transfer_jax.models.dinov2 import DinoV2Config
 from transfer_jax.models.provicnet import ContrastiveHeadConfig, FusionConfig, ProViCNetConfig
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "provicnet")
 KEY_LISTS = os.path.abspath(os.path.join(REPO, "..", "shared", "specs", "provicnet_keys"))
-
-
-def fixture(name):
-    return os.path.join(FIXTURES, name)
+fixture = functools.partial(fixture_path, "provicnet")
 
 
 def released_layout(tsv: str, value: float = 0.0) -> dict[str, np.ndarray]:
@@ -171,13 +166,9 @@ def test_sizes_are_inferred_from_shapes_but_heads_must_divide_the_width():
 # Command lines end to end
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
 def test_convert_script_and_extract_command_end_to_end(tmp_path):
     t2_dir = tmp_path / "t2"
-    done = run("scripts/convert_provicnet.py", "--checkpoint", fixture("mri_t2.pth"), "--output", str(t2_dir),
+    done = run_python("scripts/convert_provicnet.py", "--checkpoint", fixture("mri_t2.pth"), "--output", str(t2_dir),
                "--num-heads", "2")
     assert done.returncode == 0, done.stderr
     assert "62 tensors converted" in done.stdout and "num_batches_tracked" in done.stdout
@@ -186,7 +177,7 @@ def test_convert_script_and_extract_command_end_to_end(tmp_path):
 
     # Fusion: T2 from the converted artifact, ADC / DWI straight from their checkpoints.
     fusion_dir = tmp_path / "fusion"
-    done = run("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output", str(fusion_dir),
+    done = run_python("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output", str(fusion_dir),
                "--t2", str(t2_dir), "--adc", fixture("mri_adc.pth"), "--dwi", fixture("mri_dwi.pth"),
                "--num-heads", "2")
     assert done.returncode == 0, done.stderr
@@ -201,7 +192,7 @@ def test_convert_script_and_extract_command_end_to_end(tmp_path):
     np.savez(request, image=io["images"], slice_index=io["slice_position"][:, 0],
              num_slices=io["slice_position"][:, 1])
     output = tmp_path / "features.npz"
-    done = run("-m", "transfer_jax.extract", "--model", "provicnet", "--params", str(t2_dir), "--input",
+    done = run_python("-m", "transfer_jax.extract", "--model", "provicnet", "--params", str(t2_dir), "--input",
                str(request), "--output", str(output))
     assert done.returncode == 0, done.stderr
     features = np.load(output)
@@ -216,9 +207,9 @@ def test_convert_script_failures_exit_with_one_clear_message(tmp_path):
     broken = tmp_path / "ADC_best.pth"
     shutil.copy(fixture("mri_adc.pth"), broken)
     broken.write_bytes(broken.read_bytes()[:1000])
-    done = run("scripts/convert_provicnet.py", "--checkpoint", str(broken), "--output", str(tmp_path / "out"))
+    done = run_python("scripts/convert_provicnet.py", "--checkpoint", str(broken), "--output", str(tmp_path / "out"))
     assert done.returncode == 1 and "ADC_best.pth" in done.stderr and "Traceback" not in done.stderr
-    done = run("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output",
+    done = run_python("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output",
                str(tmp_path / "fusion"))
     assert done.returncode == 1 and done.stderr.count("no sequence checkpoint for Stream_") == 3
     assert not (tmp_path / "fusion").exists()

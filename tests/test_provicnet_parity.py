@@ -6,23 +6,23 @@ with the torch-free reader, converted with the ProViCNet table and compared to <
 PyTorch layouts are NCHW; the port is NHWC, so maps are transposed before comparing.
 """
 
+import functools
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import fixture_path
 from transfer_jax.convert.provicnet import convert_checkpoint, convert_fusion, load_provicnet
 from transfer_jax.models.provicnet import FUSION_SEQUENCES, overwrite_streams_with_sequence_heads
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "provicnet")
 TOLERANCE = 1e-4
 NUM_HEADS = 2  # the tiny fixtures use 2 heads of width 16 (not width // 64)
 SEQUENCE_FILES = {"T2W": "mri_t2.pth", "ADC": "mri_adc.pth", "DWI": "mri_dwi.pth"}
 
 
-def fixture(name):
-    return os.path.join(FIXTURES, name)
+fixture = functools.partial(fixture_path, "provicnet")
 
 
 def nhwc(array):

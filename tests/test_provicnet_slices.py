@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transfer_jax.convert.provicnet_features import make_data_mesh, predict_slices, run_in_batches
+from transfer_jax.features.common import make_data_mesh, run_in_batches
+from transfer_jax.features.provicnet import predict_slices
 from transfer_jax.data import slices
 from transfer_jax.models.dinov2 import DinoV2Config
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig

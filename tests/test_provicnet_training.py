@@ -9,15 +9,12 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from helpers import load_config, config_for
+from helpers import config_for, fixture_path, load_config
 from transfer_jax.convert.provicnet import convert_slice_model
 from transfer_jax.convert.table import flatten
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.tasks.slice_segmentation import SliceSegmentationTask
 from transfer_jax.train.loop import train_and_evaluate
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "provicnet")
-
 
 def _config(**overrides):
     return config_for("seg", "provicnet,smoke", **overrides)
@@ -164,7 +161,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
 def test_init_from_converted_artifact_with_contrastive_loss(tmp_path):
     artifact = str(tmp_path / "artifact")
-    convert_slice_model(os.path.join(FIXTURES, "mri_t2.pth"), num_heads=2).save(artifact)
+    convert_slice_model(fixture_path("provicnet", "mri_t2.pth"), num_heads=2).save(artifact)
     config = _config(**{
         "init.mode": "pretrained", "init.checkpoint": artifact, "total_steps": 2, "eval_every": 2,
         "checkpoint_every": 2, "alignment.enabled": False, "task.contrastive_alpha": 0.05,

@@ -128,8 +128,8 @@ def apply_full(c: ml_collections.ConfigDict) -> None:
     c.data.workers = 8
 
 
-# Backbone sizes per preset for the task configs (configs/cls.py, sr.py, distortion.py, synthesis.py; seg.py keeps
-# its own conv sizes and uses `apply_vit` for profound_vit). Call after apply_smoke / apply_full (crop size).
+# Backbone sizes per preset for the task configs (through `apply_backbone`). Call after apply_smoke / apply_full
+# (crop size).
 CONV_SIZES = {
     "default": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
     "smoke": dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)),
@@ -172,17 +172,14 @@ def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> 
         raise ValueError(f"backbone {backbone!r} is not supported by this config; use one of {BACKBONES}")
 
 
-def restoration_defaults(c: ml_collections.ConfigDict, backbone: str, preset: str) -> None:
-    """Shared blocks of the image-to-image configs (sr, distortion, synthesis): the UPerNet dense decoder without
-    its auxiliary head (3-D backbones), the gland-mask fallback, run length, the size preset and the backbone."""
-    c.task.update(dict(require_gland_mask=False, ssim_window=7, aux_weight=0.4, gland_loss_weight=0.0))
+def apply_dense_head(c: ml_collections.ConfigDict, backbone: str, preset: str, *, auxiliary_head: bool) -> None:
+    """The UPerNet dense decoder (with or without its FCN auxiliary head) sized for a preset, then the size preset
+    itself and the backbone (`apply_backbone`); for the segmentation and image-to-image configs."""
     c.model = ml_collections.ConfigDict()
     c.model.head_options = ml_collections.ConfigDict(dict(
-        hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=False))
-    # As for segmentation: upstream's optimiser never updates UPerNet's hidden_norm.
+        hidden_size=32, auxiliary_channels=16, pool_scales=(1, 2, 3, 6), use_auxiliary_head=auxiliary_head))
+    # Upstream's optimiser never sees UPerNet's hidden_norm (not in its parameter groups): keep it at init.
     c.optimizer.frozen_patterns = (r"^hidden_norm\.",)
-    c.total_steps = 200
-    c.eval_every = 25
     if preset == "smoke":
         apply_smoke(c)
         c.model.head_options.hidden_size = 8
@@ -192,6 +189,15 @@ def restoration_defaults(c: ml_collections.ConfigDict, backbone: str, preset: st
         c.model.head_options.hidden_size = 512
         c.model.head_options.auxiliary_channels = 256
     apply_backbone(c, backbone, preset)
+
+
+def restoration_defaults(c: ml_collections.ConfigDict, backbone: str, preset: str) -> None:
+    """Shared blocks of the image-to-image configs (sr, distortion, synthesis): the UPerNet dense decoder without
+    its auxiliary head (3-D backbones), the gland-mask fallback, run length, the size preset and the backbone."""
+    c.task.update(dict(require_gland_mask=False, ssim_window=7, aux_weight=0.4, gland_loss_weight=0.0))
+    c.total_steps = 200
+    c.eval_every = 25
+    apply_dense_head(c, backbone, preset, auxiliary_head=False)
     if backbone == "provicnet":
         # A ProViCNet artifact's last head conv has 4 class channels, these heads one per target channel.
         c.init.dont_load = (r"^head\.segmentation_conv\.9\.",)

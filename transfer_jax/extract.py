@@ -5,7 +5,7 @@
         --crop 64 256 256 --output OUT.npz
 
 `--params` is an artifact written by `scripts/convert_*.py`. What each model writes is documented by its
-extractor (`transfer_jax.convert.features` for ProFound, `transfer_jax.convert.provicnet_features` for ProViCNet).
+extractor (`transfer_jax.features.profound` for ProFound, `transfer_jax.features.provicnet` for ProViCNet).
 
 `EXTRACTORS` maps a model name to `fn(params, input_path, output_path, *, batch_size, ...) -> {name: shape}` (or to
 a "module:function" string, imported on first use so one model's dependencies never load another's); a port
@@ -22,9 +22,9 @@ __all__ = ["EXTRACTORS", "MANIFEST_MODELS", "get_extractor", "main"]
 
 # model name -> the extractor, or "module:function" to import it on first use
 EXTRACTORS: dict[str, Union[str, Callable[..., dict]]] = {
-    "profound_conv": "transfer_jax.convert.features:extract_profound_conv",
-    "profound_vit": "transfer_jax.convert.features:extract_profound_vit",
-    "provicnet": "transfer_jax.convert.provicnet_features:extract_features",
+    "profound_conv": "transfer_jax.features.profound:extract_profound_conv",
+    "profound_vit": "transfer_jax.features.profound:extract_profound_vit",
+    "provicnet": "transfer_jax.features.provicnet:extract_features",
 }
 # Extractors that also read a dataset manifest (3-D volumes through the data pipeline's preprocessing).
 MANIFEST_MODELS = ("profound_conv", "profound_vit")

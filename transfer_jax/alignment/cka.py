@@ -41,6 +41,18 @@ def _check_paired(x: jax.Array, y: jax.Array, what: str, min_rows: int) -> None:
         raise ValueError(f"{what}: needs at least {min_rows} rows, got {x.shape[0]}")
 
 
+def _paired_as(x: jax.Array, y: jax.Array, dtype, what: str, min_rows: int) -> tuple[jax.Array, jax.Array]:
+    """``x`` and ``y`` checked as paired (N, D) rows, cast to ``dtype`` (the accumulation dtype)."""
+    _check_paired(x, y, what, min_rows)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def _cross_products(xs: jax.Array, ys: jax.Array, precision) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """XsᵀXs, YsᵀYs, XsᵀYs of (shifted or centred) rows."""
+    gram = lambda a, b: jnp.matmul(a.T, b, precision=precision)  # noqa: E731
+    return gram(xs, xs), gram(ys, ys), gram(xs, ys)
+
+
 def _cka_from_cross_products(xx: jax.Array, yy: jax.Array, xy: jax.Array) -> jax.Array:
     """CKA from centred cross-product matrices XcᵀXc, YcᵀYc, XcᵀYc."""
     return jnp.sum(xy * xy) / (jnp.linalg.norm(xx) * jnp.linalg.norm(yy))
@@ -48,12 +60,8 @@ def _cka_from_cross_products(xx: jax.Array, yy: jax.Array, xy: jax.Array) -> jax
 
 def linear_cka(x: jax.Array, y: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """Linear CKA of paired features ``x (N, Dx)``, ``y (N, Dy)`` (feature-space form, column-centred)."""
-    _check_paired(x, y, "linear CKA", min_rows=2)
-    dtype = jnp.result_type(x.dtype, y.dtype)
-    xc = x.astype(dtype) - jnp.mean(x.astype(dtype), axis=0)
-    yc = y.astype(dtype) - jnp.mean(y.astype(dtype), axis=0)
-    gram = lambda a, b: jnp.matmul(a.T, b, precision=precision)  # noqa: E731
-    return _cka_from_cross_products(gram(xc, xc), gram(yc, yc), gram(xc, yc))
+    x, y = _paired_as(x, y, jnp.result_type(x.dtype, y.dtype), "linear CKA", min_rows=2)
+    return _cka_from_cross_products(*_cross_products(x - jnp.mean(x, axis=0), y - jnp.mean(y, axis=0), precision))
 
 
 class LinearCKAState(NamedTuple):
@@ -92,23 +100,21 @@ class LinearCKA:
         )
 
     def update(self, state: LinearCKAState, x_batch: jax.Array, y_batch: jax.Array) -> LinearCKAState:
-        _check_paired(x_batch, y_batch, "LinearCKA.update", min_rows=1)
-        dtype = state.sum_x.dtype
-        x_batch, y_batch = x_batch.astype(dtype), y_batch.astype(dtype)
+        x_batch, y_batch = _paired_as(x_batch, y_batch, state.sum_x.dtype, "LinearCKA.update", min_rows=1)
         first = state.count == 0
         shift_x = jnp.where(first, jnp.mean(x_batch, axis=0), state.shift_x)
         shift_y = jnp.where(first, jnp.mean(y_batch, axis=0), state.shift_y)
         xs, ys = x_batch - shift_x, y_batch - shift_y
-        gram = lambda a, b: jnp.matmul(a.T, b, precision=self.precision)  # noqa: E731
+        xx, yy, xy = _cross_products(xs, ys, self.precision)
         return LinearCKAState(
             shift_x=shift_x,
             shift_y=shift_y,
             count=state.count + x_batch.shape[0],
             sum_x=state.sum_x + jnp.sum(xs, axis=0),
             sum_y=state.sum_y + jnp.sum(ys, axis=0),
-            xx=state.xx + gram(xs, xs),
-            yy=state.yy + gram(ys, ys),
-            xy=state.xy + gram(xs, ys),
+            xx=state.xx + xx,
+            yy=state.yy + yy,
+            xy=state.xy + xy,
         )
 
     def finalize(self, state: LinearCKAState) -> jax.Array:
@@ -156,9 +162,7 @@ class MinibatchCKA:
         return MinibatchCKAState(*(jnp.zeros((), dtype) for _ in range(4)))
 
     def update(self, state: MinibatchCKAState, x_batch: jax.Array, y_batch: jax.Array) -> MinibatchCKAState:
-        _check_paired(x_batch, y_batch, "MinibatchCKA.update", min_rows=4)
-        dtype = state.hsic_xy.dtype
-        x_batch, y_batch = x_batch.astype(dtype), y_batch.astype(dtype)
+        x_batch, y_batch = _paired_as(x_batch, y_batch, state.hsic_xy.dtype, "MinibatchCKA.update", min_rows=4)
         # HSIC is translation invariant for linear Grams after centring; subtracting the batch mean first only
         # improves the conditioning of the Gram entries.
         x_batch = x_batch - jnp.mean(x_batch, axis=0)

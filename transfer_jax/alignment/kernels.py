@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-KernelKind = Literal["gaussian", "laplace"]
 KERNEL_KINDS: tuple[str, ...] = ("gaussian", "laplace")
 DEFAULT_MEDIAN_MAX_POINTS = 2048
 # Full fp32 matmuls by default: TF32/bf16 passes (the GPU/TPU defaults) would make the "exact" estimators inexact.

@@ -53,9 +53,9 @@ from transfer_jax.convert.table import (
     convert_state,
     flatten,
     target_spec,
+    transformer_block_rules,
     unflatten,
 )
-from transfer_jax.models.registry import dataclass_from_dict
 from transfer_jax.convert.torch_pickle import extract_state_dict, load_torch_checkpoint
 from transfer_jax.models.classifier import Classifier, ClassifierHead
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
@@ -66,6 +66,7 @@ from transfer_jax.models.profound_vit import (
     ViTConfig,
     sincos_pos_embed_3d,
 )
+from transfer_jax.models.registry import dataclass_from_dict
 from transfer_jax.models.upernet import UPerNet, UPerNetConfig
 from transfer_jax.models.vit_adapter import ViTAdapter
 
@@ -150,14 +151,21 @@ def _escape(prefix: str) -> str:
     return re.escape(prefix)
 
 
-def conv_encoder_rules(src: str = "encoder.", dst: str = "encoder.") -> list[Rule]:
-    """Dense ConvNeXt-V2 encoder (spec §2.2): torch `src*` -> Flax `dst*`."""
-    p = _escape(src)
+def _conv_stem_rules(p: str, dst: str) -> list[Rule]:
+    """The stem: a dense Conv3d + channels-first LayerNorm, in the dense and in the sparse (FCMAE) encoder."""
     return [
         Rule(rf"{p}downsample_layers\.0\.0\.weight", f"{dst}downsample_layers.0.0.kernel", CONV3D),
         Rule(rf"{p}downsample_layers\.0\.0\.bias", f"{dst}downsample_layers.0.0.bias"),
         Rule(rf"{p}downsample_layers\.0\.1\.weight", f"{dst}downsample_layers.0.1.scale"),
         Rule(rf"{p}downsample_layers\.0\.1\.bias", f"{dst}downsample_layers.0.1.bias"),
+    ]
+
+
+def conv_encoder_rules(src: str = "encoder.", dst: str = "encoder.") -> list[Rule]:
+    """Dense ConvNeXt-V2 encoder (spec §2.2): torch `src*` -> Flax `dst*`."""
+    p = _escape(src)
+    return [
+        *_conv_stem_rules(p, dst),
         Rule(rf"{p}downsample_layers\.([1-9]\d*)\.0\.weight", rf"{dst}downsample_layers.\1.0.scale"),
         Rule(rf"{p}downsample_layers\.([1-9]\d*)\.0\.bias", rf"{dst}downsample_layers.\1.0.bias"),
         Rule(rf"{p}downsample_layers\.([1-9]\d*)\.1\.weight", rf"{dst}downsample_layers.\1.1.kernel", CONV3D),
@@ -179,11 +187,7 @@ def sparse_conv_encoder_rules(src: str = "encoder.", dst: str = "encoder.") -> l
     """FCMAE's sparse encoder (spec §3.2): Minkowski kernels, `ln`/`linear` sub-modules, (1, C) biases and GRN."""
     p = _escape(src)
     return [
-        # The stem is a dense Conv3d + channels-first LayerNorm even in the sparse encoder.
-        Rule(rf"{p}downsample_layers\.0\.0\.weight", f"{dst}downsample_layers.0.0.kernel", CONV3D),
-        Rule(rf"{p}downsample_layers\.0\.0\.bias", f"{dst}downsample_layers.0.0.bias"),
-        Rule(rf"{p}downsample_layers\.0\.1\.weight", f"{dst}downsample_layers.0.1.scale"),
-        Rule(rf"{p}downsample_layers\.0\.1\.bias", f"{dst}downsample_layers.0.1.bias"),
+        *_conv_stem_rules(p, dst),
         Rule(rf"{p}downsample_layers\.([1-9]\d*)\.0\.ln\.weight", rf"{dst}downsample_layers.\1.0.scale"),
         Rule(rf"{p}downsample_layers\.([1-9]\d*)\.0\.ln\.bias", rf"{dst}downsample_layers.\1.0.bias"),
         Rule(rf"{p}downsample_layers\.([1-9]\d*)\.1\.kernel", rf"{dst}downsample_layers.\1.1.kernel",
@@ -209,17 +213,6 @@ FCMAE_FINAL_NORM = [
 BATCHNORM_COUNTER = Ignore(r"(.+\.)?num_batches_tracked", "BatchNorm batch counter (unused: fixed momentum)")
 
 
-def _transformer_block_rules(src_blocks: str, dst_blocks: str) -> list[Rule]:
-    p = _escape(src_blocks)
-    return [
-        Rule(rf"{p}(\d+)\.(norm[12])\.weight", rf"{dst_blocks}\1.\2.scale"),
-        Rule(rf"{p}(\d+)\.(norm[12])\.bias", rf"{dst_blocks}\1.\2.bias"),
-        # Fused qkv stays fused: rows [q | k | v], head-major, become kernel columns in the same order.
-        Rule(rf"{p}(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", rf"{dst_blocks}\1.\2.kernel", LINEAR),
-        Rule(rf"{p}(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", rf"{dst_blocks}\1.\2.bias"),
-    ]
-
-
 def vit_encoder_rules(src: str = "", dst: str = "encoder.") -> list[Rule]:
     """The ViT encoder (spec §4.2), including its stored (fixed) position table."""
     p = _escape(src)
@@ -227,7 +220,7 @@ def vit_encoder_rules(src: str = "", dst: str = "encoder.") -> list[Rule]:
         Rule(rf"{p}(cls_token|pos_embed)", rf"{dst}\1", IDENTITY),
         Rule(rf"{p}patch_embed\.proj\.weight", f"{dst}patch_embed.proj.kernel", CONV3D),
         Rule(rf"{p}patch_embed\.proj\.bias", f"{dst}patch_embed.proj.bias"),
-        *_transformer_block_rules(f"{src}blocks.", f"{dst}blocks."),
+        *transformer_block_rules(f"{src}blocks.", f"{dst}blocks."),
         Rule(rf"{p}norm\.weight", f"{dst}norm.scale"),
         Rule(rf"{p}norm\.bias", f"{dst}norm.bias"),
     ]
@@ -238,7 +231,7 @@ def mae_decoder_rules(dst: str = "decoder.") -> list[Rule]:
         Rule(r"(mask_token|decoder_pos_embed)", rf"{dst}\1", IDENTITY),
         Rule(r"(decoder_embed|decoder_pred)\.weight", rf"{dst}\1.kernel", LINEAR),
         Rule(r"(decoder_embed|decoder_pred)\.bias", rf"{dst}\1.bias"),
-        *_transformer_block_rules("decoder_blocks.", f"{dst}decoder_blocks."),
+        *transformer_block_rules("decoder_blocks.", f"{dst}decoder_blocks."),
         Rule(r"decoder_norm\.weight", f"{dst}decoder_norm.scale"),
         Rule(r"decoder_norm\.bias", f"{dst}decoder_norm.bias"),
     ]

@@ -43,7 +43,6 @@ from flax import nnx
 from transfer_jax.convert import artifact
 from transfer_jax.convert.table import (
     CONV2D,
-    IDENTITY,
     LINEAR,
     RESHAPE,
     ConversionError,
@@ -53,6 +52,7 @@ from transfer_jax.convert.table import (
     convert_state,
     flatten,
     target_spec,
+    transformer_block_rules,
     unflatten,
 )
 from transfer_jax.convert.torch_pickle import load_state_dict
@@ -68,7 +68,6 @@ from transfer_jax.models.provicnet import (
 
 SLICE_MODEL_NAME = "provicnet"
 FUSION_MODEL_NAME = "provicnet_fusion"
-KINDS = ("mri", "trus", "fusion")
 # DINOv2 ViT-S/B/L/g all use 64-wide attention heads.
 DEFAULT_HEAD_DIM = 64
 # Upstream file names per fusion stream (for messages only).
@@ -103,11 +102,7 @@ BACKBONE_RULES = [
     Rule(r"backbone\.mask_token", r"backbone.mask_token"),
     Rule(r"backbone\.patch_embed\.proj\.weight", r"backbone.patch_embed.proj.kernel", CONV2D),
     Rule(r"backbone\.patch_embed\.proj\.bias", r"backbone.patch_embed.proj.bias"),
-    Rule(r"backbone\.blocks\.(\d+)\.(norm[12])\.weight", r"backbone.blocks.\1.\2.scale"),
-    Rule(r"backbone\.blocks\.(\d+)\.(norm[12])\.bias", r"backbone.blocks.\1.\2.bias"),
-    Rule(r"backbone\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", r"backbone.blocks.\1.\2.kernel",
-         LINEAR),
-    Rule(r"backbone\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", r"backbone.blocks.\1.\2.bias"),
+    *transformer_block_rules("backbone.blocks.", "backbone.blocks."),
     Rule(r"backbone\.blocks\.(\d+)\.(ls[12])\.gamma", r"backbone.blocks.\1.\2.gamma"),
     Rule(r"backbone\.norm\.weight", r"backbone.norm.scale"),
     Rule(r"backbone\.norm\.bias", r"backbone.norm.bias"),

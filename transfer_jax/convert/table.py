@@ -33,7 +33,7 @@ from flax import nnx
 __all__ = [
     "Transform", "Rule", "Ignore", "Default", "ConversionError", "ConversionReport",
     "IDENTITY", "LINEAR", "CONV2D", "CONV3D", "CONV_TRANSPOSE3D", "RESHAPE", "SPARSE_CONV3D", "SPARSE_DEPTHWISE3D",
-    "convert_state", "target_spec", "flatten", "unflatten", "path_to_str",
+    "transformer_block_rules", "convert_state", "target_spec", "flatten", "unflatten", "path_to_str",
 ]
 
 
@@ -166,6 +166,19 @@ class Default:
 
     def match(self, path: str):
         return self._regex.fullmatch(path)
+
+
+def transformer_block_rules(src_blocks: str, dst_blocks: str) -> list[Rule]:
+    """The pre-norm transformer blocks ProFound's ViT / MAE and DINOv2 share (``norm1``, ``attn.qkv``,
+    ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``): torch ``{src_blocks}{i}.*`` -> Flax ``{dst_blocks}{i}.*``."""
+    p = re.escape(src_blocks)
+    return [
+        Rule(rf"{p}(\d+)\.(norm[12])\.weight", rf"{dst_blocks}\1.\2.scale"),
+        Rule(rf"{p}(\d+)\.(norm[12])\.bias", rf"{dst_blocks}\1.\2.bias"),
+        # Fused qkv stays fused: rows [q | k | v], head-major, become kernel columns in the same order.
+        Rule(rf"{p}(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", rf"{dst_blocks}\1.\2.kernel", LINEAR),
+        Rule(rf"{p}(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", rf"{dst_blocks}\1.\2.bias"),
+    ]
 
 
 class ConversionError(ValueError):

@@ -59,8 +59,9 @@ def axis_aligned_warp(volume: np.ndarray, scale: np.ndarray, offset: np.ndarray,
     """`output[o] = volume[offset + scale * o]` over the first len(output_shape) axes (trailing axes ride along).
 
     The same samples as `ndimage.affine_transform` with the diagonal matrix `scale` (order 0 or 1, constant 0
-    outside, no prefilter), computed one axis at a time: an axis-aligned map is separable, which makes it 6-12x
-    cheaper than the general 3-D interpolation for the crops of every training step (benchmark.py --data).
+    outside, no prefilter), computed one axis at a time: an axis-aligned map is separable, which makes it several
+    times cheaper than the general 3-D interpolation for the crops of every training step
+    (benchmarks/RESULTS.md §3a).
     """
     if order not in (0, 1):
         raise ValueError(f"axis_aligned_warp: order must be 0 (nearest) or 1 (linear), got {order}")

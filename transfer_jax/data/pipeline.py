@@ -36,7 +36,7 @@ class PreparedCaseSource:
 
     With `memory_cache_bytes`, cases stay in memory after their first read until that budget is used (the first
     ones read; no eviction, so under a random order every case has the same chance of being cached). Reading a
-    case's .npz is 35-45 % of a training element's host time (augment included). The budget is per source and
+    case's .npz is a large share of a training element's host time (augment included). The budget is per source and
     process: the trainer's training and validation sources have one each, and every grain worker holds its own.
     Cached arrays are read-only, so a transform that wrote into its input would fail loudly instead of corrupting
     later epochs.
@@ -95,8 +95,8 @@ class EpochShuffle(grain.MapDataset):
     """A new order of the parent's elements every epoch, read by global index (epoch * len + position).
 
     Does what `MapDataset.shuffle` does before `.repeat()`. grain 0.2.18's per-index permutation is slowest on
-    small cohorts (measured 1.9 ms per call at 16 elements, 0.04 ms at 1001; 6.4 ms per element in a profile of
-    the embedded dataset's pipeline, more than the crop itself). This permutes each epoch once.
+    small cohorts, where it can cost more per element than the crop itself (benchmarks/RESULTS.md §3a). This
+    permutes each epoch once.
     """
 
     def __init__(self, parent: grain.MapDataset, *, seed: int):

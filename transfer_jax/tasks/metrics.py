@@ -236,6 +236,21 @@ def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
     return np.bincount(labels * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
+def _scorable_binary(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validated ``(scores float64, labels 0/1)``, or None when no ROC exists (one class only, an empty set, or a
+    ``nan`` score)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = _as_class_vector(labels, "labels")
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be a 1-D vector, got shape {scores.shape}")
+    _same_length(scores, labels, "scores", "labels")
+    if labels.size and labels.max() > 1:
+        raise ValueError(f"labels must be binary (0/1), got values {np.unique(labels).tolist()}")
+    if labels.sum() in (0, labels.size) or np.isnan(scores).any():
+        return None
+    return scores, labels
+
+
 def auroc_binary(scores, labels) -> float:
     """Area under the ROC curve of ``scores`` for ``labels`` in {0, 1}, by ranks (Mann-Whitney U).
 
@@ -245,18 +260,13 @@ def auroc_binary(scores, labels) -> float:
 
     Degenerate inputs give ``nan`` (sklearn raises): labels of one class only, an empty set, or any ``nan`` score.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = _as_class_vector(labels, "labels")
-    if scores.ndim != 1:
-        raise ValueError(f"scores must be a 1-D vector, got shape {scores.shape}")
-    _same_length(scores, labels, "scores", "labels")
-    if labels.size and labels.max() > 1:
-        raise ValueError(f"labels must be binary (0/1), got values {np.unique(labels).tolist()}")
+    checked = _scorable_binary(scores, labels)
+    if checked is None:
+        return float("nan")
+    scores, labels = checked
     positive = labels == 1
     num_positive = int(positive.sum())
     num_negative = labels.size - num_positive
-    if num_positive == 0 or num_negative == 0 or np.isnan(scores).any():
-        return float("nan")
     ranks = stats.rankdata(scores, method="average")
     u_statistic = ranks[positive].sum() - num_positive * (num_positive + 1) / 2.0
     return float(u_statistic / (num_positive * num_negative))
@@ -358,42 +368,30 @@ def _roc_operating_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.nd
     return true_positive / num_positive, 1.0 - false_positive / num_negative
 
 
-def _operating_point_inputs(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = _as_class_vector(labels, "labels")
-    if scores.ndim != 1:
-        raise ValueError(f"scores must be a 1-D vector, got shape {scores.shape}")
-    _same_length(scores, labels, "scores", "labels")
-    if labels.size and labels.max() > 1:
-        raise ValueError(f"labels must be binary (0/1), got values {np.unique(labels).tolist()}")
-    if labels.sum() in (0, labels.size) or np.isnan(scores).any():
-        return None
-    return scores, labels
+def _best_operating_point(scores, labels, minimum: float, name: str, *, floor_on: str) -> float:
+    """The highest specificity (``floor_on='sensitivity'``) or sensitivity (``floor_on='specificity'``) over the ROC
+    operating points whose other rate is at least ``minimum``; ``nan`` when no ROC exists."""
+    if not 0.0 <= minimum <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {minimum!r}")
+    checked = _scorable_binary(scores, labels)
+    if checked is None:
+        return float("nan")
+    sensitivity, specificity = _roc_operating_points(*checked)
+    floored, maximised = (sensitivity, specificity) if floor_on == "sensitivity" else (specificity, sensitivity)
+    # The lowest score's threshold has sensitivity 1 and the +inf one specificity 1: the feasible set is never empty.
+    return float(maximised[floored >= minimum].max())
 
 
 def specificity_at_sensitivity(scores, labels, min_sensitivity: float) -> float:
     """Highest specificity over the ROC operating points whose sensitivity is at least ``min_sensitivity``
     (torchmetrics ``BinarySpecificityAtSensitivity``); ``nan`` when ``labels`` hold one class or scores are nan."""
-    if not 0.0 <= min_sensitivity <= 1.0:
-        raise ValueError(f"min_sensitivity must be in [0, 1], got {min_sensitivity!r}")
-    checked = _operating_point_inputs(scores, labels)
-    if checked is None:
-        return float("nan")
-    sensitivity, specificity = _roc_operating_points(*checked)
-    # The threshold below every score gives sensitivity 1, so the feasible set is never empty.
-    return float(specificity[sensitivity >= min_sensitivity].max())
+    return _best_operating_point(scores, labels, min_sensitivity, "min_sensitivity", floor_on="sensitivity")
 
 
 def sensitivity_at_specificity(scores, labels, min_specificity: float) -> float:
     """Highest sensitivity over the ROC operating points whose specificity is at least ``min_specificity``
     (torchmetrics ``BinarySensitivityAtSpecificity``); ``nan`` when ``labels`` hold one class or scores are nan."""
-    if not 0.0 <= min_specificity <= 1.0:
-        raise ValueError(f"min_specificity must be in [0, 1], got {min_specificity!r}")
-    checked = _operating_point_inputs(scores, labels)
-    if checked is None:
-        return float("nan")
-    sensitivity, specificity = _roc_operating_points(*checked)
-    return float(sensitivity[specificity >= min_specificity].max())
+    return _best_operating_point(scores, labels, min_specificity, "min_specificity", floor_on="specificity")
 
 
 BINARY_METRIC_KEYS = ("auroc", "accuracy", "f1", "kappa", "spec_at_sens80", "spec_at_sens90", "sens_at_spec80",

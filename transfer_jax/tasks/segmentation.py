@@ -39,7 +39,7 @@ def cross_entropy(log_probs: jax.Array, onehot: jax.Array, class_weights: jax.Ar
     """Mean voxel CE; with class weights the weighted mean sum(w_y nll) / sum(w_y), as torch does.
 
     The label is picked with the one-hot map, not a gather: XLA:CPU builds the gather's indices and its scatter
-    gradient at full resolution (ProFound-Conv's default step was 9 % slower with `take_along_axis`).
+    gradient at full resolution, which makes a `take_along_axis` step slower (benchmarks/RESULTS.md §2c).
     """
     nll = -jnp.sum(onehot * log_probs, axis=-1)
     if class_weights is None:

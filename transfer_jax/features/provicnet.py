@@ -1,9 +1,6 @@
-"""ProViCNet inference over slices: a fixed-size, data-sharded batch runner and the feature extractor.
+"""ProViCNet inference over slices, data-sharded in fixed-size batches (:mod:`transfer_jax.features.common`), and
+the feature extractor.
 
-* :func:`make_data_mesh` -- a 1-D ``('data',)`` mesh with ``AxisType.Auto`` over the local devices.
-* :func:`run_in_batches` -- run a jitted function over the leading axis of host arrays in fixed-size batches
-  (the last one zero-padded, results trimmed), each batch placed with ``NamedSharding(mesh, P('data'))``; one
-  compilation per function since every batch has the same shape.
 * :func:`predict_slices` -- a :class:`~transfer_jax.models.provicnet.ProViCNet` over a case's slice stack
   (e.g. :class:`transfer_jax.data.slices.SliceStack`: ``predict_slices(model, stack.images,
   stack.slice_position)``), eval mode, returning any of ``logits`` [S, 256, 256, 4], ``patch_tokens``
@@ -17,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -27,60 +23,26 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
+from transfer_jax.features.common import batch_size_for, make_data_mesh, run_in_batches, save_features
 from transfer_jax.models.provicnet import FUSION_SEQUENCES, FusionModalities, ProViCNet
 
 SLICE_OUTPUTS = ("logits", "patch_tokens", "cls")
 
 
-def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """1-D data-parallel mesh ``('data',)`` with Auto axis types (classic sharding propagation)."""
-    count = num_devices or jax.device_count()
-    return jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def _eval_fn(module: nnx.Module, mesh: jax.sharding.Mesh,
+             body: Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
+             ) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]]:
+    """A jitted ``batch -> body(eval-mode copy of module, batch)`` with the weights replicated on ``mesh``."""
+    graphdef, state = nnx.split(module)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
 
+    @jax.jit
+    def apply(state, batch):
+        net = nnx.merge(graphdef, state)
+        net.eval()
+        return body(net, batch)
 
-def batch_size_for(mesh: jax.sharding.Mesh, requested: int) -> int:
-    """``requested`` rounded up to a multiple of the mesh's data axis (each device gets whole rows)."""
-    devices = mesh.shape["data"]
-    return max(1, math.ceil(requested / devices)) * devices
-
-
-def run_in_batches(
-    fn: Callable[[dict[str, jax.Array]], Mapping[str, jax.Array]],
-    inputs: Mapping[str, np.ndarray],
-    *,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, np.ndarray]:
-    """Apply ``fn`` to ``inputs`` (host arrays sharing the leading length N) batch by batch; concatenated numpy.
-
-    ``batch_size`` must be a multiple of the data axis size. The last batch is padded with zero rows so every call
-    has the same shape (no recompilation); the padded rows are cut from the outputs. Each output must have the
-    batch as its leading axis.
-    """
-    devices = mesh.shape["data"]
-    if batch_size % devices:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of the {devices} devices on the 'data' axis")
-    lengths = {name: len(array) for name, array in inputs.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"inputs differ in their leading (batch) length: {lengths}")
-    total = next(iter(lengths.values()))
-    sharding = NamedSharding(mesh, P("data"))
-    collected: dict[str, list[np.ndarray]] = {}
-    for start in range(0, total, batch_size):
-        valid = min(batch_size, total - start)
-        batch = {}
-        for name, array in inputs.items():
-            chunk = np.asarray(array[start : start + valid])
-            if valid < batch_size:
-                chunk = np.concatenate([chunk, np.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)])
-            batch[name] = jax.device_put(chunk, sharding)
-        for name, value in fn(batch).items():
-            collected.setdefault(name, []).append(np.asarray(value)[:valid])
-    return {name: np.concatenate(parts) for name, parts in collected.items()}
-
-
-def _replicated(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return lambda batch: apply(state, batch)
 
 
 def slice_model_fn(
@@ -93,13 +55,8 @@ def slice_model_fn(
     unknown = sorted(set(outputs) - set(SLICE_OUTPUTS))
     if unknown:
         raise ValueError(f"unknown outputs {unknown}; choose from {SLICE_OUTPUTS}")
-    graphdef, state = nnx.split(model)
-    state = _replicated(state, mesh)
 
-    @jax.jit
-    def apply(state, batch):
-        net = nnx.merge(graphdef, state)
-        net.eval()
+    def apply(net, batch):
         features = net.forward_features(batch["images"], batch["slice_position"])
         result = {}
         if "logits" in outputs:
@@ -110,7 +67,7 @@ def slice_model_fn(
             result["cls"] = features.cls_token
         return result
 
-    return lambda batch: apply(state, batch)
+    return _eval_fn(model, mesh, apply)
 
 
 def predict_slices(
@@ -158,18 +115,9 @@ def predict_fusion(
     if missing:
         raise KeyError(f"fusion needs patch tokens for {list(FUSION_SEQUENCES)}; missing {missing}")
     mesh = mesh or make_data_mesh()
-    graphdef, state = nnx.split(fusion)
-    state = _replicated(state, mesh)
-
-    @jax.jit
-    def apply(state, batch):
-        net = nnx.merge(graphdef, state)
-        net.eval()
-        return {"logits": net(*(batch[name] for name in FUSION_SEQUENCES))}
-
+    fn = _eval_fn(fusion, mesh, lambda net, batch: {"logits": net(*(batch[name] for name in FUSION_SEQUENCES))})
     inputs = {name: np.asarray(tokens[name], np.float32) for name in FUSION_SEQUENCES}
-    return run_in_batches(lambda batch: apply(state, batch), inputs,
-                          batch_size=batch_size_for(mesh, batch_size), mesh=mesh)["logits"]
+    return run_in_batches(fn, inputs, batch_size=batch_size_for(mesh, batch_size), mesh=mesh)["logits"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,7 +171,4 @@ def extract_features(
         "cls": result["cls"].astype(np.float32),
         "seg_logits": result["logits"].astype(np.float32),
     }
-    output_path = os.fspath(output_path)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    np.savez(output_path, **arrays)
-    return {name: tuple(value.shape) for name, value in arrays.items()}
+    return save_features(output_path, arrays)

@@ -18,7 +18,7 @@ Batches have a fixed size (the last one zero-padded and trimmed), so the jitted 
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +26,15 @@ import numpy as np
 from flax import nnx
 
 from transfer_jax.convert.profound import CONV_MODEL, VIT_MODEL, EncoderOnly, load_profound
+from transfer_jax.data.augment import center_crop
+from transfer_jax.data.manifest import cases_in_split, read_manifest
+from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
+from transfer_jax.features.common import run_in_batches, save_features
 from transfer_jax.models.classifier import Classifier
 from transfer_jax.models.profound_vit import MAE
 from transfer_jax.models.upernet import UPerNet
 
-__all__ = ["ExtractionInputError", "read_npz_volumes", "read_manifest_volumes", "run_in_batches", "profound_feature_fn",
+__all__ = ["ExtractionInputError", "read_npz_volumes", "read_manifest_volumes", "profound_feature_fn",
            "extract_profound", "extract_profound_conv", "extract_profound_vit"]
 
 
@@ -59,10 +63,6 @@ def read_npz_volumes(path: str | os.PathLike, in_channels: int) -> np.ndarray:
 def read_manifest_volumes(manifest: str | os.PathLike, crop_size: Sequence[int], *, split: Optional[str] = None,
                           spacing: Optional[Sequence[float]] = (1.0, 0.5, 0.5)) -> tuple[list[str], np.ndarray]:
     """Cases of a manifest (optionally one split) preprocessed as for evaluation -> (case ids, (N, D, H, W, C))."""
-    from transfer_jax.data.augment import center_crop
-    from transfer_jax.data.manifest import cases_in_split, read_manifest
-    from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
-
     cases = read_manifest(os.fspath(manifest))
     if split is not None:
         cases = cases_in_split(cases, split)
@@ -75,23 +75,6 @@ def read_manifest_volumes(manifest: str | os.PathLike, crop_size: Sequence[int],
         prepared = prepare_case(case, config)
         images.append(center_crop({"image": prepared.image}, config.crop_size)["image"])
     return [c.case_id for c in cases], np.stack(images).astype(np.float32)
-
-
-def run_in_batches(fn: Callable[[jax.Array], Mapping[str, jax.Array]], images: np.ndarray,
-                   batch_size: int) -> dict[str, np.ndarray]:
-    """`fn` over fixed-size batches of `images` (last batch zero-padded, padding trimmed); float32 numpy."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = images.shape[0]
-    pieces: dict[str, list[np.ndarray]] = {}
-    for start in range(0, n, batch_size):
-        batch = images[start:start + batch_size]
-        valid = batch.shape[0]
-        if valid < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]), batch.dtype)])
-        for name, value in fn(jnp.asarray(batch)).items():
-            pieces.setdefault(name, []).append(np.asarray(value, np.float32)[:valid])
-    return {name: np.concatenate(parts) for name, parts in pieces.items()}
 
 
 def profound_feature_fn(model: nnx.Module, model_name: str) -> Callable[[jax.Array], dict[str, jax.Array]]:
@@ -145,13 +128,11 @@ def extract_profound(
         case_ids, images = read_manifest_volumes(input_path, crop_size, split=split)
     else:
         images = read_npz_volumes(input_path, int(encoder_config["in_channels"]))
-    arrays = run_in_batches(profound_feature_fn(model, expect), images, batch_size)
+    fn = profound_feature_fn(model, expect)
+    arrays = run_in_batches(lambda batch: fn(batch["images"]), {"images": images}, batch_size=batch_size)
     if case_ids is not None:
         arrays["case_id"] = np.asarray(case_ids)
-    output_path = os.fspath(output_path)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    np.savez(output_path, **arrays)
-    return {name: tuple(value.shape) for name, value in arrays.items()}
+    return save_features(output_path, arrays)
 
 
 def extract_profound_conv(params, input_path, output_path, **options):
