@@ -350,9 +350,7 @@ def data_section(args, step_rows):
     rows = []
     presets = [p for s in args.sizes.split(",") for p in SIZES[s]]
     steps = {r["size"]: r for r in step_rows if r["model"] == "profound_conv" and r["dtype"] == "fp32"}
-    sample = os.path.join(os.path.dirname(REPO), "shared", "data", "prostate_mri_sample")
-    if not os.path.isdir(sample):
-        sample = "/work/shared/data/prostate_mri_sample"
+    sample = os.path.join(REPO, "tests", "data", "prostate_mri_sample")
     for preset in presets:
         config = bench_config("profound_conv", preset, "fp32", args)
         pconfig = preprocess_config(config.data)

@@ -1,6 +1,6 @@
 """ProViCNet checkpoint conversion: kinds and sizes of the released files, error reporting, script and extract CLI.
 
-Full-size state dicts are synthesised from the key lists in ``/work/shared/specs/provicnet_keys/*.tsv`` as
+Full-size state dicts are synthesised from the key lists in ``tests/data/provicnet_keys/*.tsv`` as
 zero-stride ``np.broadcast_to`` views, so the 45M-value released layouts convert without allocating them.
 """
 
@@ -27,7 +27,7 @@ from transfer_jax.models.provicnet import ContrastiveHeadConfig, FusionConfig, P
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "provicnet")
-KEY_LISTS = os.path.abspath(os.path.join(REPO, "..", "shared", "specs", "provicnet_keys"))
+KEY_LISTS = os.path.join(REPO, "tests", "data", "provicnet_keys")
 
 
 def fixture(name):
