@@ -177,7 +177,7 @@ def run(*args):
 
 def test_convert_script_and_extract_command_end_to_end(tmp_path):
     t2_dir = tmp_path / "t2"
-    done = run("scripts/convert_provicnet.py", "--checkpoint", fixture("mri_t2.pth"), "--output", str(t2_dir),
+    done = run("-m", "transfer_jax.convert", "provicnet", "--checkpoint", fixture("mri_t2.pth"), "--output", str(t2_dir),
                "--num-heads", "2")
     assert done.returncode == 0, done.stderr
     assert "62 tensors converted" in done.stdout and "num_batches_tracked" in done.stdout
@@ -186,7 +186,7 @@ def test_convert_script_and_extract_command_end_to_end(tmp_path):
 
     # Fusion: T2 from the converted artifact, ADC / DWI straight from their checkpoints.
     fusion_dir = tmp_path / "fusion"
-    done = run("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output", str(fusion_dir),
+    done = run("-m", "transfer_jax.convert", "provicnet", "--checkpoint", fixture("fusion.pth"), "--output", str(fusion_dir),
                "--t2", str(t2_dir), "--adc", fixture("mri_adc.pth"), "--dwi", fixture("mri_dwi.pth"),
                "--num-heads", "2")
     assert done.returncode == 0, done.stderr
@@ -216,9 +216,9 @@ def test_convert_script_failures_exit_with_one_clear_message(tmp_path):
     broken = tmp_path / "ADC_best.pth"
     shutil.copy(fixture("mri_adc.pth"), broken)
     broken.write_bytes(broken.read_bytes()[:1000])
-    done = run("scripts/convert_provicnet.py", "--checkpoint", str(broken), "--output", str(tmp_path / "out"))
+    done = run("-m", "transfer_jax.convert", "provicnet", "--checkpoint", str(broken), "--output", str(tmp_path / "out"))
     assert done.returncode == 1 and "ADC_best.pth" in done.stderr and "Traceback" not in done.stderr
-    done = run("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output",
+    done = run("-m", "transfer_jax.convert", "provicnet", "--checkpoint", fixture("fusion.pth"), "--output",
                str(tmp_path / "fusion"))
     assert done.returncode == 1 and done.stderr.count("no sequence checkpoint for Stream_") == 3
     assert not (tmp_path / "fusion").exists()
