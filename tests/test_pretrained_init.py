@@ -12,6 +12,8 @@ from transfer_jax.convert.table import flatten
 from transfer_jax.train.loop import train_and_evaluate
 from transfer_jax.train.pretrained import PretrainedMismatch
 
+pytestmark = pytest.mark.slow  # every test is a training run
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "profound")
 
 
