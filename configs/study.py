@@ -32,8 +32,8 @@ from transfer_jax.study import BACKBONES, INITS, TASKS
 
 STUDY_PRESETS = ("smoke", "cpu", "full")
 
-# Where the full preset expects converted release weights (scripts/convert_profound.py,
-# scripts/convert_provicnet.py --output ...).
+# Where the full preset expects converted release weights (python -m transfer_jax.convert profound|provicnet
+# --output=...).
 ARTIFACTS_ROOT = os.environ.get("TRANSFER_JAX_ARTIFACTS", "artifacts")
 
 

@@ -11,9 +11,9 @@ backward) against XLA's `cost_analysis()` of the compiled step, steady-state ste
 after warm-up, `jax.block_until_ready` at the end of each), volumes/s, MFU against the peak of a large matmul
 measured in the same run, and minor page faults per step (temporaries the allocator maps afresh every step).
 
-Host allocator: like the trainer's entry points, the benchmark re-executes itself with tcmalloc preloaded when it
-is installed (`--allocator`, `transfer_jax/allocator.py`); the PyTorch subprocess inherits it (`--torch-allocator
-same`) or runs on glibc malloc (`system`); MALLOC_* variables on the command reach both frameworks.
+Host allocator: the one the command was started with, e.g. `LD_PRELOAD=libtcmalloc_minimal.so.4 .venv/bin/python
+scripts/benchmark.py ...` for tcmalloc (`transfer_jax/allocator.py`); the PyTorch subprocess inherits it
+(`--torch-allocator same`) or runs on glibc malloc (`system`); MALLOC_* variables on the command reach both.
 
 Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-torch) on the same model, batch
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
@@ -75,9 +75,6 @@ def parse_args(argv=None):
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (default 2048; --quick 1024)")
     p.add_argument("--torch", action="store_true", help="also run scripts/bench_torch.py and print JAX/PyTorch")
     p.add_argument("--no-compile", action="store_true", help="PyTorch: eager only (skip torch.compile)")
-    p.add_argument("--allocator", default=os.environ.get("TRANSFER_JAX_ALLOCATOR", "auto"),
-                   help="host allocator: auto (tcmalloc when installed) | system (glibc) | tcmalloc | jemalloc | "
-                        "a library path (TRANSFER_JAX_ALLOCATOR)")
     p.add_argument("--torch-allocator", default="same", choices=("same", "system"),
                    help="PyTorch's allocator: the same as JAX's, or glibc malloc (PyTorch as usually run)")
     p.add_argument("--data", action="store_true", help="data pipeline throughput section")
@@ -350,9 +347,7 @@ def data_section(args, step_rows):
     rows = []
     presets = [p for s in args.sizes.split(",") for p in SIZES[s]]
     steps = {r["size"]: r for r in step_rows if r["model"] == "profound_conv" and r["dtype"] == "fp32"}
-    sample = os.path.join(os.path.dirname(REPO), "shared", "data", "prostate_mri_sample")
-    if not os.path.isdir(sample):
-        sample = "/work/shared/data/prostate_mri_sample"
+    sample = os.path.join(REPO, "tests", "data", "prostate_mri_sample")
     for preset in presets:
         config = bench_config("profound_conv", preset, "fp32", args)
         pconfig = preprocess_config(config.data)
@@ -541,11 +536,9 @@ def main(argv=None):
     if args.scaling_child:
         scaling_child(args)
         return
-    from transfer_jax.allocator import ALLOCATOR_ENV, active_allocator, apply_host_allocator
-
-    os.environ[ALLOCATOR_ENV] = args.allocator
-    apply_host_allocator()  # before JAX starts: re-executes this command with the library preloaded
     import jax
+
+    from transfer_jax.allocator import active_allocator
 
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
           f"({jax.devices()[0].device_kind}); os.cpu_count()={os.cpu_count()}; XLA CPU uses its own thread pool "

@@ -8,7 +8,7 @@ The reference modules below are written from the semantics of facebookresearch/d
 pimed/ProViCNet (``ModelArchitectures/ProViCNet/ProViCNet.py`` at 1b016ac: ``ProViCNet_contrastive``,
 ``ProViCNet_contrastive_US``, ``conv_head8``, ``ContrastiveLearning_Head``, ``ChannelReducer``, ``FusionModalities``,
 ``load_partial_weights``). Module and parameter names reproduce the upstream state-dict keys exactly (compare with
-``/work/shared/specs/provicnet_keys/*.tsv``); sizes are tiny so fixtures stay small:
+``tests/data/provicnet_keys/*.tsv``); sizes are tiny so fixtures stay small:
 
 * ViT: width 32, 2 blocks, 2 heads, patch 14, native position grid 10 (so a 112 input, grid 8, and a 56 input,
   grid 4, exercise the antialiased bicubic *down*-sampling of the table), 4 registers, mlp ratio 4.

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Create (or update) the project's Python 3.12 virtual environment in .venv from the pinned requirements.
+# Create (or update) the project's virtual environment in .venv from the pinned requirements, with Python 3.12
+# (preferred) or 3.13, the versions jax 0.12 supports.
 # Idempotent: does nothing when .venv already matches requirements*.txt. Usage: scripts/setup_env.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-find_python312() {
-  local candidates=(python3.12)
-  for dir in "$HOME"/.pyenv/versions/3.12*/bin /usr/local/bin /usr/bin; do
-    [ -x "$dir/python3.12" ] && candidates+=("$dir/python3.12")
+# The first working interpreter of 3.12, then 3.13: on PATH, from pyenv, or in the usual prefixes. Each candidate is
+# run, since a pyenv shim can exist for a version that is not active.
+find_python() {
+  local version dir candidate
+  for version in 3.12 3.13; do
+    local candidates=("python$version")
+    for dir in "$HOME"/.pyenv/versions/"$version".*/bin /usr/local/bin /usr/bin; do
+      [ -x "$dir/python$version" ] && candidates+=("$dir/python$version")
+    done
+    for candidate in "${candidates[@]}"; do
+      if "$candidate" -c "import sys; assert sys.version_info[:2] == (${version/./, })" >/dev/null 2>&1; then
+        echo "$candidate"; return 0
+      fi
+    done
   done
-  for candidate in "${candidates[@]}"; do
-    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
-      echo "$candidate"; return 0
-    fi
-  done
-  echo "error: Python 3.12 not found (jax 0.12 needs it); install it or put python3.12 on PATH" >&2
+  echo "error: neither python3.12 nor python3.13 found (jax 0.12 needs one of them); install one or put it on PATH" >&2
   return 1
 }
 
@@ -23,7 +29,8 @@ requirements=requirements.txt
 stamp=".venv/.installed-$(cat requirements.txt "$requirements" pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   if [ ! -x .venv/bin/python ]; then
-    "$(find_python312)" -m venv .venv
+    python=$(find_python)
+    "$python" -m venv .venv
   fi
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -r "$requirements"

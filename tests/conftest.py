@@ -16,8 +16,8 @@ _CACHE = os.environ.get("TRANSFER_JAX_TEST_CACHE", os.path.join(tempfile.gettemp
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-SAMPLE_DIR = os.path.join(SHARED, "data", "prostate_mri_sample")
+# The real sample case (MIT-licensed, see its README.md) ships with the tests.
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prostate_mri_sample")
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_other_estimators_with_fixed_bandwidths(features):
     assert linear["test"] == "normal_approximation" and 0.0 <= linear["p_value"] < 0.05
 
     rff = last_json(
-        run_cli(features["x"], features["y_shifted"], "--estimator", "rff", "--rff-features", "2048",
+        run_cli(features["x"], features["y_shifted"], "--estimator", "rff", "--rff_features", "2048",
                 "--bandwidth", "2")
     )
     exact = ref_mmd2(x, y_shifted, [2.0])[0]

@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import smoke_config
 from transfer_jax.tasks.registry import get_task
@@ -41,6 +42,7 @@ def test_probe_measurement_runs_without_any_transfer():
     assert float(moved["pooled"]["p_value_unbiased_permutation"]) < float(same["pooled"]["p_value_unbiased_permutation"])
 
 
+@pytest.mark.slow
 def test_training_loop_transfers_only_the_logged_scalars(tmp_path):
     config = smoke_config(**{"total_steps": 4, "eval_every": 2, "log_every": 2, "checkpoint_every": 4,
                              "logging.tensorboard": True})

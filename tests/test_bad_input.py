@@ -139,6 +139,7 @@ def test_policy_skip_reports_and_keeps_the_rest(tmp_path):
     assert [p.case_id for p in report.problems] == ["bad"]
 
 
+@pytest.mark.slow
 def test_run_with_skipped_case_reports_it_in_the_summary(tmp_path):
     from helpers import smoke_config, tiny_manifest
     from transfer_jax.train.loop import train_and_evaluate

@@ -1,4 +1,4 @@
-"""The host allocator: which library an entry point preloads, the re-exec itself, and the trainer's hint."""
+"""The host allocator: scripts/run.sh's tcmalloc preload, what a process reports it runs on, the trainer's hint."""
 import ctypes.util
 import json
 import os
@@ -7,41 +7,60 @@ import sys
 
 import pytest
 
-from transfer_jax.allocator import (ALLOCATOR_ENV, GLIBC_RETAIN_ENV, AllocatorError, host_memory_hint,
-                                    preload_environment, requested_library)
+from transfer_jax.allocator import GLIBC_RETAIN_ENV, PRELOAD_LINE, host_memory_hint
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(REPO, "scripts", "host_allocator.sh")
 
 
-def _installed(monkeypatch, found: dict[str, str]):
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: found.get(name))
+def _preload(tmp_path, env: dict[str, str], ldconfig_lines: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Source scripts/host_allocator.sh with a stand-in `ldconfig -p` listing `ldconfig_lines`, then print the
+    variables it set as JSON."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    ldconfig = bin_dir / "ldconfig"
+    ldconfig.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in ldconfig_lines))
+    ldconfig.chmod(0o755)
+    script = (f"set -euo pipefail; source {HELPER}; preload_host_allocator; "
+              "printf '{\"LD_PRELOAD\": \"%s\", \"threshold\": \"%s\"}\\n' \"${LD_PRELOAD:-}\" "
+              "\"${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-}\"")
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run(["bash", "-c", script], env={**base, **env}, capture_output=True, text=True)
 
 
-def test_auto_preloads_tcmalloc_when_installed_and_runs_as_is_otherwise(monkeypatch):
-    _installed(monkeypatch, {"tcmalloc_minimal": "libtcmalloc_minimal.so.4"})
-    env = preload_environment({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"})
-    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so" and env["PATH"] == "/bin"
-    assert env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == str(1 << 40)
-    assert preload_environment(env) is None  # the re-executed process does not loop
-    assert preload_environment({ALLOCATOR_ENV: "system"}) is None
-    assert preload_environment({"LD_PRELOAD": "/opt/lib/libjemalloc.so.2"}) is None  # the user's choice stays
-    _installed(monkeypatch, {})
-    assert preload_environment({}) is None
+def _tcmalloc_line(path: str) -> str:
+    return f"\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {path}"
 
 
-def test_explicit_choices_and_their_errors(monkeypatch, tmp_path):
-    _installed(monkeypatch, {"jemalloc": "libjemalloc.so.2"})
-    assert requested_library({ALLOCATOR_ENV: "jemalloc"}) == "libjemalloc.so.2"
-    with pytest.raises(AllocatorError, match="TRANSFER_JAX_ALLOCATOR=tcmalloc: the tcmalloc library is not "
-                                             "installed .*libtcmalloc-minimal4"):
-        requested_library({ALLOCATOR_ENV: "tcmalloc"})
-    with pytest.raises(AllocatorError, match="expected auto, system, tcmalloc, jemalloc or the path"):
-        requested_library({ALLOCATOR_ENV: "mimalloc"})
-    with pytest.raises(AllocatorError, match="no such file"):
-        requested_library({ALLOCATOR_ENV: str(tmp_path / "libnone.so")})
-    library = tmp_path / "libmine.so"
-    library.write_bytes(b"")
-    assert requested_library({ALLOCATOR_ENV: str(library)}) == str(library)
+def test_run_script_preloads_tcmalloc_when_installed(tmp_path):
+    done = _preload(tmp_path, {}, ("1 libs found in cache", _tcmalloc_line("/opt/x/libtcmalloc_minimal.so.4")))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("host allocator: LD_PRELOAD=/opt/x/libtcmalloc_minimal.so.4")
+    assert json.loads(lines[1]) == {"LD_PRELOAD": "/opt/x/libtcmalloc_minimal.so.4", "threshold": str(1 << 40)}
+    kept = _preload(tmp_path, {"LD_PRELOAD": "libfoo.so"}, (_tcmalloc_line("/opt/x/libtcmalloc_minimal.so.4"),))
+    assert json.loads(kept.stdout.splitlines()[-1])["LD_PRELOAD"] == "/opt/x/libtcmalloc_minimal.so.4 libfoo.so"
+
+
+def test_run_script_keeps_glibc_or_the_users_allocator(tmp_path):
+    listing = (_tcmalloc_line("/opt/x/libtcmalloc_minimal.so.4"),)
+    system = _preload(tmp_path, {"TRANSFER_JAX_ALLOCATOR": "system"}, listing)
+    assert system.returncode == 0 and json.loads(system.stdout)["LD_PRELOAD"] == ""
+    mine = _preload(tmp_path, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, listing)
+    assert json.loads(mine.stdout)["LD_PRELOAD"] == "/usr/lib/libjemalloc.so.2"
+    bad = _preload(tmp_path, {"TRANSFER_JAX_ALLOCATOR": "mimalloc"}, listing)
+    assert bad.returncode != 0
+    assert "TRANSFER_JAX_ALLOCATOR=mimalloc: expected auto (tcmalloc when installed) or system" in bad.stderr
+
+
+def test_run_script_without_tcmalloc_runs_on_glibc(tmp_path):
+    standard = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+    if any(os.path.exists(os.path.join(d, n)) for d in standard
+           for n in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")):
+        pytest.skip("tcmalloc is installed on this machine")
+    done = _preload(tmp_path, {}, ("0 libs found in cache",))
+    assert done.returncode == 0 and json.loads(done.stdout) == {"LD_PRELOAD": "", "threshold": ""}
 
 
 def _library_path(name: str) -> str:
@@ -53,51 +72,24 @@ def _library_path(name: str) -> str:
     return sorted(paths)[0]
 
 
-def _run_entry(tmp_path, env, *args, launcher=()):
-    script = tmp_path / "entry.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "from transfer_jax.allocator import active_allocator, apply_host_allocator\n"
-        "apply_host_allocator()\n"
-        "print(json.dumps({'argv': sys.argv[1:], 'preload': os.environ.get('LD_PRELOAD'), "
-        "'active': active_allocator()}))\n")
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ALLOCATOR_ENV)}
-    return subprocess.run([sys.executable, *launcher, str(script), *args], env={**base, "PYTHONPATH": REPO, **env},
-                          capture_output=True, text=True)
+def _active(env: dict[str, str]) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    done = subprocess.run([sys.executable, "-c", "from transfer_jax.allocator import active_allocator; "
+                           "print(active_allocator())"], env={**base, "PYTHONPATH": REPO, **env},
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
-def test_entry_point_reexecutes_with_the_library_preloaded(tmp_path):
+def test_a_process_reports_the_library_it_was_started_with():
     # Any shared library shows the mechanism; zlib is on every machine that runs Python.
     library = _library_path("z")
-    done = _run_entry(tmp_path, {ALLOCATOR_ENV: library}, "--config=x", "y")
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout)
-    assert seen == {"argv": ["--config=x", "y"], "preload": library, "active": os.path.basename(library)}
-
-    plain = json.loads(_run_entry(tmp_path, {ALLOCATOR_ENV: "system"}).stdout)
-    assert plain == {"argv": [], "preload": None, "active": "glibc"}
-
-    bad = _run_entry(tmp_path, {ALLOCATOR_ENV: "nonsense"})
-    assert bad.returncode != 0 and "error: TRANSFER_JAX_ALLOCATOR='nonsense': expected auto" in bad.stderr
-    assert "Traceback" not in bad.stderr
-
-
-def test_launcher_runs_a_python_command_with_the_library_preloaded(tmp_path):
-    library = _library_path("z")
-    launcher = ("-m", "transfer_jax.allocator")
-    done = _run_entry(tmp_path, {ALLOCATOR_ENV: library}, "-q", launcher=launcher)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"argv": ["-q"], "preload": library, "active": os.path.basename(library)}
-    plain = _run_entry(tmp_path, {ALLOCATOR_ENV: "system"}, launcher=launcher)
-    assert json.loads(plain.stdout)["active"] == "glibc"
-    usage = subprocess.run([sys.executable, "-m", "transfer_jax.allocator"], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": REPO})
-    assert usage.returncode != 0 and "usage: python -m transfer_jax.allocator" in usage.stderr
+    assert _active({"LD_PRELOAD": library}) == os.path.basename(library)
+    assert _active({}) == "glibc"
 
 
 def test_hint_for_cpu_steps_on_glibc_only():
     hint = host_memory_hint("cpu", 169.0, "glibc", {})
-    assert hint is not None and "169 MiB" in hint and "libtcmalloc-minimal4" in hint
+    assert hint is not None and "169 MiB" in hint and "libtcmalloc-minimal4" in hint and PRELOAD_LINE in hint
     assert "MALLOC_ARENA_MAX" not in hint  # the glibc settings slow small steps: offered for large ones only
     large = host_memory_hint("cpu", 5908.0, "glibc", {})
     assert all(f"{k}={v}" in large for k, v in GLIBC_RETAIN_ENV.items())

@@ -4,6 +4,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from transfer_jax.train.input_wait import InputWaitClock
 
@@ -33,6 +34,7 @@ def test_fetch_is_idle_time_only_after_the_step_finished():
     assert not clock._thread.is_alive()
 
 
+@pytest.mark.slow
 def test_trainer_reports_slow_input_and_hints(tmp_path, capsys):
     from helpers import smoke_config
     from transfer_jax.train.loop import train_and_evaluate

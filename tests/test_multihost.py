@@ -18,6 +18,8 @@ import pytest
 from helpers import REPO, smoke_config
 from transfer_jax.train.loop import train_and_evaluate
 
+pytestmark = pytest.mark.slow  # two-process training runs
+
 TIMEOUT = 420  # seconds per 2-process launch (a shared 2-core CI box compiles slowly)
 
 CHILD = textwrap.dedent("""

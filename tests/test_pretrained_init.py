@@ -1,7 +1,6 @@
 """Fine-tuning starts from a converted checkpoint: `--config.init.checkpoint=DIR` loads it, sizes included."""
 import os
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -11,6 +10,9 @@ from transfer_jax.convert.profound import convert_to_artifact
 from transfer_jax.convert.table import flatten
 from transfer_jax.train.loop import train_and_evaluate
 from transfer_jax.train.pretrained import PretrainedMismatch
+
+pytestmark = pytest.mark.slow  # every test is a training run
+
 
 def _artifact(tmp_path, name="conv_fcmae.pth"):
     out = str(tmp_path / "artifact")

@@ -20,6 +20,7 @@ PRETRAIN_TO_TASK = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pretrain,arg,task,task_arg", PRETRAIN_TO_TASK, ids=[p for p, *_ in PRETRAIN_TO_TASK])
 def test_pretrain_then_finetune(pretrain, arg, task, task_arg, tmp_path):
     """Pretraining lowers its loss on a fixed batch, writes an artifact, and a task run starts from its weights."""
@@ -133,23 +134,36 @@ def test_view_pairs():
 
 
 def test_contrastive_case_losses_match_pair_loss():
-    """Per-case losses of the pretraining task equal `pair_loss` on that case's own vectors."""
+    """The pretraining task's loss of each case is `pair_loss` over that case's own two views, with pairs drawn from
+    the case's own seed: cases in a batch never mix."""
     from flax import nnx
 
     config = config_for("pretrain_contrastive", "smoke,self_supervised")
     task = get_task(config)
     model = task.build_model(nnx.Rngs(0))
+    model.eval()
+    cases, slices, size = 2, 2, config.task.image_size
+    labels = task.label_size
     rng = np.random.default_rng(0)
-    # two views of 2 slices of 4 x 5 patches per case
-    vectors = jnp.asarray(rng.normal(size=(2, 80, config.model.backbone_options.backbone.width)), jnp.float32)
-    keys = jax.random.split(jax.random.key(3), 2)
-    pairs = jax.vmap(lambda k: contrastive.view_pairs(k, (2, 4, 5), max_pairs=8))(keys)
-    losses = task._case_losses(model, vectors, pairs)
-    for case in range(2):
-        case_pairs = jax.tree.map(lambda x: x[case], pairs)
-        expected = contrastive.pair_loss(model.project(vectors[case][case_pairs.anchor]),
-                                         model.project(vectors[case][case_pairs.other]), case_pairs, 0.5)
-        np.testing.assert_allclose(losses[case], expected, rtol=1e-5)
+    batch = {"image": rng.normal(size=(cases, slices, size, size, 3)).astype(np.float32),
+             "view2": rng.normal(size=(cases, slices, size, size, 3)).astype(np.float32),
+             "slice_position": np.tile(np.array([[0, slices], [1, slices]], np.int32), (cases, 1, 1)),
+             "label": np.zeros((cases, slices, labels, labels), np.int32),
+             "pair_seed": np.array([5, 11], np.int32)}
+    per_case = task.forward(model, jax.tree.map(jnp.asarray, batch), jnp.float32).per_case
+    grid = (slices,) + model.config.backbone.patch_grid(size, size)
+    for case in range(cases):
+        def tokens(images):
+            out = model.forward_features(jnp.asarray(images[case]), jnp.asarray(batch["slice_position"][case]))
+            return out.patch_tokens.reshape(-1, out.patch_tokens.shape[-1])
+
+        vectors = jnp.concatenate([tokens(batch["image"]), tokens(batch["view2"])])
+        key = jax.random.fold_in(jax.random.key(config.seed), batch["pair_seed"][case])
+        pairs = contrastive.view_pairs(jax.random.fold_in(key, 1), grid,
+                                       max_pairs=config.task.contrastive_max_pairs)
+        expected = contrastive.pair_loss(model.project(vectors[pairs.anchor]), model.project(vectors[pairs.other]),
+                                         pairs, config.task.contrastive_margin)
+        np.testing.assert_allclose(per_case[case], expected, rtol=1e-5)
 
 
 def test_pretrain_config_errors():

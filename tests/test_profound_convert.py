@@ -333,12 +333,12 @@ def test_artifact_round_trip_rebuilds_the_model(tmp_path):
 
 def test_convert_script_and_extract_command_conv(tmp_path):
     out = tmp_path / "conv_cls"
-    result = run_python("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
+    result = run_python("-m", "transfer_jax.convert", "profound", "--checkpoint", fixture("conv_classifier.pth.tar"),
                   "--output", str(out), "--variant", "conv")
     assert result.returncode == 0, result.stderr
     assert "64,432 trainable parameters" in result.stdout
     assert "head.1.num_batches_tracked" in result.stdout
-    again = run_python("scripts/convert_profound.py", "--checkpoint", fixture("conv_classifier.pth.tar"),
+    again = run_python("-m", "transfer_jax.convert", "profound", "--checkpoint", fixture("conv_classifier.pth.tar"),
                  "--output", str(out))
     assert again.returncode == 1 and "overwrite" in again.stderr
 
@@ -360,7 +360,7 @@ def test_convert_script_reports_every_problem(tmp_path):
     sd["decode_head.fpn_convs.0.conv.weight"] = sd["decode_head.fpn_convs.0.conv.weight"][:, :4]
     sd["decode_head.extra.weight"] = np.zeros(2, np.float32)
     path = _save_safetensors(tmp_path / "broken.safetensors", sd)
-    result = run_python("scripts/convert_profound.py", "--checkpoint", str(path), "--output", str(tmp_path / "x"))
+    result = run_python("-m", "transfer_jax.convert", "profound", "--checkpoint", str(path), "--output", str(tmp_path / "x"))
     assert result.returncode == 1
     assert "2 problem(s)" in result.stderr
     assert "decode_head.fpn_convs.0.conv.weight" in result.stderr and "decode_head.extra.weight" in result.stderr
@@ -369,7 +369,7 @@ def test_convert_script_reports_every_problem(tmp_path):
 
 def test_extract_command_vit_tokens(tmp_path):
     out = tmp_path / "vit"
-    result = run_python("scripts/convert_profound.py", "--checkpoint", fixture("vit_mae.pth"), "--output", str(out),
+    result = run_python("-m", "transfer_jax.convert", "profound", "--checkpoint", fixture("vit_mae.pth"), "--output", str(out),
                   "--variant", "vit", "--num-heads", "3")
     assert result.returncode == 0, result.stderr
     features = tmp_path / "vit.npz"

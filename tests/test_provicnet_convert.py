@@ -1,6 +1,6 @@
 """ProViCNet checkpoint conversion: kinds and sizes of the released files, error reporting, script and extract CLI.
 
-Full-size state dicts are synthesised from the key lists in ``/work/shared/specs/provicnet_keys/*.tsv`` as
+Full-size state dicts are synthesised from the key lists in ``tests/data/provicnet_keys/*.tsv`` as
 zero-stride ``np.broadcast_to`` views, so the 45M-value released layouts convert without allocating them.
 """
 
@@ -25,7 +25,7 @@ from transfer_jax.convert.torch_pickle import CheckpointReadError, load_state_di
 from transfer_jax.models.dinov2 import DinoV2Config
 from transfer_jax.models.provicnet import ContrastiveHeadConfig, FusionConfig, ProViCNetConfig
 
-KEY_LISTS = os.path.abspath(os.path.join(REPO, "..", "shared", "specs", "provicnet_keys"))
+KEY_LISTS = os.path.join(REPO, "tests", "data", "provicnet_keys")
 fixture = functools.partial(fixture_path, "provicnet")
 
 
@@ -168,7 +168,7 @@ def test_sizes_are_inferred_from_shapes_but_heads_must_divide_the_width():
 
 def test_convert_script_and_extract_command_end_to_end(tmp_path):
     t2_dir = tmp_path / "t2"
-    done = run_python("scripts/convert_provicnet.py", "--checkpoint", fixture("mri_t2.pth"), "--output", str(t2_dir),
+    done = run_python("-m", "transfer_jax.convert", "provicnet", "--checkpoint", fixture("mri_t2.pth"), "--output", str(t2_dir),
                "--num-heads", "2")
     assert done.returncode == 0, done.stderr
     assert "62 tensors converted" in done.stdout and "num_batches_tracked" in done.stdout
@@ -177,7 +177,7 @@ def test_convert_script_and_extract_command_end_to_end(tmp_path):
 
     # Fusion: T2 from the converted artifact, ADC / DWI straight from their checkpoints.
     fusion_dir = tmp_path / "fusion"
-    done = run_python("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output", str(fusion_dir),
+    done = run_python("-m", "transfer_jax.convert", "provicnet", "--checkpoint", fixture("fusion.pth"), "--output", str(fusion_dir),
                "--t2", str(t2_dir), "--adc", fixture("mri_adc.pth"), "--dwi", fixture("mri_dwi.pth"),
                "--num-heads", "2")
     assert done.returncode == 0, done.stderr
@@ -207,9 +207,9 @@ def test_convert_script_failures_exit_with_one_clear_message(tmp_path):
     broken = tmp_path / "ADC_best.pth"
     shutil.copy(fixture("mri_adc.pth"), broken)
     broken.write_bytes(broken.read_bytes()[:1000])
-    done = run_python("scripts/convert_provicnet.py", "--checkpoint", str(broken), "--output", str(tmp_path / "out"))
+    done = run_python("-m", "transfer_jax.convert", "provicnet", "--checkpoint", str(broken), "--output", str(tmp_path / "out"))
     assert done.returncode == 1 and "ADC_best.pth" in done.stderr and "Traceback" not in done.stderr
-    done = run_python("scripts/convert_provicnet.py", "--checkpoint", fixture("fusion.pth"), "--output",
+    done = run_python("-m", "transfer_jax.convert", "provicnet", "--checkpoint", fixture("fusion.pth"), "--output",
                str(tmp_path / "fusion"))
     assert done.returncode == 1 and done.stderr.count("no sequence checkpoint for Stream_") == 3
     assert not (tmp_path / "fusion").exists()

@@ -29,6 +29,7 @@ def _sample(seed=0):
     return {"image": image, "gland": gland, "lesion": None, "label": "3", "case_index": np.int32(2)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TASKS))
 def test_task_trains(name, tmp_path):
     """A few steps on the 3 smoke training cases (fixed batch): the loss goes down; residual tasks start at the
@@ -185,6 +186,7 @@ def test_pretrained_artifact_loads(name, artifact):
             load(())
 
 
+@pytest.mark.slow
 def test_run_starts_from_the_artifact(artifact, tmp_path, capsys):
     """Through the loop (`init.mode=pretrained`): the artifact's architecture is adopted, its weights loaded, and the
     residual head still starts at the identity."""
@@ -199,6 +201,7 @@ def test_run_starts_from_the_artifact(artifact, tmp_path, capsys):
     assert "2 skipped by init.dont_load" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["seg", "cls", "synthesis"])
 def test_predict_writes_slice_model_outputs(name, tmp_path):
     """`python -m transfer_jax.predict` on a finished ProViCNet run: label maps / volumes on the T2 grid, or CSV."""

@@ -148,6 +148,7 @@ def test_bf16_compute_covers_the_whole_slice_model_and_keeps_fp32_params():
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # the same model, in bf16
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     config = _config()
     summary = train_and_evaluate(config, str(tmp_path / "run"))
@@ -159,6 +160,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert np.isfinite(summary["alignment"]["cls"]["mmd2_unbiased"])
 
 
+@pytest.mark.slow
 def test_init_from_converted_artifact_with_contrastive_loss(tmp_path):
     artifact = str(tmp_path / "artifact")
     convert_slice_model(fixture_path("provicnet", "mri_t2.pth"), num_heads=2).save(artifact)

@@ -11,6 +11,8 @@ import pytest
 from helpers import smoke_config
 from transfer_jax.train.loop import SimulatedPreemption, train_and_evaluate
 
+pytestmark = pytest.mark.slow  # whole training runs, interrupted and resumed
+
 
 def _final_params(workdir: str, step: int):
     restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))

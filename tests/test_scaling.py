@@ -18,6 +18,8 @@ from transfer_jax.train.optim import make_optimizer
 from transfer_jax.train.state import init_state, model_graph
 from transfer_jax.train.step import make_train_step
 
+pytestmark = pytest.mark.slow  # compiles the training step for 1, 2 and 4 devices in every test
+
 
 def _batch():
     rng = np.random.default_rng(1)

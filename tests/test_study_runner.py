@@ -319,6 +319,7 @@ def test_study_presets():
         load_config("study", "gpu")
 
 
+@pytest.mark.slow
 def test_command_line_entry_reports_skips_and_names_bad_fields(tmp_path):
     env = dict(os.environ, **{runner.CONFIGS_ENV: str(tmp_path / "no-task-configs-yet"), "JAX_PLATFORMS": "cpu"})
     os.makedirs(env[runner.CONFIGS_ENV])
@@ -338,6 +339,7 @@ def test_command_line_entry_reports_skips_and_names_bad_fields(tmp_path):
 
 # -- end to end with the real trainer -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     config = study_config(pretraining=True)
     # Two steps with an evaluation after each: enough for a best value, a convergence step and a trajectory.

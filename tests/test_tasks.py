@@ -47,6 +47,7 @@ def _tiny(config):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", RUNS, ids=[f"{n}-{a.split(',')[0]}" for n, a in RUNS])
 def test_task_trains(name, arg, tmp_path):
     from transfer_jax.train.loop import train_and_evaluate

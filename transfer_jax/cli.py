@@ -1,18 +1,108 @@
-"""What the absl entry points share: flag parsing with readable errors, and the runtime set-up."""
+"""What the command-line entry points share: one flag style, --help, readable errors, the runtime set-up.
+
+Every command spells its flags with underscores, as absl, the config fields and JAX do (`--batch_size`,
+`--config.data.on_bad_case`, `--jax_platforms`); the dashed spelling of the same flag (`--batch-size`) is accepted
+too. Each command's --help is its module docstring (what it does, examples) followed by every flag it takes.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
 import sys
+import textwrap
+from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
-def parse_flags(argv):
-    """absl parsing, with config mistakes reported as one line instead of a traceback."""
+
+def canonical_flags(argv: Sequence[str]) -> list[str]:
+    """`argv` with every `--flag-name[=value]` spelled `--flag_name[=value]`; values, positional arguments and all
+    that follows a bare `--` are left as they are."""
+    out = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[index:])
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
+
+
+def prog_name(module: str) -> str:
+    """How the user started the command: its console script (transfer-jax-*) or `python -m module`."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return script if script.startswith("transfer-jax") else f"python -m {module}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argparse commands (predict, extract, alignment, convert)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout (examples stay one per line), wraps at the docstrings' width and names every
+    non-empty default."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=32, width=116):
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not unset and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's conventions: `doc` (a module docstring) as the description, defaults shown,
+    dashed flag spellings accepted."""
+
+    def __init__(self, module: str, doc: str, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(prog=kwargs.pop("prog", prog_name(module)), description=doc.strip(), **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(canonical_flags(sys.argv[1:] if args is None else args), namespace)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# absl commands (main, study)
+
+
+def _flag_help(name: str, required: bool) -> str:
+    flag = flags.FLAGS[name]
+    spelled = f"--[no]{name}" if flag.boolean else f"--{name}"
+    note = " (required)" if required else ""
+    if flag.default is not None:
+        note = f" (default: {str(flag.default).lower() if flag.boolean else repr(flag.default)})"
+    return textwrap.fill(f"{spelled}: {flag.help}{note}", width=116, initial_indent="  ",
+                         subsequent_indent="      ")
+
+
+def absl_help(doc: str, flag_names: Sequence[str], required: Sequence[str] = ()) -> str:
+    """A command's --help: its docstring, its own flags, and where the others are listed."""
+    listing = "\n".join(_flag_help(name, name in required) for name in flag_names)
+    return (f"{doc.strip()}\n\nflags:\n{listing}\n  --config.<field>=VALUE: override one field of the config\n"
+            "  --jax_<option>=VALUE: a JAX option, e.g. --jax_platforms=cpu\n\n"
+            "--helpfull lists every flag, the --jax_* ones included.")
+
+
+def parse_flags(argv, doc: str = "", flag_names: Sequence[str] = (), required: Sequence[str] = ()):
+    """absl parsing with the command's own --help, and config mistakes reported as one line, not a traceback."""
+    if any(arg in HELP_ARGS for arg in argv[1:]):
+        print(absl_help(doc, flag_names, required))
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         if any(line.startswith("Traceback") for line in lines):  # config-file errors arrive with a traceback
             lines = [lines[0], lines[-1]]
-        sys.exit("error: " + "\n".join(lines) + "\nPass --helpfull to list the flags.")
+        sys.exit("error: " + "\n".join(lines) + "\nPass --help to list the flags.")
     except (AttributeError, KeyError) as exc:
         # ml_collections raises these for --config.<field> overrides that name no field of the (locked) config.
         name = str(exc).strip("\"'")
@@ -22,12 +112,20 @@ def parse_flags(argv):
         sys.exit(f"error: {exc}")
 
 
+def run_absl(main: Callable, doc: str, flag_names: Sequence[str], required: Sequence[str] = ()) -> None:
+    """`app.run(main)` for an absl entry point, with the JAX options as `--jax_*` flags (JAX reads them once the
+    command line is parsed), dashed flag spellings accepted and the command's own --help."""
+    import jax
+
+    jax.config.config_with_absl()
+    flags.mark_flags_as_required(list(required))
+    app.run(main, argv=canonical_flags(sys.argv),
+            flags_parser=functools.partial(parse_flags, doc=doc, flag_names=flag_names, required=required))
+
+
 def prepare_runtime(argv) -> None:
-    """Shared by the entry points: no stray arguments, quiet library logs, `--jax_*` flags honoured."""
+    """Shared by the absl entry points: no stray arguments, quiet library logs."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax, XLA) would drown the run log
-    import jax
-
-    jax.config.config_with_absl()

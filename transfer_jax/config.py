@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.mode = "scratch"  # "scratch" or "pretrained"
-    c.init.checkpoint = ""  # converted artifact folder (scripts/convert_*.py) for mode="pretrained"
+    c.init.checkpoint = ""  # converted artifact folder (python -m transfer_jax.convert) for mode="pretrained"
     c.init.dont_load = ()  # regexes of parameter paths left at initialisation (e.g. a head with other classes)
 
     c.optimizer = ml_collections.ConfigDict(dict(

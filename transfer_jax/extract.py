@@ -1,10 +1,11 @@
-"""Feature extraction entry point (thin): converted artifact + volumes -> features .npz.
+"""Features of a converted checkpoint: a converted artifact and input volumes (or a manifest) in, a features .npz out.
 
-    python -m transfer_jax.extract --model profound_conv --params DIR --input IN.npz --output OUT.npz
-    python -m transfer_jax.extract --model profound_vit --params DIR --manifest data/manifest.csv --split test \\
-        --crop 64 256 256 --output OUT.npz
+    python -m transfer_jax.extract --model=profound_conv --params=artifacts/profound_conv --input=volumes.npz \\
+        --output=features.npz
+    python -m transfer_jax.extract --model=profound_vit --params=artifacts/profound_vit --manifest=manifest.csv \\
+        --split=test --crop 64 256 256 --output=features.npz
 
-`--params` is an artifact written by `scripts/convert_*.py`. What each model writes is documented by its
+`--params` is an artifact written by `python -m transfer_jax.convert`. What each model writes is documented by its
 extractor (`transfer_jax.features.profound` for ProFound, `transfer_jax.features.provicnet` for ProViCNet).
 
 `EXTRACTORS` maps a model name to `fn(params, input_path, output_path, *, batch_size, ...) -> {name: shape}` (or to
@@ -13,10 +14,11 @@ registers its own entry here.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from typing import Callable, Union
+
+from transfer_jax.cli import ArgumentParser
 
 __all__ = ["EXTRACTORS", "MANIFEST_MODELS", "get_extractor", "main"]
 
@@ -41,17 +43,20 @@ def get_extractor(model: str) -> Callable[..., dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transfer_jax.extract", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, choices=sorted(EXTRACTORS))
+    """The `transfer-jax-extract` console script and `python -m transfer_jax.extract`."""
+    parser = ArgumentParser("transfer_jax.extract", __doc__.split("\n`EXTRACTORS`")[0])
+    parser.add_argument("--model", required=True, choices=sorted(EXTRACTORS),
+                        help="the model family of --params: " + ", ".join(sorted(EXTRACTORS)))
     parser.add_argument("--params", required=True, help="converted artifact directory")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help=".npz with 'image' (N, C, D, H, W) float32, upstream layout")
+    source.add_argument("--input", help=".npz with 'image' in the upstream layout: (N, C, D, H, W) float32 volumes "
+                                        "(ProFound) or (N, C, 448, 448) slices with slice_index, num_slices (ProViCNet)")
     source.add_argument("--manifest", help=f"dataset manifest CSV ({', '.join(MANIFEST_MODELS)} only)")
     parser.add_argument("--split", help="with --manifest: only cases of this split (train/val/test)")
     parser.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="with --manifest: centre-crop size (default: the ViT's img_size; required for conv)")
     parser.add_argument("--output", required=True, help="output .npz")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=2, help="inputs per model call")
     args = parser.parse_args(argv)
 
     extractor = get_extractor(args.model)

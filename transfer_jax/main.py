@@ -1,22 +1,59 @@
-"""Fine-tune a prostate-MRI foundation model on one task.
+"""Fine-tune (or pretrain) a prostate-MRI foundation model on one task, or run the whole transfer study.
 
-    python -m transfer_jax.main --config=configs/seg.py --workdir=runs/seg [--config.optimizer.lr=3e-4]
+    python -m transfer_jax.main --config=configs/seg.py:smoke --workdir=/tmp/smoke
+    python -m transfer_jax.main --config=configs/cls.py:profound_vit,full --workdir=runs/cls_vit \\
+        --config.data.manifest=/data/cohort.csv --config.optimizer.lr=3e-4 --jax_platforms=cuda
 
-Re-running with the same workdir resumes from its latest checkpoint. The process re-executes itself once with
-tcmalloc preloaded when it is installed (`transfer_jax/allocator.py`; TRANSFER_JAX_ALLOCATOR=system turns it off).
+--config=FILE[:ARG] is a config file of the repository's configs/ folder; ARG is a comma-separated backbone and/or
+size preset (files that take other options say so in their docstring). Re-running with the same --workdir resumes
+from its latest checkpoint. The last line of a run starts with "done:".
 """
+import ast
 import os
+import re
+import textwrap
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from transfer_jax.allocator import apply_host_allocator
-from transfer_jax.cli import parse_flags, prepare_runtime
+from transfer_jax.cli import prepare_runtime, run_absl
+from transfer_jax.config import BACKBONES, PRESETS
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/seg.py[:ARG].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and its argument, FILE[:ARG], e.g. "
+                                          "configs/seg.py:provicnet,smoke.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, summary); default "
                                "runs/<task>-<backbone>.")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _summary(path: str) -> str:
+    """The first phrase of a config file's docstring (read, not executed)."""
+    try:
+        with open(path) as source:
+            doc = ast.get_docstring(ast.parse(source.read())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    return re.split(r"[.:] ", first + " ")[0].rstrip(".")
+
+
+def config_help() -> str:
+    """What --config takes: the backbones, the presets, the config files beside the package, the config fields."""
+    presets = ", ".join(p for p in PRESETS if p != "default")
+    lines = [f"Config arguments: backbones {', '.join(BACKBONES)} (default {BACKBONES[0]}); presets {presets} "
+             "(none: the CPU default size)."]
+    if os.path.isdir(CONFIGS_DIR):
+        names = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith(".py") and not n.startswith("_"))
+        width = max(len(n) for n in names) + len("configs/")
+        lines.append("Config files:")
+        lines += [f"  {'configs/' + n:<{width}}  {_summary(os.path.join(CONFIGS_DIR, n))}" for n in names]
+    else:
+        lines.append("Config files: configs/*.py of the source repository (not part of an installed package).")
+    lines.append("Config fields (--config.<block>.<field>=VALUE): the run length and the blocks data, model, init, "
+                 "optimizer, mesh, distributed, alignment and logging are defined in transfer_jax/config.py "
+                 "(base_config), the task block in the config file.")
+    return "\n".join(textwrap.fill(line, width=116, subsequent_indent=" " * (len(line) - len(line.lstrip()) + 2))
+                     for line in lines)
 
 
 def main(argv):
@@ -36,9 +73,8 @@ def main(argv):
 
 
 def run():
-    apply_host_allocator()
-    flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=parse_flags)
+    """The `transfer-jax-train` console script and `python -m transfer_jax.main`."""
+    run_absl(main, f"{__doc__.strip()}\n\n{config_help()}", ["config", "workdir"], required=["config"])
 
 
 if __name__ == "__main__":

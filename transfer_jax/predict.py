@@ -1,6 +1,7 @@
 """Predictions of a trained run on the cases of a manifest.
 
-    python -m transfer_jax.predict --workdir runs/seg --manifest cases.csv --output preds/
+    python -m transfer_jax.predict --workdir=runs/seg --manifest=cases.csv --output=preds/
+    python -m transfer_jax.predict --workdir=runs/cls --manifest=cases.csv --output=preds/ --step=200
 
 Restores the run's config (saved in every checkpoint's metadata) and its latest (or `--step`) parameters, prepares
 each manifest row exactly as training did (`data.*`: spacing, gland-centred region of `crop_size * region_margin`
@@ -28,7 +29,6 @@ manifest are not needed.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 from typing import Optional
@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from transfer_jax.cli import ArgumentParser
 from transfer_jax.data.augment import center_crop
 from transfer_jax.data.dataset import preprocess_config
 from transfer_jax.data.manifest import read_manifest
@@ -180,13 +181,16 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The `transfer-jax-predict` console script and `python -m transfer_jax.predict`."""
+    parser = ArgumentParser("transfer_jax.predict", __doc__)
     parser.add_argument("--workdir", required=True, help="a training run's workdir (holds checkpoints/)")
-    parser.add_argument("--manifest", required=True, help="CSV of cases (the training manifest format)")
+    parser.add_argument("--manifest", required=True,
+                        help="CSV of the cases to predict (the training manifest format; labels not needed)")
     parser.add_argument("--output", required=True, help="folder for the NIfTI predictions / probabilities.csv")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    parser.add_argument("--batch-size", type=int, default=2, help="windows per model call")
+    parser.add_argument("--overlap", type=float, default=0.5,
+                        help="fraction of the ROI by which neighbouring sliding windows overlap, in [0, 1)")
+    parser.add_argument("--batch_size", type=int, default=2, help="sliding windows per model call")
     args = parser.parse_args(argv)
     result = predict(args.workdir, args.manifest, args.output, step=args.step, overlap=args.overlap,
                      batch_size=args.batch_size)

@@ -1,9 +1,10 @@
-"""Command line: MMD² (and optionally a p-value and linear CKA) between two feature files.
+"""MMD² (and optionally a p-value and linear CKA) between two feature files, e.g. before and after fine-tuning.
 
-    python -m transfer_jax.alignment X.npy Y.npy [--estimator unbiased|biased|linear|rff]
-        [--kernel gaussian|laplace] [--bandwidth median|σ[,σ...]] [--multipliers m[,m...]]
-        [--permutations B] [--test permutation|sign-flip] [--cka] [--seed S] [--tile T]
-        [--rff-features R] [--x64]
+    python -m transfer_jax.alignment before.npy after.npy --permutations=1000 --cka
+    python -m transfer_jax.alignment X.npy Y.npy [--estimator=unbiased|biased|linear|rff]
+        [--kernel=gaussian|laplace] [--bandwidth=median|σ[,σ...]] [--multipliers=m[,m...]]
+        [--permutations=B] [--test=permutation|sign-flip] [--cka] [--seed=S] [--tile=T]
+        [--rff_features=R] [--x64]
 
 X and Y are ``.npy`` files holding (N, D) floating-point arrays (N may differ between them, except for the
 linear-time estimator, the sign-flip test and CKA, which pair row i of X with row i of Y). The last line on
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer_jax.alignment.api import AlignmentSpec, compute_alignment
+from transfer_jax.cli import ArgumentParser
 
 ESTIMATORS = ("unbiased", "biased", "linear", "rff")
 
@@ -65,14 +67,11 @@ def load_features(path: str, label: str, parser: argparse.ArgumentParser) -> np.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m transfer_jax.alignment",
-        description="MMD² between two (N, D) feature arrays (e.g. features before/after fine-tuning).",
-    )
+    parser = ArgumentParser("transfer_jax.alignment", __doc__)
     parser.add_argument("x", metavar="X.npy", help="first feature array, shape (N_x, D)")
     parser.add_argument("y", metavar="Y.npy", help="second feature array, shape (N_y, D)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="unbiased", help="MMD² estimator")
-    parser.add_argument("--kernel", choices=("gaussian", "laplace"), default="gaussian")
+    parser.add_argument("--kernel", choices=("gaussian", "laplace"), default="gaussian", help="kernel family")
     parser.add_argument(
         "--bandwidth", default="median", help="'median' (pooled median heuristic) or σ[,σ...] (sum of kernels)"
     )
@@ -85,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cka", action="store_true", help="also report linear CKA (needs N_x = N_y)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for tests and random features")
     parser.add_argument("--tile", type=int, default=1024, help="rows per tile of the exact Gram computation")
-    parser.add_argument("--rff-features", type=int, default=1024, help="random frequencies R for --estimator rff")
-    parser.add_argument("--median-max-points", type=int, default=2048, help="subsample budget of the median heuristic")
+    parser.add_argument("--rff_features", type=int, default=1024, help="random frequencies R for --estimator rff")
+    parser.add_argument("--median_max_points", type=int, default=2048, help="subsample budget of the median heuristic")
     parser.add_argument("--x64", action="store_true", help="compute in float64 (default float32)")
     return parser
 
@@ -105,8 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for option, value, minimum in (
         ("--tile", args.tile, 1),
-        ("--rff-features", args.rff_features, 1),
-        ("--median-max-points", args.median_max_points, 2),
+        ("--rff_features", args.rff_features, 1),
+        ("--median_max_points", args.median_max_points, 2),
     ):
         if value < minimum:
             parser.error(f"{option} must be at least {minimum}, got {value}")

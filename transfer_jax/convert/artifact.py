@@ -123,7 +123,7 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(directory, "no such directory")
     if not os.path.isfile(path):
         raise ArtifactError(directory, f"not a converted-weights artifact: {_METADATA} is missing (write one with "
-                                       "scripts/convert_profound.py)")
+                                       "python -m transfer_jax.convert)")
     try:
         with open(path) as handle:
             metadata = json.load(handle)

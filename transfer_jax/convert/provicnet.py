@@ -29,12 +29,10 @@ collected and raised as one :class:`~transfer_jax.convert.table.ConversionError`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import re
-import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -552,44 +550,3 @@ def load_provicnet(directory: str | os.PathLike, *, expect: str | None = None):
         return module_from_state(loaded.model_name, loaded.config, loaded.state)
     except ValueError as error:
         raise artifact.ArtifactError(directory, str(error)) from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line (scripts/convert_provicnet.py)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert_provicnet.py",
-        description="Convert a released ProViCNet checkpoint (T2/ADC/DWI/TRUS_best.pth or mpMRI_Fusion_best.pth) "
-        "into a converted-weights artifact (Orbax state + model.json). The kind is inferred from the keys.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="input .pth file")
-    parser.add_argument("--output", required=True, help="artifact directory to write")
-    parser.add_argument("--num-heads", type=int, default=None,
-                        help=f"attention heads (not visible in the shapes; default width // {DEFAULT_HEAD_DIM})")
-    parser.add_argument("--drop-cl-head", action="store_true",
-                        help="slice models: leave out the contrastive projection head (halves the size)")
-    for stream, flag in (("T2W", "--t2"), ("ADC", "--adc"), ("DWI", "--dwi")):
-        parser.add_argument(flag, dest=stream, default=None,
-                            help=f"fusion: {SEQUENCE_FILES[stream]} (.pth or converted artifact directory) whose "
-                                 f"head overwrites Stream_{stream}, as upstream inference does")
-    parser.add_argument("--keep-stored-streams", action="store_true",
-                        help="fusion: keep the file's stream weights instead (NOT what upstream inference uses)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
-    args = parser.parse_args(argv)
-    sequences = {s: getattr(args, s) for s in FUSION_SEQUENCES if getattr(args, s)}
-    try:
-        converted = convert_checkpoint(
-            args.checkpoint, sequence_sources=sequences, keep_stored_streams=args.keep_stored_streams,
-            num_heads=args.num_heads, drop_contrastive_head=args.drop_cl_head,
-        )
-        directory = converted.save(args.output, overwrite=args.overwrite)
-    except (ConversionError, ValueError) as error:  # CheckpointReadError / ArtifactError are ValueErrors
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(converted.report.summary())
-    print(f"  model {converted.model_name} ({converted.kind}), config {converted.config.to_dict()}")
-    print(f"wrote {directory}")
-    return 0

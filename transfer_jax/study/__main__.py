@@ -1,20 +1,22 @@
-"""Run (or resume) the transfer study and write its report.
+"""Run (or resume) the transfer study: every backbone x task x init fine-tuning run, then its statistics and report.
 
     python -m transfer_jax.study --config=configs/study.py:smoke --workdir=studies/smoke
-    python -m transfer_jax.study --config=configs/study.py:cpu --workdir=studies/cpu \
+    python -m transfer_jax.study --config=configs/study.py:cpu --workdir=studies/cpu \\
         --config.study.tasks="('seg',)" --config.study.overrides.total_steps=30
 
-Re-running with the same workdir skips finished runs and resumes the others from their checkpoints.
+Presets of configs/study.py: smoke (every task's smoke config, a few steps), cpu (the default: tiny models on the
+embedded phantom data), full (published sizes, for GPUs/TPUs); its docstring describes the study fields.
+--config.study.overrides.<field>=VALUE changes a field of every run's task config, also one the preset does not
+list. Re-running with the same --workdir skips finished runs and resumes the others from their checkpoints.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from transfer_jax.allocator import apply_host_allocator
-from transfer_jax.cli import parse_flags, prepare_runtime
+from transfer_jax.cli import prepare_runtime, run_absl
 
 # New attributes are accepted so that `--config.study.overrides.<field>=...` can add overrides; the study
 # validates every field of its block, and overrides must name existing fields of the task configs.
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py:smoke.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config and preset, e.g. configs/study.py:smoke.",
                                           lock_config=False, accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study folder: runs/, results.csv, report.md, report.html, ...")
 _COMPILATION_CACHE = flags.DEFINE_bool(
@@ -29,7 +31,10 @@ def main(argv):
     run_study_command(_CONFIG.value, _WORKDIR.value, compilation_cache=_COMPILATION_CACHE.value)
 
 
+def run():
+    """The `transfer-jax-study` console script and `python -m transfer_jax.study`."""
+    run_absl(main, __doc__, ["config", "workdir", "compilation_cache"], required=["config", "workdir"])
+
+
 if __name__ == "__main__":
-    apply_host_allocator()
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run()

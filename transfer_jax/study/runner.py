@@ -296,7 +296,7 @@ def plan_study(spec: StudySpec, study_dir: str) -> tuple[dict[str, PlannedPretra
         if not os.path.isdir(path):
             raise StudyConfigError(
                 f"study.pretrained_checkpoints.{backbone}: {os.path.abspath(path)} is not a directory; convert the "
-                "released weights there (scripts/convert_profound.py / scripts/convert_provicnet.py --output) or "
+                "released weights there (python -m transfer_jax.convert profound|provicnet --output=...) or "
                 "point the field at a pretraining artifact")
     return pretraining, plan
 
