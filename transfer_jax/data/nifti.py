@@ -1,21 +1,22 @@
-"""NIfTI reading and affine-aware resampling.
+"""Volumes on world grids: reading (every format of `readers`), affine-aware resampling, writing NIfTI.
 
-Array convention (the upstream one): a NIfTI volume with voxel axes (i, j, k) is returned as an array of shape
-(D, H, W) = (k, j, i), i.e. the reversed NIfTI axes, without any reorientation; this is also what SimpleITK's
-`GetArrayFromImage` gives. `Grid.affine_dhw` maps (d, h, w, 1) voxel indices to world millimetres, so resampling
-between two grids is one 4x4 matrix: target index -> world -> source index.
+Array convention (the upstream one): a volume with voxel axes (i, j, k) is returned as an array of shape
+(D, H, W) = (k, j, i), i.e. the reversed file axes, without any reorientation; this is also what SimpleITK's
+`GetArrayFromImage` gives. `Grid.affine` maps (i, j, k) to world RAS millimetres whichever format was read, and
+`Grid.affine_dhw` maps (d, h, w, 1) voxel indices to world millimetres, so resampling between two grids is one
+4x4 matrix: target index -> world -> source index.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from transfer_jax.data.errors import DataError
+from transfer_jax.data.readers import NIFTI, format_of, read_image
 
 # (d, h, w) -> (i, j, k): reverse the axes.
 _DHW_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -60,35 +61,14 @@ class Volume:
 
 
 def read_volume(path: str, *, case_id: str | None = None, role: str = "image") -> Volume:
-    """Read one 3-D NIfTI as float32 (D, H, W); every failure becomes a DataError naming the case and file."""
-    if not os.path.isfile(path):
-        raise DataError(f"{role} file does not exist", case_id=case_id, path=path)
-    try:
-        image = nib.load(path)
-        shape = image.shape
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
-        if len(shape) != 3:
-            raise DataError(
-                f"{role} must be a 3-D volume, got shape {image.shape} ({len(image.shape)}-D)",
-                case_id=case_id, path=path,
-            )
-        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
-    except DataError:
-        raise
-    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise DataError(
-            f"cannot read {role}: the file is truncated or not a valid NIfTI ({type(exc).__name__}: {exc})",
-            case_id=case_id, path=path,
-        ) from None
+    """Read one 3-D image (any format `readers` knows) as float32 (D, H, W); failures are DataErrors."""
+    data, affine = read_image(path, case_id=case_id, role=role, dtype=np.float32)
     bad = ~np.isfinite(data)
     if bad.any():
         raise DataError(f"{role} has {int(bad.sum())} NaN/Inf voxel(s)", case_id=case_id, path=path)
-    affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError(f"{role} has a singular or non-finite affine:\n{affine}", case_id=case_id, path=path)
-    return Volume(array=np.ascontiguousarray(data.transpose(2, 1, 0)), grid=Grid(tuple(shape[::-1]), affine),
-                  path=path)
+    return Volume(array=data, grid=Grid(tuple(data.shape), affine), path=path)
 
 
 def source_index_map(source: Grid, target: Grid) -> np.ndarray:
@@ -118,9 +98,13 @@ def resample(volume: Volume, target: Grid, *, order: int = 1) -> np.ndarray:
 
 
 def write_like(array_dhw: np.ndarray, grid: Grid, path: str, *, reference: str | None = None) -> None:
-    """Write a (D, H, W) array as NIfTI on `grid`, copying the reference header's orientation codes if given."""
+    """Write a (D, H, W) array as NIfTI on `grid`; a NIfTI reference lends its header (units, descriptions).
+
+    The geometry is `grid`'s in every case, so a reference in another format (MetaImage, a DICOM folder) only
+    means there is no NIfTI header to copy.
+    """
     header = None
-    if reference is not None:
+    if reference is not None and format_of(reference) == NIFTI:
         header = nib.load(reference).header.copy()
         header.set_data_dtype(array_dhw.dtype)
     image = nib.Nifti1Image(np.asarray(array_dhw).transpose(2, 1, 0), grid.affine, header=header)
