@@ -9,7 +9,7 @@ import pytest
 from helpers import write_manifest_for, write_nifti
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.manifest import Case, read_manifest
-from transfer_jax.data.nifti import read_volume, write_like
+from transfer_jax.data.nifti import Grid, Volume, read_volume, resample, write_like
 from transfer_jax.data.preprocess import PreparedCase, PreprocessConfig, cache_key, preprocess_cases
 from transfer_jax.data.readers import read_image
 from transfer_jax.data.slices import write_prediction_nifti
@@ -155,9 +155,7 @@ def test_a_manifest_of_mha_files_prepares_like_the_nifti_one(sitk, tmp_path):
             sitk.WriteImage(image, mha[role])
         cases["nifti"].append(Case(case_id=case_id, split="train", **nifti))
         cases["mha"].append(Case(case_id=case_id, split="train", **mha))
-    # T2's own grid as target: resampling it anew would put its first sample exactly on the source's edge, where
-    # float rounding of either affine decides between a voxel value and the zero outside.
-    config = PreprocessConfig(spacing=None, crop_size=(4, 8, 8))
+    config = PreprocessConfig(spacing=(2.5, 1.0, 0.8), crop_size=(4, 8, 8))
     prepared = {}
     for kind, listed in cases.items():
         (tmp_path / kind).mkdir()
@@ -303,3 +301,22 @@ def test_the_cache_key_follows_the_data_file_of_a_detached_header(sitk, tmp_path
     stat = os.stat(data[0])
     os.utime(data[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert cache_key(case, config) != before
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_resampling_keeps_border_planes_whatever_the_rounding_of_the_affine(order):
+    """A float32 NIfTI affine and the double one of an .mha differ by rounding; a target plane lying on the
+    source's first plane (as after `with_spacing`) must not turn to zeros on one side of that rounding."""
+    values = np.random.default_rng(5).uniform(1.0, 2.0, SHAPE_DHW).astype(np.float32)
+    affine = _affine(OBLIQUE)
+    # A third of the source's spacing: no nearest-neighbour ties, and target voxels 0 and (15, 27, 33) lie exactly
+    # on the source's first and last planes.
+    target = Grid(SHAPE_DHW, affine).with_spacing((1.0, 0.3, 0.7 / 3))
+    results = []
+    for shift in (0.0, 1e-6, -1e-6):  # voxels, along every axis
+        moved = affine.copy()
+        moved[:3, 3] += shift * affine[:3, :3].sum(axis=1)
+        results.append(resample(Volume(values, Grid(SHAPE_DHW, moved), ""), target, order=order))
+    assert results[0][:16, :28, :34].min() >= 1.0 and not results[0][16:].any()
+    for result in results[1:]:
+        np.testing.assert_allclose(result, results[0], atol=1e-4)

@@ -87,14 +87,66 @@ def overlap_fraction(source: Grid, target: Grid, samples: int = 16) -> float:
 
 
 def resample(volume: Volume, target: Grid, *, order: int = 1) -> np.ndarray:
-    """Sample `volume` on `target` (trilinear for images, order 0 for label maps); outside the source is 0."""
+    """Sample `volume` on `target` (trilinear for images, order 0 for label maps); outside the source is 0.
+
+    Target points within `_EDGE_TOLERANCE` voxels outside the source count as on its edge: a target plane that
+    coincides with the source's first or last plane (the first one always does after `Grid.with_spacing`) lands a
+    rounding error either side of it, and that rounding (float32 NIfTI affines, another reader) must not decide
+    between the plane's values and zeros.
+    """
     if volume.grid.shape == target.shape and np.allclose(volume.grid.affine, target.affine, atol=1e-5):
         return volume.array
     matrix = source_index_map(volume.grid, target)
-    return ndimage.affine_transform(
+    out = ndimage.affine_transform(
         volume.array, matrix[:3, :3], offset=matrix[:3, 3], output_shape=target.shape, order=order,
         mode="constant", cval=0.0, prefilter=False,
     ).astype(np.float32)
+    edge = _edge_points(matrix, volume.grid.shape, target.shape)
+    edge = edge[out[tuple(edge.T)] == 0]  # a point scipy found outside came back as the zero outside
+    if len(edge):
+        points = np.einsum("ij,nj->in", matrix[:3, :3], edge) + matrix[:3, 3:]
+        points = np.clip(points, 0, np.asarray(volume.grid.shape)[:, None] - 1)
+        out[tuple(edge.T)] = ndimage.map_coordinates(volume.array, points, order=order, prefilter=False)
+    return out
+
+
+_EDGE_TOLERANCE = 1e-3
+
+
+def _edge_points(matrix: np.ndarray, source_shape, target_shape) -> np.ndarray:
+    """(N, 3) target indices whose source position is within `_EDGE_TOLERANCE` voxels of the source's border.
+
+    Points inside by less than the tolerance come along (sampling them again changes nothing), and corners may
+    come twice. Along a target row (fixed d, h) every source coordinate is linear in w, so each condition is one
+    interval of w per row: the target grid is never evaluated as a whole.
+    """
+    depth, height, width = target_shape
+    rows = np.stack(np.meshgrid(np.arange(depth), np.arange(height), indexing="ij"), axis=-1).reshape(-1, 2)
+    starts = [matrix[axis, 3] + rows[:, 0] * matrix[axis, 0] + rows[:, 1] * matrix[axis, 1] for axis in range(3)]
+
+    def interval(axis: int, low: float, high: float):
+        """Per row, the w range [lo, hi) where low <= source coordinate `axis` <= high."""
+        start, slope = starts[axis], matrix[axis, 2]
+        if slope == 0:
+            hit = (start >= low) & (start <= high)
+            return np.where(hit, 0, width), np.where(hit, width, 0)
+        a, b = (low - start) / slope, (high - start) / slope
+        return (np.clip(np.ceil(np.minimum(a, b)), 0, width).astype(np.int64),
+                np.clip(np.floor(np.maximum(a, b)) + 1, 0, width).astype(np.int64))
+
+    near_lo, near_hi = np.zeros(len(rows), np.int64), np.full(len(rows), width, np.int64)
+    for axis, n in enumerate(source_shape):
+        lo, hi = interval(axis, -_EDGE_TOLERANCE, n - 1 + _EDGE_TOLERANCE)
+        near_lo, near_hi = np.maximum(near_lo, lo), np.minimum(near_hi, hi)
+    pieces = [np.zeros((0, 3), np.int64)]
+    for axis, n in enumerate(source_shape):
+        for border in (0.0, n - 1.0):
+            lo, hi = interval(axis, border - _EDGE_TOLERANCE, border + _EDGE_TOLERANCE)
+            lo = np.maximum(lo, near_lo)
+            count = np.maximum(np.minimum(hi, near_hi) - lo, 0)
+            w = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count - lo, count)
+            pieces.append(np.column_stack([np.repeat(rows, count, axis=0), w]))
+    return np.concatenate(pieces)
 
 
 def write_like(array_dhw: np.ndarray, grid: Grid, path: str, *, reference: str | None = None) -> None:

@@ -26,7 +26,7 @@ from transfer_jax.data.manifest import Case
 from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
 from transfer_jax.data.readers import source_files
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
 
 
 @dataclasses.dataclass(frozen=True)
