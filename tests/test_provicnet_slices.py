@@ -12,6 +12,7 @@ from flax import nnx
 from transfer_jax.features.common import make_data_mesh, run_in_batches
 from transfer_jax.features.provicnet import predict_slices
 from transfer_jax.data import slices
+from transfer_jax.data.readers import read_image
 from transfer_jax.models.dinov2 import DinoV2Config
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
 
@@ -42,8 +43,8 @@ def test_sample_case_stacks_positions_and_class_counts(t2_stack):
 
 
 def test_clamped_stacks_hold_the_neighbouring_slices(t2_stack, sample_dir):
-    t2, _ = slices.read_nifti_zyx(sample_paths(sample_dir)["t2"])
-    gland, _ = slices.read_nifti_zyx(sample_paths(sample_dir)["mask"])
+    t2, _ = read_image(sample_paths(sample_dir)["t2"])
+    gland, _ = read_image(sample_paths(sample_dir)["mask"])
     resized = slices.resize_bilinear(slices.zscore_in_gland(t2, gland), (448, 448))
     for stack, centre in ((0, 0), (7, 7), (19, 19)):
         expected = [resized[min(max(centre + d, 0), 19)] for d in (-1, 0, 1)]
@@ -52,11 +53,11 @@ def test_clamped_stacks_hold_the_neighbouring_slices(t2_stack, sample_dir):
 
 def test_gland_zscore_matches_the_spec_statistics(sample_dir):
     paths = sample_paths(sample_dir)
-    gland, _ = slices.read_nifti_zyx(paths["mask"])
+    gland, _ = read_image(paths["mask"])
     # Spec section 4: T2 221.2 / 97.6 -> [-2.27, 8.09]; ADC 1236.0 / 329.8 -> [-3.75, 6.77]; DWI 13.66 / 6.58.
     for name, mean, std, low, high in (("t2", 221.2, 97.6, -2.27, 8.09), ("adc", 1236.0, 329.8, -3.75, 6.77),
                                        ("dwi", 13.66, 6.58, -2.07, 9.78)):
-        raw, _ = slices.read_nifti_zyx(paths[name])
+        raw, _ = read_image(paths[name])
         inside = raw[gland == 1].astype(np.float64)
         assert inside.mean() == pytest.approx(mean, abs=0.05) and inside.std() == pytest.approx(std, abs=0.05)
         z = slices.zscore_in_gland(raw, gland, name=name)
@@ -67,7 +68,7 @@ def test_gland_zscore_matches_the_spec_statistics(sample_dir):
 
 
 def test_empty_gland_mask_is_a_clear_error(sample_dir):
-    t2, _ = slices.read_nifti_zyx(sample_paths(sample_dir)["t2"])
+    t2, _ = read_image(sample_paths(sample_dir)["t2"])
     with pytest.raises(ValueError, match="gland mask has no voxel equal to 1"):
         slices.make_slice_stack(t2, np.zeros_like(t2), name="sample_t2")
 

@@ -5,13 +5,18 @@ Columns (header required, order free):
 | column        | required | meaning                                                                  |
 |---------------|----------|--------------------------------------------------------------------------|
 | `case_id`     | yes      | unique identifier, used in logs, predictions and errors                  |
-| `t2`          | yes      | T2-weighted NIfTI; defines the reference grid                            |
-| `adc`         | yes      | ADC map NIfTI (resampled onto the T2 grid if its grid differs)           |
-| `dwi`         | yes      | high-b DWI NIfTI (likewise)                                              |
-| `gland_mask`  | no       | prostate mask NIfTI (values 0/1), used for cropping and segmentation    |
-| `lesion_mask` | no       | lesion mask NIfTI (integer labels, > 0 = lesion)                         |
+| `t2`          | yes      | T2-weighted image; defines the reference grid                            |
+| `adc`         | yes      | ADC map (resampled onto the T2 grid if its grid differs)                 |
+| `dwi`         | yes      | high-b DWI (likewise)                                                    |
+| `gland_mask`  | no       | prostate mask (values 0/1), used for cropping and segmentation          |
+| `lesion_mask` | no       | lesion mask (integer labels, > 0 = lesion)                               |
 | `label`       | no       | case-level integer label (e.g. PI-RADS - 2) for classification           |
 | `split`       | yes      | `train`, `val` or `test`                                                 |
+
+Image columns take NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mha`, `.mhd`; PI-CAI ships `.mha`), NRRD (`.nrrd`,
+`.nhdr`) or a folder holding one DICOM series; formats may be mixed within a case. All but NIfTI need SimpleITK
+(`pip install "transfer_jax[itk]"`). Whatever the format, the world geometry is read as RAS millimetres (ITK's LPS
+converted), so sequences line up across formats (`readers`).
 
 Paths are relative to the manifest's folder (absolute paths are kept as they are). Empty cells mean "absent".
 """

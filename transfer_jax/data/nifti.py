@@ -1,21 +1,22 @@
-"""NIfTI reading and affine-aware resampling.
+"""Volumes on world grids: reading (every format of `readers`), affine-aware resampling, writing NIfTI.
 
-Array convention (the upstream one): a NIfTI volume with voxel axes (i, j, k) is returned as an array of shape
-(D, H, W) = (k, j, i), i.e. the reversed NIfTI axes, without any reorientation; this is also what SimpleITK's
-`GetArrayFromImage` gives. `Grid.affine_dhw` maps (d, h, w, 1) voxel indices to world millimetres, so resampling
-between two grids is one 4x4 matrix: target index -> world -> source index.
+Array convention (the upstream one): a volume with voxel axes (i, j, k) is returned as an array of shape
+(D, H, W) = (k, j, i), i.e. the reversed file axes, without any reorientation; this is also what SimpleITK's
+`GetArrayFromImage` gives. `Grid.affine` maps (i, j, k) to world RAS millimetres whichever format was read, and
+`Grid.affine_dhw` maps (d, h, w, 1) voxel indices to world millimetres, so resampling between two grids is one
+4x4 matrix: target index -> world -> source index.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from transfer_jax.data.errors import DataError
+from transfer_jax.data.readers import NIFTI, format_of, read_image
 
 # (d, h, w) -> (i, j, k): reverse the axes.
 _DHW_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -60,35 +61,14 @@ class Volume:
 
 
 def read_volume(path: str, *, case_id: str | None = None, role: str = "image") -> Volume:
-    """Read one 3-D NIfTI as float32 (D, H, W); every failure becomes a DataError naming the case and file."""
-    if not os.path.isfile(path):
-        raise DataError(f"{role} file does not exist", case_id=case_id, path=path)
-    try:
-        image = nib.load(path)
-        shape = image.shape
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
-        if len(shape) != 3:
-            raise DataError(
-                f"{role} must be a 3-D volume, got shape {image.shape} ({len(image.shape)}-D)",
-                case_id=case_id, path=path,
-            )
-        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
-    except DataError:
-        raise
-    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise DataError(
-            f"cannot read {role}: the file is truncated or not a valid NIfTI ({type(exc).__name__}: {exc})",
-            case_id=case_id, path=path,
-        ) from None
+    """Read one 3-D image (any format `readers` knows) as float32 (D, H, W); failures are DataErrors."""
+    data, affine = read_image(path, case_id=case_id, role=role, dtype=np.float32)
     bad = ~np.isfinite(data)
     if bad.any():
         raise DataError(f"{role} has {int(bad.sum())} NaN/Inf voxel(s)", case_id=case_id, path=path)
-    affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError(f"{role} has a singular or non-finite affine:\n{affine}", case_id=case_id, path=path)
-    return Volume(array=np.ascontiguousarray(data.transpose(2, 1, 0)), grid=Grid(tuple(shape[::-1]), affine),
-                  path=path)
+    return Volume(array=data, grid=Grid(tuple(data.shape), affine), path=path)
 
 
 def source_index_map(source: Grid, target: Grid) -> np.ndarray:
@@ -107,20 +87,76 @@ def overlap_fraction(source: Grid, target: Grid, samples: int = 16) -> float:
 
 
 def resample(volume: Volume, target: Grid, *, order: int = 1) -> np.ndarray:
-    """Sample `volume` on `target` (trilinear for images, order 0 for label maps); outside the source is 0."""
+    """Sample `volume` on `target` (trilinear for images, order 0 for label maps); outside the source is 0.
+
+    Target points within `_EDGE_TOLERANCE` voxels outside the source count as on its edge: a target plane that
+    coincides with the source's first or last plane (the first one always does after `Grid.with_spacing`) lands a
+    rounding error either side of it, and that rounding (float32 NIfTI affines, another reader) must not decide
+    between the plane's values and zeros.
+    """
     if volume.grid.shape == target.shape and np.allclose(volume.grid.affine, target.affine, atol=1e-5):
         return volume.array
     matrix = source_index_map(volume.grid, target)
-    return ndimage.affine_transform(
+    out = ndimage.affine_transform(
         volume.array, matrix[:3, :3], offset=matrix[:3, 3], output_shape=target.shape, order=order,
         mode="constant", cval=0.0, prefilter=False,
     ).astype(np.float32)
+    edge = _edge_points(matrix, volume.grid.shape, target.shape)
+    edge = edge[out[tuple(edge.T)] == 0]  # a point scipy found outside came back as the zero outside
+    if len(edge):
+        points = np.einsum("ij,nj->in", matrix[:3, :3], edge) + matrix[:3, 3:]
+        points = np.clip(points, 0, np.asarray(volume.grid.shape)[:, None] - 1)
+        out[tuple(edge.T)] = ndimage.map_coordinates(volume.array, points, order=order, prefilter=False)
+    return out
+
+
+_EDGE_TOLERANCE = 1e-3
+
+
+def _edge_points(matrix: np.ndarray, source_shape, target_shape) -> np.ndarray:
+    """(N, 3) target indices whose source position is within `_EDGE_TOLERANCE` voxels of the source's border.
+
+    Points inside by less than the tolerance come along (sampling them again changes nothing), and corners may
+    come twice. Along a target row (fixed d, h) every source coordinate is linear in w, so each condition is one
+    interval of w per row: the target grid is never evaluated as a whole.
+    """
+    depth, height, width = target_shape
+    rows = np.stack(np.meshgrid(np.arange(depth), np.arange(height), indexing="ij"), axis=-1).reshape(-1, 2)
+    starts = [matrix[axis, 3] + rows[:, 0] * matrix[axis, 0] + rows[:, 1] * matrix[axis, 1] for axis in range(3)]
+
+    def interval(axis: int, low: float, high: float):
+        """Per row, the w range [lo, hi) where low <= source coordinate `axis` <= high."""
+        start, slope = starts[axis], matrix[axis, 2]
+        if slope == 0:
+            hit = (start >= low) & (start <= high)
+            return np.where(hit, 0, width), np.where(hit, width, 0)
+        a, b = (low - start) / slope, (high - start) / slope
+        return (np.clip(np.ceil(np.minimum(a, b)), 0, width).astype(np.int64),
+                np.clip(np.floor(np.maximum(a, b)) + 1, 0, width).astype(np.int64))
+
+    near_lo, near_hi = np.zeros(len(rows), np.int64), np.full(len(rows), width, np.int64)
+    for axis, n in enumerate(source_shape):
+        lo, hi = interval(axis, -_EDGE_TOLERANCE, n - 1 + _EDGE_TOLERANCE)
+        near_lo, near_hi = np.maximum(near_lo, lo), np.minimum(near_hi, hi)
+    pieces = [np.zeros((0, 3), np.int64)]
+    for axis, n in enumerate(source_shape):
+        for border in (0.0, n - 1.0):
+            lo, hi = interval(axis, border - _EDGE_TOLERANCE, border + _EDGE_TOLERANCE)
+            lo = np.maximum(lo, near_lo)
+            count = np.maximum(np.minimum(hi, near_hi) - lo, 0)
+            w = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count - lo, count)
+            pieces.append(np.column_stack([np.repeat(rows, count, axis=0), w]))
+    return np.concatenate(pieces)
 
 
 def write_like(array_dhw: np.ndarray, grid: Grid, path: str, *, reference: str | None = None) -> None:
-    """Write a (D, H, W) array as NIfTI on `grid`, copying the reference header's orientation codes if given."""
+    """Write a (D, H, W) array as NIfTI on `grid`; a NIfTI reference lends its header (units, descriptions).
+
+    The geometry is `grid`'s in every case, so a reference in another format (MetaImage, a DICOM folder) only
+    means there is no NIfTI header to copy.
+    """
     header = None
-    if reference is not None:
+    if reference is not None and format_of(reference) == NIFTI:
         header = nib.load(reference).header.copy()
         header.set_data_dtype(array_dhw.dtype)
     image = nib.Nifti1Image(np.asarray(array_dhw).transpose(2, 1, 0), grid.affine, header=header)

@@ -24,8 +24,9 @@ import numpy as np
 from transfer_jax.data.errors import BadCasesError, DataError
 from transfer_jax.data.manifest import Case
 from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
+from transfer_jax.data.readers import source_files
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,13 +173,17 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
 
 
 def cache_key(case: Case, config: PreprocessConfig) -> str:
-    """Changes when the preprocessing settings or any input file (path, size, mtime) change."""
+    """Changes when the preprocessing settings or any input file (path, size, mtime) change.
+
+    An image spread over several files (a DICOM folder, a detached .mhd/.nhdr header) counts every one of them.
+    """
     files = []
     for role in ("t2", "adc", "dwi", "gland_mask", "lesion_mask"):
         path = case.path(role)
         if path is not None and os.path.exists(path):
-            st = os.stat(path)
-            files.append([role, os.path.abspath(path), st.st_size, st.st_mtime_ns])
+            for name in source_files(path):
+                st = os.stat(name)
+                files.append([role, os.path.abspath(name), st.st_size, st.st_mtime_ns])
         else:
             files.append([role, path])
     blob = json.dumps([CACHE_VERSION, dataclasses.asdict(config), case.case_id, case.label, files], default=list)

@@ -1,10 +1,10 @@
-"""ProViCNet slice data path (numpy only): a NIfTI case -> 2.5-D slice stacks -> model inputs, and back.
+"""ProViCNet slice data path (numpy only): an image case -> 2.5-D slice stacks -> model inputs, and back.
 
 What upstream (``US_MRI_Generator.__getitem__`` + ``collate_prostate_position_CS``, pimed/ProViCNet 1b016ac) does,
 in this order, and what this module reproduces:
 
-1. Read the volume as ``[Z, Y, X]`` = the NIfTI ``(i, j, k)`` axes reversed, no reorientation (SimpleITK's
-   ``GetArrayFromImage``; nibabel ``dataobj.transpose(2, 1, 0)``).
+1. Read the volume as ``[Z, Y, X]`` = the file's ``(i, j, k)`` axes reversed, no reorientation (SimpleITK's
+   ``GetArrayFromImage``; nibabel ``dataobj.transpose(2, 1, 0)``), in any format of :mod:`readers`.
 2. Z-score the *whole* volume with the mean and (population) standard deviation of the voxels where the gland
    mask equals 1 -- every sequence (T2, ADC, DWI, TRUS) alike, no clipping. (Upstream divides by 255 first; a
    z-score does not see that.) An empty gland mask is an error here (upstream silently produces NaN).
@@ -36,9 +36,9 @@ Layouts: images ``[S, C, 448, 448]`` float32 (upstream NCHW; the Flax model want
 ``[S, 4, Y, X]``), positions ``[S, 2]`` float32.
 
 Back to the volume: :func:`volume_from_slices` puts per-stack predictions at their centre slices (averaging
-duplicates of the ``"shift"`` rule) and :func:`write_prediction_nifti` writes them with the reference image's
-affine and header, array ``[Z, Y, X]`` <-> NIfTI ``(X, Y, Z)``, so the file overlays the input in 3D Slicer /
-ITK-SNAP.
+duplicates of the ``"shift"`` rule) and :func:`write_prediction_nifti` writes them as NIfTI with the reference
+image's affine (and header, for a NIfTI reference), array ``[Z, Y, X]`` <-> NIfTI ``(X, Y, Z)``, so the file
+overlays the input in 3D Slicer / ITK-SNAP.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import nibabel as nib
 import numpy as np
 
 from transfer_jax.data.errors import DataError
+from transfer_jax.data.readers import NIFTI, format_of, read_image
 
 MODEL_IMAGE_SIZE = 448
 MRI_CHANNELS = 3
@@ -61,23 +62,6 @@ EDGE_RULES = ("clamp", "shift")
 # --------------------------------------------------------------------------------------------------------------
 # Reading and labels
 # --------------------------------------------------------------------------------------------------------------
-
-
-def read_nifti_zyx(path: str | os.PathLike, *, role: str = "image") -> tuple[np.ndarray, nib.Nifti1Image]:
-    """``(array [Z, Y, X], nibabel image)``: NIfTI axes reversed, no reorientation, stored dtype kept."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{role} file does not exist", path=path)
-    try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # nibabel raises many types for truncated / foreign files
-        raise DataError(f"cannot read {role} as NIfTI ({type(exc).__name__}: {exc})", path=path) from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{role} must be a 3-D volume, got shape {data.shape}", path=path)
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), image
 
 
 def map_cancer_labels(cancer: np.ndarray, *, indolent_as_cspca: bool = False) -> np.ndarray:
@@ -307,18 +291,18 @@ def load_case_slices(
     cancer_path: str | os.PathLike | None = None,
     **options,
 ) -> SliceStack:
-    """Read a case's image, gland mask and optional cancer label NIfTI files and build its :class:`SliceStack`.
+    """Read a case's image, gland mask and optional cancer label files and build its :class:`SliceStack`.
 
     The label files must share the image's voxel grid (upstream copies the image's origin and direction onto
     them and never resamples). For mpMRI call it once per sequence with the shared gland / cancer files.
     ``options`` go to :func:`make_slice_stack`.
     """
-    volume, image = read_nifti_zyx(image_path, role="image")
-    gland, _ = read_nifti_zyx(gland_path, role="gland mask")
-    cancer = read_nifti_zyx(cancer_path, role="cancer labels")[0] if cancer_path is not None else None
+    volume, _ = read_image(image_path, role="image")
+    gland, _ = read_image(gland_path, role="gland mask")
+    cancer = read_image(cancer_path, role="cancer labels")[0] if cancer_path is not None else None
     for role, array, path in (("gland mask", gland, gland_path), ("cancer labels", cancer, cancer_path)):
         if array is not None and array.shape != volume.shape:
-            raise DataError(f"{role} has shape {array.shape[::-1]} (NIfTI order), the image "
+            raise DataError(f"{role} has shape {array.shape[::-1]} (file order), the image "
                             f"{os.fspath(image_path)} has {volume.shape[::-1]}", path=os.fspath(path))
     try:
         return make_slice_stack(volume, gland, cancer, name=os.fspath(image_path), **options)
@@ -373,22 +357,29 @@ def volume_from_slices(
 def write_prediction_nifti(
     volume_zyx: np.ndarray, reference: str | os.PathLike | nib.Nifti1Image, output_path: str | os.PathLike
 ) -> str:
-    """Write a ``[Z, Y, X]`` array on the reference image's geometry (affine, qform/sform and codes, header).
+    """Write a ``[Z, Y, X]`` array as NIfTI on the reference image's geometry.
 
-    The array is transposed to NIfTI ``(X, Y, Z)`` with no reorientation, so it overlays the reference (the T2 or
-    TRUS input) voxel for voxel. The data type is the array's (uint8 labels, float32 probabilities); intensity
-    scaling is switched off. Returns the written path.
+    The array is transposed to ``(X, Y, Z)`` with no reorientation, so it overlays the reference (the T2 or TRUS
+    input) voxel for voxel. A NIfTI reference lends its whole header (qform/sform and codes); one in another format
+    (MetaImage, NRRD, a DICOM folder) lends its affine, converted to RAS like every reader's. The data type is the
+    array's (uint8 labels, float32 probabilities); intensity scaling is switched off. Returns the written path.
     """
-    ref = nib.load(os.fspath(reference)) if not isinstance(reference, nib.Nifti1Image) else reference
+    if isinstance(reference, nib.Nifti1Image) or format_of(os.fspath(reference)) == NIFTI:
+        ref = nib.load(os.fspath(reference)) if not isinstance(reference, nib.Nifti1Image) else reference
+        shape, affine, header = tuple(ref.shape[:3]), ref.affine, ref.header.copy()
+        qform = ref.get_qform(), int(ref.header["qform_code"])
+        sform = ref.get_sform(), int(ref.header["sform_code"])
+    else:
+        array, affine = read_image(os.fspath(reference), role="reference image")
+        shape, header = array.shape[::-1], None
+        qform = sform = affine, 1
     volume_zyx = np.asarray(volume_zyx)
-    expected = tuple(ref.shape[:3])[::-1]
-    if volume_zyx.shape[:3] != expected:
-        raise ValueError(f"prediction [Z, Y, X] {volume_zyx.shape} does not match the reference's {expected}")
-    header = ref.header.copy()
-    header.set_data_dtype(volume_zyx.dtype)
-    image = nib.Nifti1Image(np.ascontiguousarray(volume_zyx.transpose(2, 1, 0)), ref.affine, header=header)
-    image.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
-    image.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    if volume_zyx.shape[:3] != shape[::-1]:
+        raise ValueError(f"prediction [Z, Y, X] {volume_zyx.shape} does not match the reference's {shape[::-1]}")
+    image = nib.Nifti1Image(np.ascontiguousarray(volume_zyx.transpose(2, 1, 0)), affine, header=header)
+    image.set_data_dtype(volume_zyx.dtype)
+    image.set_qform(*qform)
+    image.set_sform(*sform)
     image.header.set_slope_inter(np.nan, np.nan)
     output_path = os.fspath(output_path)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
