@@ -54,7 +54,8 @@ def _run(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Callbac
     throughput: dict[str, float] = {}
     if int(fetch(state.step)) < config.total_steps and not meta.get("stopped_early", False):
         batch = global_batch(next(run.batches), run.mesh)
-        # Every trace of the run's device code happens in here: the place for a context that applies to all.
+        # The one place that traces the run's device code (train step, eval step, alignment probe): a context that
+        # must hold for all of it (e.g. the target platform's forms of the layers) wraps this call.
         steps = compile_steps(run, state, batch, initial)
         del initial  # a resumed run keeps only the restored state
         state, figures = train(run, steps, state, meta, batch)
@@ -69,9 +70,8 @@ def train(run: Run, steps: Steps, state: TrainState, meta: dict, batch: dict) ->
     evaluations and checkpoints at their cadence; returns the final state and the throughput figures."""
     config, step = run.config, int(fetch(state.step))
     accounts = ("alignment",) if run.probe is not None else ()
-    bar = tqdm(total=config.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not config.logging.progress_bar or jax.process_index() != 0)
-    with Chrono(steps.cost, first_step=step, warmup_steps=config.log_every, accounts=accounts) as chrono, bar:
+    with Chrono(steps.cost, first_step=step, warmup_steps=config.log_every, accounts=accounts) as chrono, \
+            _progress_bar(config, step) as bar:
         if step == 0:  # the untrained (pretrained or scratch) starting point: step 0 of every curve
             _evaluate(run, state, step, meta, chrono)
         while step < config.total_steps:
@@ -86,6 +86,11 @@ def train(run: Run, steps: Steps, state: TrainState, meta: dict, batch: dict) ->
                     break
             batch = chrono.fetch(step, metrics, lambda: global_batch(next(run.batches), run.mesh))
         return state, chrono.summary()
+
+
+def _progress_bar(config, step: int) -> tqdm:
+    return tqdm(total=config.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                disable=not config.logging.progress_bar or jax.process_index() != 0)
 
 
 def _log_window(run: Run, chrono: Chrono, step: int, metrics: dict) -> None:
