@@ -97,9 +97,10 @@ def make_run_optimizer(config, params, backbone_prefix: str):
     model = config.model
     layer_fn, num_layers = layer_ids(model.backbone, model.backbone_options, config.optimizer.layer_decay_scheme)
     skip = len(backbone_prefix.rstrip(".").split("."))
-    backbone_layer_id = None
-    if layer_fn is not None:
-        backbone_layer_id = lambda path: layer_fn(tuple(_key(k) for k in path[skip:]))  # noqa: E731
+
+    def backbone_layer_id(path: tuple) -> int:  # the registry's ids take paths inside the backbone
+        return layer_fn(tuple(_key(k) for k in path[skip:]))
+
     return make_optimizer(config.optimizer, params, total_steps=config.total_steps,
-                          backbone_layer_id=backbone_layer_id, num_backbone_layers=num_layers,
-                          is_backbone=lambda name: name.startswith(backbone_prefix))
+                          backbone_layer_id=backbone_layer_id if layer_fn is not None else None,
+                          num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith(backbone_prefix))
