@@ -139,25 +139,18 @@ def build_step(config, mesh, strategy="replicate"):
 
     from transfer_jax.models.registry import compute_dtype as model_compute_dtype
     from transfer_jax.tasks.registry import get_task
-    from transfer_jax.train.loop import _backbone_layer_fn
-    from transfer_jax.train.mesh import batch_sharding
-    from transfer_jax.train.optim import make_optimizer
+    from transfer_jax.train.optim import make_run_optimizer
     from transfer_jax.train.state import init_state, model_graph
-    from transfer_jax.train.step import make_train_step
+    from transfer_jax.train.step import jit_train_step, make_train_step
 
     task = get_task(config)
     build = task.build_model
     _, abstract_params, _ = model_graph(build)
-    layer_fn, num_layers = _backbone_layer_fn(config)
-    tx, schedule, _ = make_optimizer(config.optimizer, abstract_params, total_steps=config.total_steps,
-                                     backbone_layer_id=layer_fn, num_backbone_layers=num_layers,
-                                     is_backbone=lambda name: name.startswith("encoder."))
+    tx, schedule, _ = make_run_optimizer(config, abstract_params, task.backbone_prefix)
     state, graph, shardings = init_state(build, tx, jax.random.key(config.seed), mesh, strategy,
                                          config.mesh.fsdp_min_size)
     compute_dtype = model_compute_dtype(config.model.backbone_options)
-    step_fn = jax.jit(make_train_step(graph, task, tx, schedule, compute_dtype),
-                      in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
+    step_fn = jit_train_step(make_train_step(graph, task, tx, schedule, compute_dtype), shardings, mesh)
     return task, graph, state, step_fn
 
 

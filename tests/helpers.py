@@ -5,11 +5,14 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import nibabel as nib
 import numpy as np
 
 from transfer_jax.data.manifest import Case, write_manifest
+from transfer_jax.train.loop import Callback
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -93,3 +96,68 @@ def fixed_training_batch(config, total_steps: int):
     config.checkpoint_every = total_steps
     config.data.augment.update(dict(zoom=0.0, translate=0.0, flip_axes=(), intensity_scale=0.0, intensity_shift=0.0))
     return config
+
+
+class HardStop(RuntimeError):
+    """The run was stopped by `StopAfterCheckpoint`."""
+
+
+class StopAfterCheckpoint(Callback):
+    """Stops a run hard once the checkpoint of `step` (or a later one) is on disk, as a preemption would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_checkpoint(self, step, checkpointer):
+        if step >= self.step:
+            checkpointer.wait()
+            raise HardStop(f"stopped hard after the checkpoint of step {step}")
+
+
+class SlowInput(Callback):
+    """Every training batch arrives `seconds` late, as from slow storage."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def batches(self, batches):
+        for batch in batches:
+            time.sleep(self.seconds)
+            yield batch
+
+
+class FakeClock:
+    """A clock the test moves by hand. `watched()` returns once another thread (a device watcher recording when
+    a step finished) has read it, so that the test knows which time was recorded."""
+
+    def __init__(self):
+        self.now = 0.0
+        self._reads_elsewhere = threading.Semaphore(0)
+
+    def __call__(self) -> float:
+        if threading.current_thread() is not threading.main_thread():
+            self._reads_elsewhere.release()
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def watched(self) -> None:
+        assert self._reads_elsewhere.acquire(timeout=30), "no other thread read the clock"
+
+
+class FakeStepOutputs:
+    """A step's outputs as a device watcher sees them (`is_ready`, `block_until_ready`); the test finishes them."""
+
+    def __init__(self):
+        self._done = threading.Event()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    def is_ready(self) -> bool:
+        return self._done.is_set()
+
+    def block_until_ready(self):
+        self._done.wait()
+        return self

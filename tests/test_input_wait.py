@@ -1,47 +1,53 @@
 """The trainer's data-wait clock: a fetch counts as device idle time only after the step it follows has finished."""
 import json
-import time
+import threading
 
-import jax
-import jax.numpy as jnp
 import pytest
 
+from helpers import FakeClock, FakeStepOutputs, SlowInput, smoke_config
 from transfer_jax.train.input_wait import InputWaitClock
 
 
-def test_fetch_is_idle_time_only_after_the_step_finished():
-    step = jax.jit(lambda x: {"y": jnp.tanh(x @ x) @ x})  # ~0.1 s on one CPU core: still running right after dispatch
-    x = jnp.ones((1536, 1536)) / 1536
-    jax.block_until_ready(step(x))
-    clock = InputWaitClock()
-    try:
-        fetch_start = time.perf_counter()
-        outputs = step(x)
-        clock.dispatched(1, outputs)
-        assert clock.idle_seconds(1, outputs, fetch_start, time.perf_counter()) == 0.0  # hidden behind the step
-        jax.block_until_ready(outputs)
+def _watchers() -> int:
+    return sum(t.name == "input-wait-clock" for t in threading.enumerate())
 
-        outputs = step(x)
-        clock.dispatched(2, outputs)
-        fetch_start = time.perf_counter()
-        jax.block_until_ready(outputs)
-        time.sleep(0.1)  # a slow batch: the devices wait for it
-        fetch_end = time.perf_counter()
-        idle = clock.idle_seconds(2, outputs, fetch_start, fetch_end)
-        assert 0.09 < idle <= fetch_end - fetch_start
+
+def test_fetch_is_idle_time_only_after_the_step_finished():
+    clock, before = FakeClock(), _watchers()
+    wait = InputWaitClock(clock)
+    assert _watchers() == before + 1
+    try:
+        running = FakeStepOutputs()  # still running when its batch arrives: the fetch hid behind it
+        wait.dispatched(1, running)
+        assert wait.idle_seconds(1, running, 0.0, 5.0) == 0.0
+        clock.now = 6.0
+        running.finish()
+        clock.watched()
+
+        finishing = FakeStepOutputs()  # finishes at t=10 in the middle of a fetch from t=9 to t=12
+        wait.dispatched(2, finishing)
+        clock.now = 10.0
+        finishing.finish()
+        assert wait.idle_seconds(2, finishing, 9.0, 12.0) == 2.0
+
+        done = FakeStepOutputs()  # finished at t=20, before a fetch from t=21 to t=21.5: all of it is idle
+        wait.dispatched(3, done)
+        clock.now = 20.0
+        done.finish()
+        clock.watched()
+        assert wait.idle_seconds(3, done, 21.0, 21.5) == 0.5
     finally:
-        clock.close()
-    assert not clock._thread.is_alive()
+        wait.close()
+    assert _watchers() == before
 
 
 @pytest.mark.slow
 def test_trainer_reports_slow_input_and_hints(tmp_path, capsys):
-    from helpers import smoke_config
     from transfer_jax.train.loop import train_and_evaluate
 
     config = smoke_config(total_steps=6, log_every=2, eval_every=6, checkpoint_every=6,
-                          **{"debug.input_delay_seconds": 0.4, "alignment.enabled": False})
-    train_and_evaluate(config, str(tmp_path / "run"))
+                          **{"alignment.enabled": False})
+    train_and_evaluate(config, str(tmp_path / "run"), callbacks=[SlowInput(0.4)])
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         windows = [r for r in map(json.loads, f) if "train/data_wait_fraction" in r]
     assert [r["step"] for r in windows] == [2, 4, 6]

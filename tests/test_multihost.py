@@ -25,15 +25,17 @@ TIMEOUT = 420  # seconds per 2-process launch (a shared 2-core CI box compiles s
 CHILD = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {tests!r})
-    from helpers import smoke_config
-    from transfer_jax.train.loop import SimulatedPreemption, train_and_evaluate
+    from helpers import HardStop, StopAfterCheckpoint, smoke_config
+    from transfer_jax.train.loop import train_and_evaluate
 
     overrides = json.loads(sys.argv[2])
+    stop_after = overrides.pop("stop_after_checkpoint", 0)  # a hard stop after that step's checkpoint
+    callbacks = [StopAfterCheckpoint(stop_after)] if stop_after else []
     config = smoke_config(**overrides)
     try:
-        summary = train_and_evaluate(config, sys.argv[1])
+        summary = train_and_evaluate(config, sys.argv[1], callbacks=callbacks)
         print("STEPS", summary["steps"], flush=True)
-    except SimulatedPreemption:
+    except HardStop:
         print("PREEMPTED", flush=True)
 """)
 
@@ -107,7 +109,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
 
     # two processes, stopped hard after the checkpoint of step 2, then restarted: they resume from it
     workdir = str(tmp_path / "multi")
-    outputs = _launch(workdir, _overrides(tmp_path, **{"debug.preempt_after_step": 2}), tmp_path)
+    outputs = _launch(workdir, _overrides(tmp_path, stop_after_checkpoint=2), tmp_path)
     assert all("PREEMPTED" in out for out in outputs), outputs[0][-2000:]
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     first = _losses(workdir)

@@ -103,3 +103,49 @@ def test_dice_ce_matches_reference():
     assert ours == pytest.approx(_dice_ce_reference(logits, labels), rel=1e-5)
     perfect = np.eye(3)[labels] * 50.0
     assert float(dice_ce_loss(jnp.asarray(perfect), jnp.asarray(labels))) < 1e-3
+
+
+def _mae_layer_id(name: str, depth: int) -> int:
+    """MAE's `get_layer_id_for_vit` on a parameter name inside the ViT, transcribed on its own for the check."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def test_profound_vit_layer_decay_follows_mae():
+    from helpers import config_for
+    from transfer_jax.tasks.registry import get_task
+    from transfer_jax.train.optim import make_run_optimizer
+    from transfer_jax.train.state import model_graph
+
+    config = config_for("seg", "profound_vit,smoke", **{"optimizer.layer_decay": 0.75})
+    depth = config.model.backbone_options.depth
+    task = get_task(config)
+    _, params, _ = model_graph(task.build_model)
+    _, _, info = make_run_optimizer(config, params, task.backbone_prefix)
+    # parameter names as the optimizer reports them: "encoder.blocks.0.attn.qkv.kernel..value"
+    encoder = {name.removeprefix("encoder.").removesuffix("..value"): scale
+               for name, scale in info["lr_scale"].items() if name.startswith("encoder.")}
+    ids = {name: _mae_layer_id(name, depth) for name in encoder}
+    assert set(ids.values()) == set(range(depth + 2))  # embeddings, every block, the final norm
+    for name, scale in encoder.items():
+        assert scale == pytest.approx(0.75 ** (depth + 1 - ids[name]), rel=1e-12), name
+    others = [scale for name, scale in info["lr_scale"].items() if not name.startswith("encoder.")]
+    assert others and all(scale == 1.0 for scale in others)  # adapter and heads at the full lr
+
+
+def test_registry_layer_ids_per_backbone():
+    from transfer_jax.models.registry import layer_ids
+
+    conv, num_conv = layer_ids("profound_conv", {"depths": (3, 3, 9, 3), "dims": (8, 8, 8, 8)}, "single")
+    assert num_conv == 18 and conv(("stages", 2, 4, "norm", "scale")) == layer_id(("stages", 2, 4), (3, 3, 9, 3),
+                                                                                   "single")
+    vit, num_vit = layer_ids("profound_vit", {"depth": 4, "width": 48, "num_heads": 4, "out_indices": (0, 1, 2, 3)},
+                             "group")
+    assert num_vit == 4 and [vit(("blocks", b, "mlp")) for b in range(4)] == [1, 2, 3, 4]
+    assert vit(("patch_embed", "proj", "kernel")) == vit(("cls_token",)) == 0 and vit(("norm", "scale")) == 5
+    assert layer_ids("provicnet", {}, "group") == (None, 0)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet'"):
+        layer_ids("resnet", {}, "group")

@@ -41,21 +41,21 @@ def test_pretrain_then_finetune(pretrain, arg, task, task_arg, tmp_path):
 
     finetune = config_for(task, task_arg, **{"init.mode": "pretrained", "init.checkpoint": artifact_dir,
                                              "total_steps": 1, "alignment.enabled": False})
-    from transfer_jax.train import loop
+    from transfer_jax.train import setup
 
     captured = {}
-    original = loop.load_into
+    original = setup.load_into
 
     def spy(params, rest, directory, **kwargs):
         out = original(params, rest, directory, **kwargs)
         captured["params"], captured["report"] = jax.device_get(out[0]), out[2]  # before donation
         return out
 
-    loop.load_into = spy
+    setup.load_into = spy
     try:
         train_and_evaluate(finetune, str(tmp_path / "finetune"))
     finally:
-        loop.load_into = original
+        setup.load_into = original
     report = captured["report"]
     backbone_prefix = get_task(finetune).backbone_prefix
     loaded_backbone = [p for p in report.loaded if p.startswith(backbone_prefix)]

@@ -8,8 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import smoke_config
-from transfer_jax.train.loop import SimulatedPreemption, train_and_evaluate
+from helpers import HardStop, StopAfterCheckpoint, smoke_config
+from transfer_jax.train.loop import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # whole training runs, interrupted and resumed
 
@@ -32,8 +32,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert summary["steps"] == 6
 
     interrupted = str(tmp_path / "interrupted")
-    with pytest.raises(SimulatedPreemption):
-        train_and_evaluate(_config(**{"debug.preempt_after_step": 3}), interrupted)
+    with pytest.raises(HardStop):
+        train_and_evaluate(_config(), interrupted, callbacks=[StopAfterCheckpoint(3)])
     assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == ["3"]
     assert not [t for t in threading.enumerate() if t.name == "input-wait-clock"]  # closed on the way out
     resumed = train_and_evaluate(_config(), interrupted)

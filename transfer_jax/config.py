@@ -85,9 +85,6 @@ def base_config() -> ml_collections.ConfigDict:
         tests=("permutation",), cka=True))
     # peak_tflops: per-device peak for the logged MFU; 0 = the bf16 datasheet peak of a known GPU/TPU (none on CPU).
     c.logging = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True, peak_tflops=0.0))
-    # preempt_after_step: stop hard after that step's checkpoint (resume tests); input_delay_seconds: sleep in every
-    # batch fetch, a stand-in for slow storage that shows the data-wait figure and its hint.
-    c.debug = ml_collections.ConfigDict(dict(preempt_after_step=0, input_delay_seconds=0.0))
     return c
 
 

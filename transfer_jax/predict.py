@@ -50,9 +50,8 @@ from transfer_jax.models.registry import compute_dtype as model_compute_dtype
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.tasks.slice_segmentation import SliceTask
 from transfer_jax.tasks.sliding_window import sliding_window_inference
-from transfer_jax.train.loop import _backbone_layer_fn
 from transfer_jax.train.mesh import create_mesh
-from transfer_jax.train.optim import make_optimizer
+from transfer_jax.train.optim import make_run_optimizer
 from transfer_jax.train.state import abstract_state, init_state, model_graph, state_shardings
 
 ITEMS = ("state", "data", "meta")
@@ -79,10 +78,8 @@ def load_run(workdir: str, step: Optional[int] = None):
     task = get_task(config)
     mesh = create_mesh(1, 1, num_devices=1)
     _, abstract_params, _ = model_graph(task.build_model)
-    layer_fn, num_layers = _backbone_layer_fn(config)  # the run's optimizer groups, so opt_state matches
-    tx, _, _ = make_optimizer(config.optimizer, abstract_params, total_steps=config.total_steps,
-                              backbone_layer_id=layer_fn, num_backbone_layers=num_layers,
-                              is_backbone=lambda name: name.startswith(task.backbone_prefix))
+    # the run's optimizer groups, so that the optimizer state's structure matches the checkpoint's
+    tx, _, _ = make_run_optimizer(config, abstract_params, task.backbone_prefix)
     state, graph, shardings = init_state(task.build_model, tx, jax.random.key(0), mesh, "replicate")
     target = abstract_state(state, state_shardings(state, mesh, "replicate"))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

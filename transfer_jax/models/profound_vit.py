@@ -34,7 +34,7 @@ from transfer_jax.models.layers import PatchConv, check_remat_policy, gelu, laye
 
 __all__ = [
     "ViTConfig", "MAEDecoderConfig", "Buffer", "ViTOutput", "MAEOutput", "ProFoundViT", "MAEDecoder", "MAE",
-    "sincos_pos_embed_3d", "patchify", "unpatchify", "random_masking", "mae_loss",
+    "sincos_pos_embed_3d", "patchify", "unpatchify", "random_masking", "mae_loss", "layer_id",
 ]
 
 
@@ -277,6 +277,19 @@ class ProFoundViT(nnx.Module):
         """Block outputs at `config.out_indices` (token arrays), the levels a UPerNet (with adapter) consumes."""
         hidden = self(x).hidden_states
         return tuple(hidden[i] for i in self.config.out_indices)
+
+
+def layer_id(path: tuple, depth: int) -> int:
+    """Layer index for layer-wise lr decay of a parameter path inside the encoder (BEiT / MAE fine-tuning, the
+    sibling's `param_groups_lrd`): the embeddings (cls token, position table, patch projection) are layer 0,
+    block i is layer i + 1, everything after the blocks (the final norm) is layer depth + 1, which keeps the
+    full learning rate."""
+    head = str(path[0]) if path else ""
+    if head in ("cls_token", "pos_embed", "patch_embed"):
+        return 0
+    if head == "blocks":
+        return int(path[1]) + 1
+    return depth + 1
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 from flax import nnx
 
+from transfer_jax.models import convnext, profound_vit
 from transfer_jax.models.convnext import ConvNeXtConfig, ConvNeXtV2
 from transfer_jax.models.profound_vit import ProFoundViT, ViTConfig
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
@@ -51,6 +52,36 @@ def build_backbone(name: str, options: dict, *, rngs: nnx.Rngs) -> nnx.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
     return BACKBONES[name](dict(options), rngs)
+
+
+LayerIdFn = Callable[[tuple], int]
+
+
+def _profound_conv_layers(options: dict, scheme: str) -> tuple[LayerIdFn, int]:
+    depths = dataclass_from_dict(ConvNeXtConfig, options).depths
+    return (lambda path: convnext.layer_id(path, depths, scheme)), sum(depths)
+
+
+def _profound_vit_layers(options: dict, scheme: str) -> tuple[LayerIdFn, int]:
+    del scheme  # one scheme: every block its own layer
+    depth = dataclass_from_dict(ViTConfig, options).depth
+    return (lambda path: profound_vit.layer_id(path, depth)), depth
+
+
+LAYER_IDS: dict[str, Callable[[dict, str], tuple[Optional[LayerIdFn], int]]] = {
+    "profound_conv": _profound_conv_layers,
+    "profound_vit": _profound_vit_layers,
+    "provicnet": lambda options, scheme: (None, 0),  # trained without layer-wise decay, as upstream
+}
+
+
+def layer_ids(backbone: str, options, scheme: str = "group") -> tuple[Optional[LayerIdFn], int]:
+    """`(fn, L)` for layer-wise lr decay: `fn` maps a parameter path inside the backbone (a tuple of str / int
+    keys) to its layer index and a parameter's lr scale is layer_decay ** (L + 1 - index); `(None, 0)` for a
+    backbone trained without it. `scheme` ("group" or "single") only applies to ProFound-Conv."""
+    if backbone not in LAYER_IDS:
+        raise ValueError(f"unknown backbone {backbone!r}; available: {sorted(LAYER_IDS)}")
+    return LAYER_IDS[backbone](dict(options), scheme)
 
 
 def encoder_feature_sites(encoder: nnx.Module, x, **kwargs) -> dict:

@@ -5,13 +5,14 @@ so the time spent in the fetch is a wait only for the part after step n has fini
 each step's outputs and records when they became ready; the idle part of a fetch is
 max(0, fetch end - max(fetch start, step end)). The recorded end is late by at most the time the thread takes to
 get the interpreter lock back (the switch interval, 5 ms by default), so the idle time can only be under-counted
-by that much per step.
+by that much per step. Fetch times passed in must come from the same `clock` the watcher reads.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from typing import Callable
 
 import jax
 
@@ -19,7 +20,8 @@ _STOP = object()
 
 
 class InputWaitClock:
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._finished: dict[int, float] = {}
         self._recorded = threading.Condition()
@@ -31,7 +33,7 @@ class InputWaitClock:
             step, outputs = item
             jax.block_until_ready(outputs)
             with self._recorded:
-                self._finished[step] = time.perf_counter()
+                self._finished[step] = self._clock()
                 self._recorded.notify_all()
 
     def dispatched(self, step: int, outputs) -> None:
@@ -39,7 +41,7 @@ class InputWaitClock:
         self._pending.put((step, outputs))
 
     def idle_seconds(self, step: int, outputs, fetch_start: float, fetch_end: float) -> float:
-        """Device idle time inside the fetch [fetch_start, fetch_end] (perf_counter) that followed step `step`."""
+        """Device idle time inside the fetch [fetch_start, fetch_end] (`clock` times) that followed step `step`."""
         with self._recorded:
             for stale in [s for s in self._finished if s < step]:  # steps that were still running at their fetch
                 del self._finished[stale]

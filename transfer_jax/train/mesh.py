@@ -1,4 +1,4 @@
-"""Device mesh, shardings and host -> global array transfer.
+"""Device mesh, shardings and host <-> global array transfer.
 
 The mesh has two axes, `data` and `fsdp`, both with Auto axis types (jax >= 0.9 defaults to Explicit, under which
 the pairwise kernels of the in-loop MMD fail to trace). The batch is split over both axes; parameters are
@@ -66,6 +66,18 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Each process contributes its rows; the result is one array sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def fetch(tree):
+    """Device -> host copy of small results (metrics, statistics), gathered across processes when the arrays
+    span several hosts. The training loop copies nothing else, which tests check by running it under
+    `jax.transfer_guard_device_to_host("disallow")`."""
+    with jax.transfer_guard_device_to_host("allow"):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(tree, tiled=True)
+        return jax.device_get(tree)
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> int:

@@ -12,11 +12,17 @@ from typing import Callable, Optional
 import jax
 import optax
 
+from transfer_jax.models.registry import layer_ids
+
 PathFn = Callable[[tuple], Optional[int]]
 
 
+def _key(entry):
+    return getattr(entry, "key", getattr(entry, "idx", entry))
+
+
 def path_str(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return ".".join(str(_key(k)) for k in path)
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
@@ -83,3 +89,18 @@ def make_optimizer(config, params, *, total_steps: int, backbone_layer_id: PathF
         optax.multi_transform(groups, label_tree),
     )
     return tx, schedule, info
+
+
+def make_run_optimizer(config, params, backbone_prefix: str):
+    """`make_optimizer` for a run's config: parameters under `backbone_prefix` (e.g. "encoder.") form the
+    backbone, with the layer-wise lr decay its registry entry defines (`models.registry.layer_ids`)."""
+    model = config.model
+    layer_fn, num_layers = layer_ids(model.backbone, model.backbone_options, config.optimizer.layer_decay_scheme)
+    skip = len(backbone_prefix.rstrip(".").split("."))
+
+    def backbone_layer_id(path: tuple) -> int:  # the registry's ids take paths inside the backbone
+        return layer_fn(tuple(_key(k) for k in path[skip:]))
+
+    return make_optimizer(config.optimizer, params, total_steps=config.total_steps,
+                          backbone_layer_id=backbone_layer_id if layer_fn is not None else None,
+                          num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith(backbone_prefix))

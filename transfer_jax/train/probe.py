@@ -2,8 +2,9 @@
 
 The probe set is fixed for the run: centre crops of validation cases, extended with their mirror images (the 8
 flip combinations) when more samples are asked for than there are cases. Its images stay on device, sharded over
-the batch axes; the reference features (initial weights) are computed once and stay on device; at each evaluation
-the current features are computed and every configured estimator runs inside one jitted call. Only the resulting
+the batch axes. Both device functions (the feature pass and the measurement) are compiled ahead of training,
+when the reference features (initial weights) are computed once; they stay on device. At each evaluation the
+current features are computed and every configured estimator runs inside one compiled call. Only the resulting
 scalars are ever fetched, at the logging cadence.
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ class AlignmentProbe:
         self.images = jax.device_put(task.probe_inputs(images), sharding)
         self.batch_size = batch_size
         self.reference = None
-        self._measure_compiled = None
+        self._features_compiled = self._measure_compiled = None
 
         def features(params, rest, images):
             model = graph.merge(params, rest, training=False)
@@ -87,13 +88,15 @@ class AlignmentProbe:
         return int(self.images.shape[0])
 
     def set_reference(self, params: Any, rest: Any) -> None:
-        """Embeds the probe with the initial weights, and compiles the measurement ahead of training so that the
-        in-loop cost (`alignment_share`) is the steady cost, as for the train step."""
-        self.reference = self._features(params, rest, self.images)
+        """Compiles the probe's feature pass and measurement ahead of training, so that the in-loop cost
+        (`alignment_share`) is the steady cost, as for the train step, and embeds the probe with the initial
+        weights `params`, `rest` (the current weights passed later must have their shapes and shardings)."""
+        self._features_compiled = self._features.lower(params, rest, self.images).compile()
+        self.reference = self._features_compiled(params, rest, self.images)
         self._measure_compiled = self._measure.lower(self.reference, self.reference, jax.random.key(0)).compile()
 
     def __call__(self, params: Any, rest: Any, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
         """{site: {measure: scalar device array}} for the current weights against the reference."""
         if self.reference is None:
             raise RuntimeError("AlignmentProbe.set_reference must run before the first measurement")
-        return self._measure_compiled(self.reference, self._features(params, rest, self.images), key)
+        return self._measure_compiled(self.reference, self._features_compiled(params, rest, self.images), key)

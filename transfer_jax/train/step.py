@@ -7,6 +7,7 @@ import jax
 import optax
 from flax import nnx
 
+from transfer_jax.train.mesh import batch_sharding
 from transfer_jax.train.state import ModelGraph, TrainState
 
 
@@ -48,14 +49,11 @@ def make_eval_step(graph: ModelGraph, task, compute_dtype):
     return eval_step
 
 
-def compile_train_step(train_step, state, batch, shardings, batch_sharding):
-    """AOT-compile with donated state; returns the executable plus its memory and cost analyses."""
-    jitted = jax.jit(
-        train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,)
-    )
-    lowered = jitted.lower(state, batch)
-    compiled = lowered.compile()
-    return compiled
+def jit_train_step(train_step, shardings, mesh):
+    """`train_step` jitted as a run compiles it: the state keeps `shardings` (a `TrainState` of shardings) in and
+    out and is donated, the batch is split over the mesh's batch axes, the metrics are left to XLA."""
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                   donate_argnums=(0,))
 
 
 def describe_memory(compiled) -> dict[str, float]:
