@@ -115,3 +115,12 @@ def test_bad_input_is_one_line_before_compiling(flags, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "compiled in" not in proc.stdout
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 8, 13])
+def test_largest_fitting_batch_search(limit):
+    calls = []
+    best, tried = aot.largest_fitting(lambda k: calls.append(k) or k <= limit)
+    assert best == limit
+    assert len(calls) == len(set(calls))  # no candidate compiled twice
+    assert all(fits == (k <= limit) for k, fits in tried.items())

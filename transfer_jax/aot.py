@@ -228,9 +228,18 @@ def analyse(compiled, resident_bytes: int = 0) -> dict[str, Any]:
             "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
+class OutOfMemory(RuntimeError):
+    """The TPU compiler could not place the program in HBM (it refuses to emit it)."""
+
+
 def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, float]:
     start = time.time()
-    compiled = lower().compile()
+    try:
+        compiled = lower().compile()
+    except Exception as exc:
+        if "RESOURCE_EXHAUSTED" in str(exc) or "Ran out of memory" in str(exc):
+            raise OutOfMemory(str(exc).strip().splitlines()[0][:400]) from None
+        raise
     return compiled, time.time() - start
 
 
@@ -257,6 +266,13 @@ def make_mesh(config, devices):
     return create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
 
 
+def devices_per_chip(devices) -> int:
+    """TensorCores a topology exposes as separate devices per chip (v4's compile-only topologies: 2); the chip's
+    datasheet figures are shared among them."""
+    chips = {tuple(getattr(d, "coords", ())) for d in devices}
+    return max(1, len(devices) // max(1, len(chips))) if all(getattr(d, "coords", None) for d in devices) else 1
+
+
 def roofline(flops: float, bytes_accessed: float, peak_flops: Optional[float], hbm_bandwidth: Optional[float]
              ) -> Optional[float]:
     if not peak_flops or not hbm_bandwidth:
@@ -275,11 +291,21 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
     device = devices[0]
     programs = Programs(config, mesh)
     n = mesh.devices.size
+    per_chip = devices_per_chip(devices)
     peak_flops = device_peak_flops(device, config.logging.peak_tflops)
+    peak_flops = peak_flops / per_chip if peak_flops else None
     hbm = device_hbm(device)
-    hbm_bytes, hbm_bandwidth = hbm if hbm else (None, None)
+    hbm_bytes, hbm_bandwidth = (hbm[0] / per_chip, hbm[1] / per_chip) if hbm else (None, None)
 
-    compiled, seconds = _timed_compile(lambda: programs.lower_train(config.batch_size))
+    start = time.time()
+    try:
+        compiled, seconds = _timed_compile(lambda: programs.lower_train(config.batch_size))
+    except OutOfMemory as exc:
+        log(f"train step does not fit: {exc}")
+        return {"config": name, "topology": topology, "device_kind": device.device_kind, "devices": n,
+                "mesh": dict(mesh.shape), "strategy": config.mesh.strategy, "batch_size": config.batch_size,
+                "compiled": False, "fits": False, "error": str(exc), "compile_s": round(time.time() - start, 1),
+                "hbm_bytes": hbm_bytes}
     train = analyse(compiled)
     log(f"train step compiled in {seconds:.0f}s")
     # The state as the device lays it out (the train step's outputs: the new state and a few scalars); tiled TPU
@@ -310,7 +336,7 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
     fits = {name: (p["peak_bytes"] <= hbm_bytes if hbm_bytes else None) for name, p in parts.items()}
     report = {
         "config": name, "topology": topology, "device_kind": device.device_kind, "devices": n,
-        "mesh": dict(mesh.shape), "strategy": config.mesh.strategy, "batch_size": config.batch_size,
+        "devices_per_chip": per_chip, "mesh": dict(mesh.shape), "strategy": config.mesh.strategy, "batch_size": config.batch_size,
         "batch_per_device": config.batch_size / n, "dtype": str(config.model.backbone_options.get("dtype", "")),
         "compiled": True, "compile_s": round(sum(p["compile_s"] for p in parts.values()), 1),
         "per_device": True,
@@ -339,30 +365,46 @@ def max_batch(config, devices, log=print) -> tuple[int, dict[int, bool]]:
     hbm = device_hbm(devices[0])
     if not hbm:
         raise AotError(f"no HBM size known for {devices[0].device_kind!r} (train/flops.py TPU_HBM)")
+    hbm = (hbm[0] / devices_per_chip(devices), hbm[1])
     mesh = make_mesh(config, devices)
     programs = Programs(config, mesh)
     unit = mesh.devices.size
-    tried: dict[int, bool] = {}
 
     def fits(multiple: int) -> bool:
-        if multiple not in tried:
+        try:
             compiled, seconds = _timed_compile(lambda: programs.lower_train(multiple * unit))
-            peak = analyse(compiled)["peak_bytes"]
-            tried[multiple] = peak <= hbm[0]
-            log(f"  batch {multiple * unit}: peak {peak / GIB:.2f} GiB per device, "
-                f"{'fits' if tried[multiple] else 'does not fit'} ({seconds:.0f}s)")
-        return tried[multiple]
+        except OutOfMemory as exc:
+            log(f"  batch {multiple * unit}: does not fit ({exc})")
+            return False
+        peak = analyse(compiled)["peak_bytes"]
+        log(f"  batch {multiple * unit}: peak {peak / GIB:.2f} GiB per device, "
+            f"{'fits' if peak <= hbm[0] else 'does not fit'} ({seconds:.0f}s)")
+        return peak <= hbm[0]
 
-    if not fits(1):
-        return 0, {k * unit: v for k, v in tried.items()}
+    best, tried = largest_fitting(fits)
+    return best * unit, {k * unit: v for k, v in tried.items()}
+
+
+def largest_fitting(fits: Callable[[int], bool]) -> tuple[int, dict[int, bool]]:
+    """The largest k >= 1 with fits(k), for a `fits` that holds up to some k and fails beyond it: doubling from 1,
+    then bisection between the last fitting and the first failing k. Returns (k or 0, {k tried: fits})."""
+    tried: dict[int, bool] = {}
+
+    def check(k: int) -> bool:
+        if k not in tried:
+            tried[k] = bool(fits(k))
+        return tried[k]
+
+    if not check(1):
+        return 0, tried
     low = 1
-    while fits(low * 2):
+    while check(low * 2):
         low *= 2
     high = low * 2  # low fits, high does not
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low * unit, {k * unit: v for k, v in sorted(tried.items())}
+        low, high = (mid, high) if check(mid) else (low, mid)
+    return low, dict(sorted(tried.items()))
 
 
 def format_table(report: dict) -> str:
@@ -378,7 +420,7 @@ def format_table(report: dict) -> str:
     lines.append("(per device; peak = arguments + outputs - aliased + temporaries, plus the train state held "
                  "outside the step's arguments)")
     if report["hbm_bytes"]:
-        lines.append(f"HBM {report['hbm_bytes'] / GIB:.0f} GiB per chip: fits={report['fits']}")
+        lines.append(f"HBM {report['hbm_bytes'] / GIB:.0f} GiB per device: fits={report['fits']}")
     if report["roofline_step_s"]:
         lines.append(f"roofline train step {report['roofline_step_s'] * 1e3:.1f} ms ({report['roofline_bound']}-bound), "
                      f"model {report['model_flops_per_step_global'] / 1e12:.2f} TFLOP/step global, "
@@ -414,7 +456,10 @@ def main(argv):
                           max_batch_tried={str(k): v for k, v in tried.items()})
     except AotError as exc:
         sys.exit(f"error: {exc}")
-    emit(report)
+    if report.get("compiled"):
+        emit(report)
+    else:  # out of HBM at compile time: the report is the JSON line alone
+        print(json.dumps(report, default=str), flush=True)
 
 
 def run():
