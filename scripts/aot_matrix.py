@@ -1,4 +1,4 @@
-"""The TPU ahead-of-time matrix: every full-size run compiled for Cloud TPU topologies, written to benchmarks/TPU_AOT.md.
+"""The TPU ahead-of-time matrix: every full-size run compiled for Cloud TPU, written to benchmarks/TPU_AOT.md.
 
     .venv/bin/python scripts/aot_matrix.py                 # compile what is missing, then write the table
     .venv/bin/python scripts/aot_matrix.py --table-only    # rewrite the table from the cached results
@@ -86,8 +86,9 @@ def format_table(rows: list[tuple[str, list[str], dict]]) -> str:
     for name, args, r in rows:
         extra = " ".join(a for a in args[2:] if a != BF16 and not a.startswith("--skip"))
         if not r.get("compiled"):
-            lines.append(f"| {name} | `{args[0][9:]}` {extra} | {args[1][11:]} | | | not compiled: {r.get('error', 'pending')} "
-                         "| | | | | | | | |")
+            status = r.get("error", "pending")
+            lines.append(f"| {name} | `{args[0][9:]}` {extra} | {args[1][11:]} | | | not compiled: {status} | | | | | | "
+                         "| | |")
             continue
         mesh = "x".join(str(v) for v in r["mesh"].values())
         largest = f"{r['max_batch_per_device']:g}" if "max_batch_per_device" in r else "-"

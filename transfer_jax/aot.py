@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x4", "Cloud TPU topology, <chi
                                 "(a v5e-8), v4:2x2x1, v5p:2x2x1, v6e:2x4.")
 _MAX_BATCH = flags.DEFINE_boolean("max_batch", False, "Also search the largest global batch whose train step fits "
                                   "(doubling, then bisection over multiples of the batch-parallel size).")
+flags.DEFINE_alias("max-batch", "max_batch")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Persistent XLA compilation cache folder (default off). jax "
                                  "writes compile-only TPU executables there but cannot read them back (libtpu: "
                                  "\"PjRtCompiler must be constructed with a Client to call "
@@ -76,8 +76,11 @@ def topology_devices(name: str) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
+    # v4 and v5p chips have two TensorCores that run as one device ("megacore"), as on a real slice; by default
+    # libtpu's compile-only topology would expose each core, on which `jax.make_mesh` refuses to lay out a mesh.
+    options = {"chip_config_name": "megacore"} if name.split(":")[0].lower() in ("v4", "v5p") else {}
     try:
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **options).devices)
     except Exception as exc:  # libtpu rejects unknown names with a long XlaRuntimeError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "INVALID_ARGUMENT" not in first:
@@ -254,8 +257,9 @@ def check_inputs(config, devices) -> None:
                        f"devices (use -1)")
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % n:
+            nearest = max(n, config[key] // n * n)
             raise AotError(f"config.{key}={config[key]} must be a multiple of the {n} devices of the topology (the "
-                           f"batch is split over the data x fsdp axes); e.g. --config.{key}={max(n, config[key] // n * n)}")
+                           f"batch is split over the data x fsdp axes); e.g. --config.{key}={nearest}")
     if config.mesh.strategy not in ("replicate", "fsdp"):
         raise AotError(f"config.mesh.strategy must be 'replicate' or 'fsdp', got {config.mesh.strategy!r}")
 
@@ -264,13 +268,6 @@ def make_mesh(config, devices):
     from transfer_jax.train.mesh import create_mesh
 
     return create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-
-
-def devices_per_chip(devices) -> int:
-    """TensorCores a topology exposes as separate devices per chip (v4's compile-only topologies: 2); the chip's
-    datasheet figures are shared among them."""
-    chips = {tuple(getattr(d, "coords", ())) for d in devices}
-    return max(1, len(devices) // max(1, len(chips))) if all(getattr(d, "coords", None) for d in devices) else 1
 
 
 def roofline(flops: float, bytes_accessed: float, peak_flops: Optional[float], hbm_bandwidth: Optional[float]
@@ -291,11 +288,9 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
     device = devices[0]
     programs = Programs(config, mesh)
     n = mesh.devices.size
-    per_chip = devices_per_chip(devices)
     peak_flops = device_peak_flops(device, config.logging.peak_tflops)
-    peak_flops = peak_flops / per_chip if peak_flops else None
     hbm = device_hbm(device)
-    hbm_bytes, hbm_bandwidth = (hbm[0] / per_chip, hbm[1] / per_chip) if hbm else (None, None)
+    hbm_bytes, hbm_bandwidth = hbm if hbm else (None, None)
 
     start = time.time()
     try:
@@ -333,10 +328,11 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
 
     model_flops = programs.model_flops(config.batch_size)
     step_s = roofline(train["flops"], train["bytes_accessed"], peak_flops, hbm_bandwidth)
-    fits = {name: (p["peak_bytes"] <= hbm_bytes if hbm_bytes else None) for name, p in parts.items()}
+    fits = {step: (p["peak_bytes"] <= hbm_bytes if hbm_bytes else None) for step, p in parts.items()}
     report = {
         "config": name, "topology": topology, "device_kind": device.device_kind, "devices": n,
-        "devices_per_chip": per_chip, "mesh": dict(mesh.shape), "strategy": config.mesh.strategy, "batch_size": config.batch_size,
+        "mesh": dict(mesh.shape), "strategy": config.mesh.strategy,
+        "batch_size": config.batch_size,
         "batch_per_device": config.batch_size / n, "dtype": str(config.model.backbone_options.get("dtype", "")),
         "compiled": True, "compile_s": round(sum(p["compile_s"] for p in parts.values()), 1),
         "per_device": True,
@@ -365,7 +361,6 @@ def max_batch(config, devices, log=print) -> tuple[int, dict[int, bool]]:
     hbm = device_hbm(devices[0])
     if not hbm:
         raise AotError(f"no HBM size known for {devices[0].device_kind!r} (train/flops.py TPU_HBM)")
-    hbm = (hbm[0] / devices_per_chip(devices), hbm[1])
     mesh = make_mesh(config, devices)
     programs = Programs(config, mesh)
     unit = mesh.devices.size
@@ -422,7 +417,8 @@ def format_table(report: dict) -> str:
     if report["hbm_bytes"]:
         lines.append(f"HBM {report['hbm_bytes'] / GIB:.0f} GiB per device: fits={report['fits']}")
     if report["roofline_step_s"]:
-        lines.append(f"roofline train step {report['roofline_step_s'] * 1e3:.1f} ms ({report['roofline_bound']}-bound), "
+        lines.append(f"roofline train step {report['roofline_step_s'] * 1e3:.1f} ms "
+                     f"({report['roofline_bound']}-bound), "
                      f"model {report['model_flops_per_step_global'] / 1e12:.2f} TFLOP/step global, "
                      f"roofline MFU {report['roofline_mfu']:.1%}")
     if "max_batch" in report:
