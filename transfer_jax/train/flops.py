@@ -23,8 +23,26 @@ from transfer_jax.models.cpu_conv import target_platform
 BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12),
     ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+    ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),  # "TPU v5": a v5p
 )
+
+
+# Per-chip HBM capacity (GiB) and bandwidth (GB/s) of Cloud TPUs, keyed like BF16_PEAK_FLOPS, from the system
+# architecture pages of the Google Cloud TPU documentation (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): the
+# memory and roofline estimates of ahead-of-time compiles (transfer_jax/aot.py) read them.
+TPU_HBM: tuple[tuple[str, float, float], ...] = (
+    ("TPU v6 lite", 32, 1640), ("TPU v6e", 32, 1640), ("TPU v5p", 95, 2765), ("TPU v5 lite", 16, 819),
+    ("TPU v5e", 16, 819), ("TPU v5", 95, 2765), ("TPU v4", 32, 1200),
+)
+
+
+def device_hbm(device: jax.Device) -> Optional[tuple[float, float]]:
+    """(HBM bytes, HBM bytes/s) of a Cloud TPU chip from TPU_HBM, or None for other devices."""
+    kind = getattr(device, "device_kind", "").lower()
+    for key, gib, gbps in TPU_HBM:
+        if key.lower() in kind:
+            return gib * 2.0 ** 30, gbps * 1e9
+    return None
 
 
 # Nested jits whose dots are not the model's: `jax.image.resize` interpolates through matmuls with its weight

@@ -19,7 +19,7 @@ import numpy as np
 from transfer_jax.alignment import AlignmentSpec, compute_alignment
 from transfer_jax.data.augment import center_crop
 from transfer_jax.data.pipeline import PreparedCaseSource
-from transfer_jax.train.mesh import batch_sharding
+from transfer_jax.train.mesh import batch_sharding, replicated
 from transfer_jax.train.state import ModelGraph
 
 FLIPS = list(itertools.product((False, True), repeat=3))
@@ -61,7 +61,10 @@ class AlignmentProbe:
         self.sites = tuple(config.sites)
         self.mesh = mesh
         sharding = batch_sharding(mesh)
-        self.images = jax.device_put(task.probe_inputs(images), sharding)
+        if isinstance(images, jax.ShapeDtypeStruct):  # the probe model inputs, abstract: only `lower` applies
+            self.images = images
+        else:
+            self.images = jax.device_put(task.probe_inputs(images), sharding)
         self.batch_size = batch_size
         self.reference = None
         self._features_compiled = self._measure_compiled = None
@@ -94,6 +97,17 @@ class AlignmentProbe:
         self._features_compiled = self._features.lower(params, rest, self.images).compile()
         self.reference = self._features_compiled(params, rest, self.images)
         self._measure_compiled = self._measure.lower(self.reference, self.reference, jax.random.key(0)).compile()
+
+    def lower(self, params: Any, rest: Any) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+        """The feature and measurement computations lowered for (abstract) weights without running anything:
+        ahead-of-time compilation for another platform (transfer_jax/aot.py)."""
+        features = self._features.lower(params, rest, self.images)
+        sharding = batch_sharding(self.mesh)
+        reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                 jax.eval_shape(self._features, params, rest, self.images))
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(self.mesh))
+        return features, self._measure.lower(reference, reference, key)
 
     def __call__(self, params: Any, rest: Any, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
         """{site: {measure: scalar device array}} for the current weights against the reference."""
