@@ -53,7 +53,7 @@ def row_key(args: list[str]) -> str:
 def load_results() -> dict[str, dict]:
     results = {}
     if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
+        with open(RESULTS, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     entry = json.loads(line)
@@ -64,7 +64,7 @@ def load_results() -> dict[str, dict]:
 def compile_row(args: list[str], log_path: str) -> dict:
     """One `python -m transfer_jax.aot` run; its last-line JSON, or the error it ended with."""
     start = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run([sys.executable, "-m", "transfer_jax.aot", *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=log, text=True)
         log.write(proc.stdout)
@@ -125,19 +125,19 @@ def main(argv=None):
                   flush=True)
             if result.get("compiled"):
                 results[key] = dict(result, key=key, args=row, date=time.strftime("%Y-%m-%d"))
-                with open(RESULTS, "a") as f:
+                with open(RESULTS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(results[key], default=str) + "\n")
         table_rows.append((name, row, results.get(key, {})))
     write_table(table_rows)
 
 
 def write_table(rows) -> None:
-    with open(TABLE) as f:
+    with open(TABLE, encoding="utf-8") as f:
         text = f.read()
     start, end = "<!-- aot-matrix:start -->", "<!-- aot-matrix:end -->"
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
-    with open(TABLE, "w") as f:
+    with open(TABLE, "w", encoding="utf-8") as f:
         f.write(before + start + "\n" + format_table(rows) + "\n" + end + after)
     print(f"wrote {TABLE}")
 

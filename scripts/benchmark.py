@@ -329,7 +329,7 @@ def data_section(args, step_rows):
     from transfer_jax.data.manifest import read_manifest
     from transfer_jax.data.phantom import PhantomConfig, default_phantom_manifest
     from transfer_jax.data.pipeline import PreparedCaseSource, memory_cache_bytes, train_dataset
-    from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
+    from transfer_jax.data.preprocess import prepare_case
     from transfer_jax.data.manifest import Case
     from transfer_jax.tasks.registry import get_task
 
@@ -590,7 +590,7 @@ def main(argv=None):
         table(rows, ["steps", "eval_every", "probe_size", "alignment_seconds", "wall_seconds", "alignment_share"],
               "In-loop alignment (MMD/CKA probe) overhead")
     if args.json:
-        with open(args.json, "a") as f:
+        with open(args.json, "a", encoding="utf-8") as f:
             for r in all_rows:
                 f.write(json.dumps(r) + "\n")
 

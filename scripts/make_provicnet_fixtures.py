@@ -465,7 +465,7 @@ def main() -> None:
 
     config = {"vit": TINY_VIT, "head_channels": HEAD_CHANNELS, "num_classes": NUM_CLASSES, "cl_head": CL_HEAD,
               "trus_channels": TRUS_CHANNELS, "torch": torch.__version__}
-    with open(os.path.join(out, "config.json"), "w") as f:
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     total = sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out))
     print(f"wrote {len(os.listdir(out))} files, {total / 1e6:.2f} MB to {out}")

@@ -1,11 +1,9 @@
 """Bad input is caught before training, with an error that names the case, the file and what was expected."""
 import gzip
 import os
-import shutil
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 

@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import sample_case, tiny_manifest, write_manifest_for, write_nifti
+from helpers import sample_case, tiny_manifest, write_manifest_for
 from transfer_jax.data.augment import AugmentConfig, center_crop, random_crop
 from transfer_jax.data.manifest import read_manifest
 from transfer_jax.data.nifti import Grid, read_volume, resample

@@ -1,6 +1,5 @@
 """Pretraining in JAX (configs/pretrain_*.py): objectives, the exported artifact, and fine-tuning from it."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,6 @@ PyTorch layouts are NCHW; the port is NHWC, so maps are transposed before compar
 """
 
 import functools
-import os
 
 import jax.numpy as jnp
 import numpy as np

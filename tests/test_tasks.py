@@ -1,7 +1,6 @@
 """The downstream tasks (classification, super-resolution, distortion correction, synthesis; segmentation with
 ProFound-ViT and HD95) on the one training loop, their target builders and their bad-input errors."""
 import json
-import os
 
 import numpy as np
 import pytest

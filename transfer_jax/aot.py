@@ -16,7 +16,6 @@ the output is one JSON object (scripts/aot_matrix.py collects them).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -90,17 +89,11 @@ def topology_devices(name: str) -> list:
 
 
 def _forms_for(mesh):
-    """The model's layer forms for the mesh's platform (the CPU rewrites only where the mesh is CPU devices)."""
-    from transfer_jax.models import layers
+    """The layer forms of the mesh's platform (never the host's): lax convolutions for TPU devices."""
+    from transfer_jax.models.cpu_conv import target_platform
+    from transfer_jax.train.mesh import mesh_platform
 
-    platform = mesh.devices.flat[0].platform
-    return contextlib.nullcontext() if platform == "cpu" else layers.reference_forms()
-
-
-def _backbone_layer_fn(config):
-    from transfer_jax.train.loop import _backbone_layer_fn as layer_fn
-
-    return layer_fn(config)
+    return target_platform(mesh_platform(mesh))
 
 
 def _abstract(tree, shardings=None):
@@ -146,7 +139,7 @@ class Programs:
         from transfer_jax.models.registry import compute_dtype as model_compute_dtype
         from transfer_jax.tasks.registry import get_task
         from transfer_jax.train.mesh import batch_sharding
-        from transfer_jax.train.optim import make_optimizer
+        from transfer_jax.train.optim import make_run_optimizer
         from transfer_jax.train.state import TrainState, abstract_state, model_graph, state_shardings
 
         self.config, self.mesh = config, mesh
@@ -155,10 +148,7 @@ class Programs:
         self.batch_sharding = batch_sharding(mesh)
         with _forms_for(mesh):
             self.graph, params, rest = model_graph(task.build_model)
-        layer_fn, num_layers = _backbone_layer_fn(config)
-        self.tx, self.schedule, _ = make_optimizer(
-            config.optimizer, params, total_steps=config.total_steps, backbone_layer_id=layer_fn,
-            num_backbone_layers=num_layers, is_backbone=lambda name: name.startswith(task.backbone_prefix))
+        self.tx, self.schedule, _ = make_run_optimizer(config, params, task.backbone_prefix)
         params, rest = _abstract(params), _abstract(rest)
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
                            opt_state=jax.eval_shape(self.tx.init, params))
@@ -170,13 +160,10 @@ class Programs:
         return _batch_spec(self.task, self.config, rows, self.batch_sharding, valid=valid)
 
     def lower_train(self, batch_size: int):
-        import jax
-
-        from transfer_jax.train.step import make_train_step
+        from transfer_jax.train.step import jit_train_step, make_train_step
 
         step = make_train_step(self.graph, self.task, self.tx, self.schedule, self.compute_dtype)
-        jitted = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
-                         out_shardings=(self.shardings, None), donate_argnums=(0,))
+        jitted = jit_train_step(step, self.shardings, self.mesh)
         with _forms_for(self.mesh):
             return jitted.lower(self.state, self.batch(batch_size))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
+import importlib.util
 import os
 import sys
 import textwrap
@@ -66,7 +68,27 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(prog=kwargs.pop("prog", prog_name(module)), description=doc.strip(), **kwargs)
 
     def parse_args(self, args=None, namespace=None):
-        return super().parse_args(canonical_flags(sys.argv[1:] if args is None else args), namespace)
+        parsed = super().parse_args(canonical_flags(sys.argv[1:] if args is None else args), namespace)
+        skip_absent_tpu()
+        return parsed
+
+
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "jax_rocm6_plugin")
+
+
+def skip_absent_tpu() -> None:
+    """Runs on the CPU backend where libtpu is installed (the test extra brings it, for compile-only TPU programs)
+    but the host has no TPU chip and no GPU plugin: otherwise JAX probes libtpu at start-up, which prints its
+    warnings and finds nothing. A platform the user chose (JAX_PLATFORMS, --jax_platforms) is kept."""
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return
+    if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(name) is not None for name in _GPU_PLUGINS):
+        return
+    jax.config.update("jax_platforms", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,3 +151,4 @@ def prepare_runtime(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax, XLA) would drown the run log
+    skip_absent_tpu()

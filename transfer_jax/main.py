@@ -29,7 +29,7 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def _summary(path: str) -> str:
     """The first phrase of a config file's docstring (read, not executed)."""
     try:
-        with open(path) as source:
+        with open(path, encoding="utf-8") as source:
             doc = ast.get_docstring(ast.parse(source.read())) or ""
     except (OSError, SyntaxError):
         return ""

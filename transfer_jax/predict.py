@@ -133,7 +133,7 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
     forward = jax.jit(lambda batch: task.forward(graph.merge(params, rest, training=False), batch, compute_dtype))
     if isinstance(task, ClassificationTask):
         path = os.path.join(output, "probabilities.csv")
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["case_id", *[f"prob_{k}" for k in range(task.num_classes)], "pred"])
             for index, case in enumerate(cases):

@@ -105,7 +105,7 @@ def save_converted(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, _STATE), nested)
     checkpointer.wait_until_finished()
-    with open(os.path.join(directory, _METADATA), "w") as handle:
+    with open(os.path.join(directory, _METADATA), "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=1)
         handle.write("\n")
     return directory
@@ -125,7 +125,7 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(directory, f"not a converted-weights artifact: {_METADATA} is missing (write one with "
                                        "python -m transfer_jax.convert)")
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             metadata = json.load(handle)
     except ValueError as exc:
         raise ArtifactError(directory, f"{_METADATA} is not valid JSON ({exc})") from exc

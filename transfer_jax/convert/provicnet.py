@@ -33,7 +33,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx

@@ -55,7 +55,7 @@ def read_manifest(path: str) -> list[Case]:
     if not os.path.isfile(path):
         raise DataError("manifest not found", path=path)
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -106,7 +106,7 @@ def write_manifest(path: str, cases: list[Case]) -> None:
     """Write cases with paths relative to the manifest's folder (the inverse of read_manifest)."""
     base = os.path.dirname(os.path.abspath(path))
     columns = list(REQUIRED_COLUMNS[:1]) + list(SEQUENCES) + ["gland_mask", "lesion_mask", "label", "split"]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for case in cases:

@@ -75,7 +75,7 @@ def read_summary(workdir: str) -> Optional[dict[str, Any]]:
     """The run's summary.json, or None when it is absent or unreadable (an interrupted write)."""
     path = os.path.join(workdir, SUMMARY_FILE)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             summary = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None

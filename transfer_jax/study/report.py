@@ -87,7 +87,7 @@ def _row_values(row: Row, sites) -> dict[str, Any]:
 
 def write_results_csv(path: str, analysis: StudyAnalysis) -> None:
     columns = result_columns(analysis.sites)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in analysis.rows:
@@ -102,7 +102,7 @@ CORRELATION_COLUMNS = ("site", "target", "method", "n", "coefficient", "p_value"
 
 
 def write_correlations_csv(path: str, analysis: StudyAnalysis) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CORRELATION_COLUMNS)
         for c in analysis.correlations:
@@ -298,10 +298,10 @@ def environment() -> dict[str, Any]:
 def write_configs(configs_dir: str, run_configs: Mapping[str, Mapping], study_config: Optional[Mapping]) -> None:
     os.makedirs(configs_dir, exist_ok=True)
     for name, config in run_configs.items():
-        with open(os.path.join(configs_dir, f"{name}.json"), "w") as f:
+        with open(os.path.join(configs_dir, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, default=str)
     if study_config is not None:
-        with open(os.path.join(configs_dir, "study.json"), "w") as f:
+        with open(os.path.join(configs_dir, "study.json"), "w", encoding="utf-8") as f:
             json.dump(study_config, f, indent=2, default=str)
 
 
@@ -459,7 +459,7 @@ def write_markdown(path: str, analysis: StudyAnalysis, plots: Mapping[str, str],
     lines += ["## Environment", "", f"python {environment_info['python']} on {environment_info['platform']}; "
               + ", ".join(f"{k} {v}" for k, v in environment_info["packages"].items())
               + f"; git {environment_info['git'].get('commit') or NA}. Per-run configs: `configs/`.", ""]
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
 
@@ -491,7 +491,7 @@ def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], env
             encoded = base64.b64encode(f.read()).decode("ascii")
         parts.append(f"<h3>{e(title)}</h3><img alt='{e(title)}' src='data:image/png;base64,{encoded}'>")
     parts.append("<h2>Environment</h2><pre>" + e(json.dumps(environment_info, indent=2)) + "</pre></body></html>")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
 
 
@@ -505,7 +505,7 @@ def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Option
     write_correlations_csv(outputs["correlations.csv"], analysis)
     plots = write_plots(os.path.join(study_dir, PLOTS_DIR), analysis)
     environment_info = environment()
-    with open(outputs["environment.json"], "w") as f:
+    with open(outputs["environment.json"], "w", encoding="utf-8") as f:
         json.dump(environment_info, f, indent=2)
     write_configs(os.path.join(study_dir, CONFIGS_DIR), run_configs or {}, study_config)
     write_markdown(outputs["report.md"], analysis, plots, environment_info, pretraining)

@@ -336,7 +336,7 @@ def _changed_fields(summary: Mapping, config: ml_collections.ConfigDict, overrid
 
 
 def _write_runs_json(path: str, records: list[study_analysis.RunRecord]) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump([dataclasses.asdict(r) | {"name": r.name} for r in records], f, indent=2)
 
 

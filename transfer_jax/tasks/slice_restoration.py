@@ -29,7 +29,6 @@ the gland-weighted L1 (`task.gland_loss_weight`), the metrics (`psnr` primary, `
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

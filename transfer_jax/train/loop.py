@@ -54,8 +54,7 @@ def _run(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Callbac
     throughput: dict[str, float] = {}
     if int(fetch(state.step)) < config.total_steps and not meta.get("stopped_early", False):
         batch = global_batch(next(run.batches), run.mesh)
-        # The one place that traces the run's device code (train step, eval step, alignment probe): a context that
-        # must hold for all of it (e.g. the target platform's forms of the layers) wraps this call.
+        # The one place that traces the run's device code (train step, eval step, alignment probe).
         steps = compile_steps(run, state, batch, initial)
         del initial  # a resumed run keeps only the restored state
         state, figures = train(run, steps, state, meta, batch)
@@ -180,7 +179,7 @@ def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, export
     }
     summary["steps_to_95pct_best"] = steps_to_fraction_of_best(meta["history"], task, 0.95)
     if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+        with open(os.path.join(run.workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)
     if splits.skipped:
         run.log(f"{len(splits.skipped)} case(s) were skipped:\n" + "\n".join(f"  - {p}" for p in splits.skipped))

@@ -68,6 +68,12 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform the mesh's devices belong to ("cpu", "gpu", "tpu"): what its programs are compiled for, which
+    may differ from the host's default backend (compile-only TPU devices on a CPU host)."""
+    return mesh.devices.flat[0].platform
+
+
 def fetch(tree):
     """Device -> host copy of small results (metrics, statistics), gathered across processes when the arrays
     span several hosts. The training loop copies nothing else, which tests check by running it under

@@ -25,7 +25,7 @@ class MetricWriter:
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+            self._jsonl = open(self.jsonl_path, "a", buffering=1, encoding="utf-8")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
