@@ -119,6 +119,11 @@ def read_image(path: str, *, case_id: str | None = None, role: str = "image",
     reader = sitk.ImageFileReader()
     reader.SetImageIO(_ITK_IO[fmt])
     reader.SetFileName(path)
+    return _execute(reader, fmt, case_id, role, path, dtype)
+
+
+def _execute(reader, fmt: str, case_id: str | None, role: str, path: str, dtype):
+    """Runs a SimpleITK reader; its failure becomes the one-line error of an unreadable file."""
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -204,11 +209,7 @@ def _read_dicom_series(folder: str, case_id: str | None, role: str, dtype) -> tu
     _check_slice_positions(sitk, folder, files, case_id, role)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise _unreadable(DICOM, role, case_id, folder, _itk_reason(exc)) from None
-    return _from_itk(image, case_id, role, folder, dtype)
+    return _execute(reader, DICOM, case_id, role, folder, dtype)
 
 
 def _check_slice_positions(sitk, folder: str, files, case_id: str | None, role: str) -> None:
