@@ -34,7 +34,7 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     * default: ViT width 128, depth 4, 112 px -> 64 x 64 labels (1 mm), 16 slices (3 mm) per case, batch 2 cases
       = 32 slices per step, sized for a CPU. Reduced sizes; not the released geometry.
     * full: the released ViT-S/14 at 448 px with 256 x 256 labels (0.5 mm) and 20 slices (3 mm), upstream's data
-      geometry; pair it with init.checkpoint = a converted T2_best.pth (scripts/convert_provicnet.py).
+      geometry; pair it with init.checkpoint = a converted T2_best.pth (python -m transfer_jax.convert provicnet).
     Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);
     `task.contrastive_alpha` > 0 adds the label-guided patch contrastive loss (upstream 0.05). Optimiser: Adam
     (weight decay 0), the backbone at 0.05 x lr like upstream (1e-3 head, 5e-5 backbone), CL_Head frozen as

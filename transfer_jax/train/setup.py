@@ -139,7 +139,7 @@ def _init_label(config, log) -> str:
             log(f"architecture from {config.init.checkpoint}: {change}")
     elif config.init.mode == "pretrained":
         log("WARNING: init.mode='pretrained' but no init.checkpoint is given: the backbone starts from a RANDOM "
-            "stand-in. Point init.checkpoint at a converted or pretrained artifact (scripts/convert_*.py, "
+            "stand-in. Point init.checkpoint at a converted or pretrained artifact (python -m transfer_jax.convert, "
             "configs/pretrain_*.py) for a real transfer measurement.")
         return "pretrained-random-standin"
     return config.init.mode
