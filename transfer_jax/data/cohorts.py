@@ -222,7 +222,7 @@ def prostate158_cohort(root: str, *, test_root: Optional[str] = None,
     for split, name in PROSTATE158_LISTS.items():
         folder = test_root if split == "test" and test_root else root
         path = os.path.join(folder, name)
-        if split == "test" and not os.path.isfile(path):
+        if split == "test" and not test_root and not os.path.isfile(path):
             notes.append(f"no test list ({path}): the manifest has train and val cases only")
             continue
         for row in _read_csv(path, required, f"Prostate158 {name}"):
