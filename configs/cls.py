@@ -23,9 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     binary = "binary" in tokens
     backbone, preset = parse_arg(",".join(t for t in tokens if t != "binary"))
     c = base_config()
-    # label_column + label_map: the target from another manifest column (tasks/classification.py)
-    c.task = ml_collections.ConfigDict(dict(name="classification", binary=binary, bottleneck_dim=64,
-                                            label_column="label", label_map=""))
+    c.task = ml_collections.ConfigDict(dict(name="classification", binary=binary, bottleneck_dim=64))
     c.model = ml_collections.ConfigDict()
     c.total_steps = 200
     c.eval_every = 25

@@ -260,3 +260,24 @@ def test_prostate158_problems_listed_by_name(tmp_path, prostate158):
     cohort = prostate158_cohort(train_root, gland_column=None, lesion_column=None)
     assert [p.case_id for p in cohort.problems] == ["21"]
     assert all(c.gland_mask is None and c.lesion_mask is None for c in cohort.cases)
+
+
+def test_picai_manifest_feeds_csPCa_classification(tmp_path, picai):
+    """The run's pre-flight reads the declared label column: ISUP -> csPCa through task.label_map."""
+    from helpers import load_config
+    from transfer_jax.data.dataset import prepare_splits
+    from transfer_jax.data.preprocess import PreparedCase
+    from transfer_jax.tasks.classification import ClassificationTask
+
+    images, labels = picai
+    output = str(tmp_path / "picai.csv")
+    main(["picai", "--images", images, "--labels", labels, "--output", output])
+    config = load_config("cls", "smoke")
+    config.data.manifest = output
+    config.data.label_column, config.data.label_map = "isup", "isup_cspca"
+    task = ClassificationTask(config)
+    assert task.binary
+    splits = prepare_splits(config.data, str(tmp_path / "cache"), task, log=lambda *_: None)
+    targets = {case_id: task.target(PreparedCase.load(path).label)
+               for split in ("train", "val") for case_id, path in zip(splits.case_ids[split], splits.paths[split])}
+    assert targets == {f"{p}_{s}": int(isup >= 2) for p, s, isup, _ in PICAI_STUDIES}

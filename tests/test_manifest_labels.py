@@ -58,26 +58,30 @@ def test_graded_lesion_map(tmp_path):
         prepare_case(case, PreprocessConfig(**base, lesion_labels=(3, 4, 5)))
 
 
-def _task(**task):
-    config = load_config("cls", "smoke,binary")
-    for key, value in task.items():
-        config.task[key] = value
+def _task(arg="smoke,binary", **data):
+    config = load_config("cls", arg)
+    for key, value in data.items():
+        config.data[key] = value
     return ClassificationTask(config)
 
 
 def test_classification_label_from_mapped_column():
-    task = _task(label_column="isup", label_map="isup_cspca")
-    assert task.label_column == "isup"
+    task = _task("smoke", label_column="isup", label_map="isup_cspca")  # two mapped classes: binary
+    assert (task.num_classes, task.primary_metric) == (2, "auroc")
     assert [task.target(v) for v in ("0", "1", "2", "3.0", "5")] == [0, 0, 1, 1, 1]
-    with pytest.raises(DataError, match="case 'c7'.*'isup' column holds '6', which task.label_map does not map"):
+    with pytest.raises(DataError, match="case 'c7'.*'isup' column holds '6', which data.label_map does not map"):
         task.validate_case(Case("c7", "a", "b", "c", "train", label="6"), None)
     explicit = _task(label_column="case_csPCa", label_map="NO:0,YES:1")
     assert [explicit.target("YES"), explicit.target("NO")] == [1, 0]
     default = _task()  # PI-RADS - 2 in `label`, csPCa = PI-RADS >= 4
     assert [default.target(v) for v in ("0", "1", "2", "3")] == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="task.label_column='isup' needs a task.label_map"):
+    pirads = _task("smoke", label_map="1:0,2:0,3:1,4:2,5:3")  # PI-RADS 1..5 as written, 1 and 2 together
+    assert pirads.num_classes == 4 and pirads.target("4") == 2
+    with pytest.raises(ValueError, match="data.label_column='isup' needs a data.label_map"):
         _task(label_column="isup")
-    with pytest.raises(ValueError, match=r"classes 0..1 .* it names \[2\]"):
+    with pytest.raises(ValueError, match=r"maps to classes \[0, 2\]"):
         _task(label_column="isup", label_map="0:0,5:2")
+    with pytest.raises(ValueError, match="task.binary needs a two-class data.label_map"):
+        _task(label_map="1:0,2:0,3:1,4:2,5:3")
     with pytest.raises(ValueError, match="entry 'high' is not 'value:class'"):
         _task(label_map="high")

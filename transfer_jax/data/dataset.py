@@ -46,7 +46,7 @@ def resolve_manifest(data_config) -> str:
 
 def prepare_splits(data_config, cache_dir: str, task, log=print) -> PreparedSplits:
     manifest = resolve_manifest(data_config)
-    cases: list[Case] = read_manifest(manifest, label_column=task.label_column)
+    cases: list[Case] = read_manifest(manifest, label_column=data_config.label_column)
 
     def validate(case: Case, path: str) -> None:
         task.validate_case(case, PreparedCase.load(path))

@@ -36,7 +36,6 @@ class Task(abc.ABC):
     primary_metric: str = ""
     direction: str = "max"  # "max" or "min"
     backbone_prefix: str = "encoder."  # parameter paths of the pretrained backbone (freezing, lr decay)
-    label_column: str = "label"  # the manifest column read as each case's label (classification may name another)
 
     def __init__(self, config):
         self.config = config
