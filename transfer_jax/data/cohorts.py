@@ -48,6 +48,7 @@ PICAI_DEFAULT_GLAND = "whole_gland/AI/Guerbet23"
 CSPCA_MIN_ISUP = 2  # PI-CAI's reference standard: csPCa = ISUP grade group >= 2
 PROSTATE158_LISTS = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}
 PROSTATE158_SEQUENCES = ("t2", "adc", "dwi")
+_MODULE = "transfer_jax.data.manifest"  # the command's module (this one holds its code)
 
 
 @dataclasses.dataclass
@@ -132,6 +133,62 @@ def grouped_folds(groups: dict[str, bool], num_folds: int, seed: int) -> dict[st
     return folds
 
 
+def _picai_case(row: dict[str, str], images: str, lesion_dirs: list[str], gland_dir: Optional[str],
+                problems: list[DataError]) -> Case:
+    """One marksheet study as a case (split decided later); what is missing goes to `problems`."""
+    patient = row["patient_id"]
+    case_id = f"{patient}_{row['study_id']}"
+    files = {col: os.path.join(images, patient, f"{case_id}_{suffix}.mha") for col, suffix in PICAI_SEQUENCES.items()}
+    for column, path in files.items():
+        if not os.path.isfile(path):
+            problems.append(DataError(f"missing {PICAI_SEQUENCES[column]} sequence", case_id=case_id, path=path))
+    isup, problem = _isup(row)
+    if problem:
+        problems.append(DataError(problem, case_id=case_id))
+    name = f"{case_id}.nii.gz"
+    lesion = next((p for p in (os.path.join(d, name) for d in lesion_dirs) if os.path.isfile(p)), None)
+    if lesion is None and lesion_dirs:
+        problems.append(DataError(f"no lesion delineation {name} in {', '.join(lesion_dirs)}", case_id=case_id))
+    gland = os.path.join(gland_dir, name) if gland_dir else None
+    if gland is not None and not os.path.isfile(gland):
+        problems.append(DataError(f"no gland delineation {name} in {gland_dir}", case_id=case_id))
+    return Case(case_id=case_id, split="train", gland_mask=gland, lesion_mask=lesion, **files,
+                extra={"patient_id": patient, "isup": "" if isup is None else str(isup),
+                       "cspca": "" if isup is None else str(int(isup >= CSPCA_MIN_ISUP))})
+
+
+def _unmarked_studies(images: str, marked: set[str]) -> list[DataError]:
+    """Studies on disk (by their T2 file) that the marksheet does not list, so have no label."""
+    found = []
+    for entry in sorted(os.listdir(images)):
+        if os.path.isdir(os.path.join(images, entry)):
+            found += [n.removesuffix("_t2w.mha") for n in sorted(os.listdir(os.path.join(images, entry)))
+                      if n.endswith("_t2w.mha")]
+    return [DataError(f"not in {PICAI_MARKSHEET} (no ISUP label)", case_id=c) for c in found if c not in marked]
+
+
+def _split_picai(cohort: Cohort, marked: set[str], splits: Optional[str], fold: int, num_folds: int,
+                 seed: int) -> None:
+    """Fold `fold` becomes `val`, the others `train`: picai_baseline's folds, else a seeded patient-grouped split."""
+    if splits:
+        train, val = read_picai_splits(splits, fold)
+        split_of = {**{s: "train" for s in train}, **{s: "val" for s in val}}
+        cohort.problems += [DataError("listed in the splits but not in the marksheet", case_id=s, path=splits)
+                            for s in split_of if s not in marked]
+        left_out = [c.case_id for c in cohort.cases if c.case_id not in split_of]
+        if left_out:
+            cohort.notes.append(f"{len(left_out)} case(s) in no list of the splits are left out, e.g. {left_out[:3]}")
+        cohort.cases = [dataclasses.replace(c, split=split_of[c.case_id]) for c in cohort.cases
+                        if c.case_id in split_of]
+        return
+    positive = {}
+    for c in cohort.cases:
+        positive[c.extra["patient_id"]] = positive.get(c.extra["patient_id"], False) or c.extra["cspca"] == "1"
+    folds = grouped_folds(positive, num_folds, seed)
+    cohort.cases = [dataclasses.replace(c, split="val" if folds[c.extra["patient_id"]] == fold else "train")
+                    for c in cohort.cases]
+
+
 def picai_cohort(images: str, labels: str, *, fold: int = 0, splits: Optional[str] = None, num_folds: int = 5,
                  seed: int = 0, lesion_masks=PICAI_DEFAULT_LESIONS,
                  gland_mask: Optional[str] = PICAI_DEFAULT_GLAND) -> Cohort:
@@ -141,73 +198,25 @@ def picai_cohort(images: str, labels: str, *, fold: int = 0, splits: Optional[st
     if not 0 <= fold < num_folds:
         raise DataError(f"--fold {fold} is not one of the {num_folds} folds (0..{num_folds - 1})")
     rows = _read_csv(os.path.join(labels, PICAI_MARKSHEET), PICAI_MARKSHEET_COLUMNS, "PI-CAI marksheet")
-    mask_dirs = [os.path.join(labels, PICAI_LESIONS, d) for d in lesion_masks]
-    if gland_mask:
-        mask_dirs.append(os.path.join(labels, PICAI_ANATOMY, gland_mask))
-    for folder in mask_dirs:
+    lesion_dirs = [os.path.join(labels, PICAI_LESIONS, d) for d in lesion_masks]
+    gland_dir = os.path.join(labels, PICAI_ANATOMY, gland_mask) if gland_mask else None
+    for folder in lesion_dirs + [gland_dir] * bool(gland_dir):
         if not os.path.isdir(folder):
             raise DataError("delineation folder not found (check --labels, --lesion_masks, --gland_mask)",
                             path=folder)
-
-    problems, cases, notes, marked = [], [], [], set()
+    marked = {f"{row['patient_id']}_{row['study_id']}" for row in rows}
+    cohort = Cohort([], _unmarked_studies(images, marked))
     for row in rows:
-        patient, study = row["patient_id"], row["study_id"]
-        case_id = f"{patient}_{study}"
-        marked.add(case_id)
-        folder = os.path.join(images, patient)
-        if not os.path.isdir(folder):
-            continue  # that image fold was not downloaded
-        files = {col: os.path.join(folder, f"{case_id}_{suffix}.mha") for col, suffix in PICAI_SEQUENCES.items()}
-        for column, path in files.items():
-            if not os.path.isfile(path):
-                problems.append(DataError(f"missing {PICAI_SEQUENCES[column]} sequence", case_id=case_id, path=path))
-        isup, problem = _isup(row)
-        if problem:
-            problems.append(DataError(problem, case_id=case_id))
-        lesion = next((p for p in (os.path.join(d, f"{case_id}.nii.gz") for d in mask_dirs[:len(lesion_masks)])
-                       if os.path.isfile(p)), None)
-        if lesion is None and lesion_masks:
-            problems.append(DataError(f"no lesion delineation {case_id}.nii.gz in {', '.join(lesion_masks)}",
-                                      case_id=case_id))
-        gland = os.path.join(mask_dirs[-1], f"{case_id}.nii.gz") if gland_mask else None
-        if gland is not None and not os.path.isfile(gland):
-            problems.append(DataError(f"no gland delineation {case_id}.nii.gz in {gland_mask}", case_id=case_id))
-        cases.append(Case(case_id=case_id, split="train", gland_mask=gland, lesion_mask=lesion, **files,
-                          extra={"patient_id": patient, "isup": "" if isup is None else str(isup),
-                                 "cspca": "" if isup is None else str(int(isup >= CSPCA_MIN_ISUP))}))
-    for entry in sorted(os.listdir(images)):
-        if os.path.isdir(os.path.join(images, entry)):
-            for name in sorted(os.listdir(os.path.join(images, entry))):
-                if name.endswith("_t2w.mha") and name[:-len("_t2w.mha")] not in marked:
-                    problems.append(DataError(f"not in {PICAI_MARKSHEET} (no ISUP label)",
-                                              case_id=name[:-len("_t2w.mha")]))
-    if not cases and not problems:
+        if os.path.isdir(os.path.join(images, row["patient_id"])):  # else its image fold is not there
+            cohort.cases.append(_picai_case(row, images, lesion_dirs, gland_dir, cohort.problems))
+    if not cohort.cases and not cohort.problems:
         raise DataError("no patient folder of the marksheet here (expected <patient>/<patient>_<study>_t2w.mha)",
                         path=images)
-    absent = len(marked) - len(cases)
-    if absent:
-        notes.append(f"{absent} marksheet case(s) have no patient folder under {images} (image folds not unpacked "
-                     "there?)")
-
-    if splits:
-        train, val = read_picai_splits(splits, fold)
-        split_of = {**{s: "train" for s in train}, **{s: "val" for s in val}}
-        present = {c.case_id for c in cases}
-        listed_absent = [s for s in split_of if s not in present and s not in marked]
-        problems += [DataError("listed in the splits but not in the marksheet", case_id=s, path=splits)
-                     for s in listed_absent]
-        left_out = [c.case_id for c in cases if c.case_id not in split_of]
-        if left_out:
-            notes.append(f"{len(left_out)} case(s) in no list of the splits are left out, e.g. {left_out[:3]}")
-        cases = [dataclasses.replace(c, split=split_of[c.case_id]) for c in cases if c.case_id in split_of]
-    else:
-        positive = {}
-        for c in cases:
-            positive[c.extra["patient_id"]] = positive.get(c.extra["patient_id"], False) or c.extra["cspca"] == "1"
-        folds = grouped_folds(positive, num_folds, seed)
-        cases = [dataclasses.replace(c, split="val" if folds[c.extra["patient_id"]] == fold else "train")
-                 for c in cases]
-    return Cohort(cases, problems, notes)
+    if len(marked) > len(cohort.cases):
+        cohort.notes.append(f"{len(marked) - len(cohort.cases)} marksheet case(s) have no patient folder under "
+                            f"{images} (image folds not unpacked there?)")
+    _split_picai(cohort, marked, splits, fold, num_folds, seed)
+    return cohort
 
 
 # -- Prostate158 ---------------------------------------------------------------------------------------------------
@@ -251,12 +260,20 @@ def prostate158_cohort(root: str, *, test_root: Optional[str] = None,
 # -- command line --------------------------------------------------------------------------------------------------
 
 
+def _doc(cohort: str) -> str:
+    """One cohort's paragraph of the module docstring, then its example command."""
+    lines = __doc__.splitlines()
+    command = next(i for i, line in enumerate(lines) if line.strip().startswith(f"python -m {_MODULE} {cohort} "))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{cohort}: "))
+    return "\n".join(lines[start:lines.index("", start)] + [""] + lines[command:command + 2])
+
+
 def build_parser():
     from transfer_jax.cli import ArgumentParser
 
-    parser = ArgumentParser("transfer_jax.data.manifest", __doc__)
+    parser = ArgumentParser(_MODULE, __doc__)
     commands = parser.add_subparsers(dest="cohort", required=True, metavar="{picai,prostate158}")
-    picai = commands.add_parser("picai", module="transfer_jax.data.manifest", doc="The PI-CAI public dataset.")
+    picai = commands.add_parser("picai", module=_MODULE, doc=_doc("picai"))
     picai.add_argument("--images", required=True, help="folder of patient folders of <patient>_<study>_*.mha")
     picai.add_argument("--labels", required=True, help="a picai_labels checkout (holds clinical_information/)")
     picai.add_argument("--splits", help="picai_baseline splits: a folder of ds-config-*-fold-<k>.json or a "
@@ -270,7 +287,7 @@ def build_parser():
     picai.add_argument("--gland_mask", default=PICAI_DEFAULT_GLAND,
                        help=f"folder under {PICAI_ANATOMY}/ (zonal_pz_tz/AI/HeviAI23: PZ 1, TZ 2, so train with "
                             "data.gland_labels=(1, 2)); empty: none")
-    p158 = commands.add_parser("prostate158", module="transfer_jax.data.manifest", doc="The Prostate158 dataset.")
+    p158 = commands.add_parser("prostate158", module=_MODULE, doc=_doc("prostate158"))
     p158.add_argument("--root", required=True, help="the training archive's folder holding train.csv, valid.csv")
     p158.add_argument("--test_root", help="the test archive's folder holding test.csv (default: --root)")
     p158.add_argument("--gland_mask", default="t2_anatomy_reader1", help="CSV column of the gland (zonal) mask; "

@@ -20,8 +20,9 @@ class PreparedSplits:
 
 
 def preprocess_config(data_config) -> PreprocessConfig:
-    maps = {f"{name}{kind}": tuple(data_config[f"{name}{kind}"])
-            for name in ("gland", "lesion") for kind in ("_labels", "_background_labels")}
+    # .get: a run config saved before the label maps existed keeps the defaults it was trained with
+    maps = {key: tuple(data_config.get(key, getattr(PreprocessConfig, key)))
+            for key in ("gland_labels", "gland_background_labels", "lesion_labels", "lesion_background_labels")}
     problems = [p for name in ("gland", "lesion")
                 for p in label_map_problems(name, maps[f"{name}_labels"], maps[f"{name}_background_labels"])]
     if problems:
@@ -46,7 +47,7 @@ def resolve_manifest(data_config) -> str:
 
 def prepare_splits(data_config, cache_dir: str, task, log=print) -> PreparedSplits:
     manifest = resolve_manifest(data_config)
-    cases: list[Case] = read_manifest(manifest, label_column=data_config.label_column)
+    cases: list[Case] = read_manifest(manifest, label_column=data_config.get("label_column", "label"))
 
     def validate(case: Case, path: str) -> None:
         task.validate_case(case, PreparedCase.load(path))

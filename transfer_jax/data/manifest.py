@@ -8,9 +8,9 @@ Columns (header required, order free):
 | `t2`          | yes      | T2-weighted image; defines the reference grid                            |
 | `adc`         | yes      | ADC map (resampled onto the T2 grid if its grid differs)                 |
 | `dwi`         | yes      | high-b DWI (likewise)                                                    |
-| `gland_mask`  | no       | prostate mask (values 0/1), used for cropping and segmentation          |
-| `lesion_mask` | no       | lesion mask (integer labels, > 0 = lesion)                               |
-| `label`       | no       | case-level integer label (e.g. PI-RADS - 2) for classification           |
+| `gland_mask`  | no       | prostate mask (values per `data.gland_labels`), cropping, segmentation   |
+| `lesion_mask` | no       | lesion mask (values per `data.lesion_labels`, e.g. ISUP grades)          |
+| `label`       | no       | case-level label (PI-RADS - 2) for classification; `data.label_column`   |
 | `split`       | yes      | `train`, `val` or `test`                                                 |
 | anything else | no       | kept with the case (`Case.extra`); a task may read its label from one    |
 
@@ -20,7 +20,8 @@ Image columns take NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mha`, `.mhd`; PI-CAI 
 converted), so sequences line up across formats (`readers`).
 
 Paths are relative to the manifest's folder (absolute paths are kept as they are). Empty cells mean "absent".
-Mask values are read through the `data.*_labels` label maps (preprocess.PreprocessConfig).
+Mask values are read through the `data.*_labels` label maps (preprocess.PreprocessConfig); the case label may come
+from another column (`read_manifest(label_column=...)`, mapped to classes by `data.label_map`).
 
 `python -m transfer_jax.data.manifest {picai,prostate158} ...` writes the manifest of a public cohort from its
 release layout (`cohorts`).
