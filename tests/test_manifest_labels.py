@@ -38,6 +38,9 @@ def test_label_map_config_keys(tmp_path):
     with pytest.raises(DataError, match=r"\[3\] are in both data.lesion_labels and data.lesion_background_labels"):
         preprocess_config(config.data)
     config.data.lesion_background_labels = ()
+    config.data.gland_labels = (0, 1)
+    with pytest.raises(DataError, match=r"must be positive integers \(0 is always background\)"):
+        preprocess_config(config.data)
     config.data.gland_labels = ()
     with pytest.raises(DataError, match="data.gland_labels is empty"):
         preprocess_config(config.data)

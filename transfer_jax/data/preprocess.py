@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
@@ -102,7 +103,7 @@ def label_map_problems(name: str, labels, background) -> list[str]:
     values = list(labels) + list(background)
     if not list(labels):
         return [f"data.{name}_labels is empty: name the mask value(s) that mean {name}"]
-    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in values):
         return [f"data.{name}_labels {tuple(labels)} / data.{name}_background_labels {tuple(background)} must be "
                 "positive integers (0 is always background)"]
     both = sorted(set(labels) & set(background))
