@@ -53,6 +53,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_size = (32, 64, 64)  # (D, H, W); ProFound: (64, 224, 224)
     c.data.region_margin = 1.25
     c.data.channels = ("t2", "dwi", "adc")
+    # Mask label maps: the mask values that mean the structure; 0 and *_background_labels are background, any other
+    # value fails the pre-flight check. Zonal masks: gland_labels=(1, 2); ISUP-graded lesions counted from grade 3:
+    # lesion_labels=(3, 4, 5), lesion_background_labels=(2,).
+    c.data.gland_labels = (1,)
+    c.data.gland_background_labels = ()
+    c.data.lesion_labels = (1, 2, 3, 4, 5)
+    c.data.lesion_background_labels = ()
+    # The case label: the manifest column read as it and, for classification, how its values map to classes
+    # ("" = PI-RADS - 2 in 'label'; a name in tasks/classification.py LABEL_MAPS such as "isup_cspca", or
+    # "value:class,..."). The map's classes set the task's: 2 = binary (csPCa), 4 = PI-RADS.
+    c.data.label_column = "label"
+    c.data.label_map = ""
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     c.data.cache_dir = ""  # prepared cases; empty = <workdir>/preprocessed
     c.data.preprocess_workers = 0

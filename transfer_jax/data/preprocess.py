@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
@@ -36,8 +37,12 @@ class PreprocessConfig:
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
-    gland_mask_values: tuple[int, ...] = (0, 1)
-    lesion_mask_values: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    # Label maps (`data.*_labels`): the mask values that mean the structure; 0 and the *_background_labels values
+    # are background; any other value is an error. Masks are binarised through them before resampling.
+    gland_labels: tuple[int, ...] = (1,)
+    gland_background_labels: tuple[int, ...] = ()
+    lesion_labels: tuple[int, ...] = (1, 2, 3, 4, 5)
+    lesion_background_labels: tuple[int, ...] = ()
 
     @property
     def region_size(self) -> tuple[int, int, int]:
@@ -93,16 +98,32 @@ def zscore_nonzero(channel: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_mask(volume: Volume, allowed: tuple[int, ...], case_id: str, role: str) -> None:
+def label_map_problems(name: str, labels, background) -> list[str]:
+    """What is wrong with one mask's label map (`data.<name>_labels` / `data.<name>_background_labels`)."""
+    values = list(labels) + list(background)
+    if not list(labels):
+        return [f"data.{name}_labels is empty: name the mask value(s) that mean {name}"]
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in values):
+        return [f"data.{name}_labels {tuple(labels)} / data.{name}_background_labels {tuple(background)} must be "
+                "positive integers (0 is always background)"]
+    both = sorted(set(labels) & set(background))
+    return [f"value(s) {both} are in both data.{name}_labels and data.{name}_background_labels"] if both else []
+
+
+def _binarise_mask(volume: Volume, labels: tuple[int, ...], background: tuple[int, ...], case_id: str,
+                   role: str) -> Volume:
+    """The mask as 0/1 through its label map; a value the map does not name is an error, not background."""
     values = np.unique(volume.array)
     non_integer = values[values != np.round(values)]
     if non_integer.size:
         raise DataError(f"{role} must hold integer labels, found values like {non_integer[:5].tolist()}",
                         case_id=case_id, path=volume.path)
-    unexpected = sorted(set(values.astype(int).tolist()) - set(allowed))
+    name = role.removesuffix("_mask")
+    unexpected = sorted(set(values.astype(int).tolist()) - {0, *labels, *background})
     if unexpected:
-        raise DataError(f"{role} has unexpected label value(s) {unexpected}; allowed: {list(allowed)}",
-                        case_id=case_id, path=volume.path)
+        raise DataError(f"{role} has unexpected label value(s) {unexpected}; data.{name}_labels = {list(labels)}, "
+                        f"background: {[0, *background]}", case_id=case_id, path=volume.path)
+    return dataclasses.replace(volume, array=np.isin(volume.array, labels).astype(np.float32))
 
 
 def _on_reference(volume: Volume, target: Grid, reference: Grid, config: PreprocessConfig, case_id: str,
@@ -148,13 +169,15 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     image = np.stack([zscore_nonzero(channels[c]) for c in config.channels], axis=-1)
 
     masks = {}
-    for role, allowed in (("gland_mask", config.gland_mask_values), ("lesion_mask", config.lesion_mask_values)):
+    for role, labels, background in (
+            ("gland_mask", config.gland_labels, config.gland_background_labels),
+            ("lesion_mask", config.lesion_labels, config.lesion_background_labels)):
         path = case.path(role)
         if path is None:
             masks[role] = None
             continue
-        volume = read_volume(path, case_id=case.case_id, role=role)
-        _check_mask(volume, allowed, case.case_id, role)
+        volume = _binarise_mask(read_volume(path, case_id=case.case_id, role=role), labels, background,
+                                case.case_id, role)
         masks[role] = (_on_reference(volume, target, t2.grid, config, case.case_id, role, order=0) > 0)
 
     gland = masks["gland_mask"]
