@@ -6,6 +6,9 @@ the feature extractor.
   stack.slice_position)``), eval mode, returning any of ``logits`` [S, 256, 256, 4], ``patch_tokens``
   [S, 1024, 384], ``cls`` [S, 384] (final-norm tokens).
 * :func:`predict_fusion` -- the mpMRI fusion head over the three sequences' patch tokens.
+* :func:`predict_case` / :func:`write_case_prediction` -- a manifest case through upstream's data path
+  (:func:`transfer_jax.data.slices.case_slices`) and a segmentation model to class probabilities on the case's T2
+  grid, and their NIfTI files (``python -m transfer_jax.predict``).
 * :func:`extract_features` -- ``python -m transfer_jax.extract --model provicnet --params DIR --input IN.npz
   --output OUT.npz``: IN holds ``image`` float32 [N, C, 448, 448] (upstream NCHW), ``slice_index`` [N] and
   ``num_slices`` [N] (raw values, as upstream's position input); OUT gets float32 ``patch_tokens`` [N, 1024, 384]
@@ -23,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
+from transfer_jax.data import slices as slice_data
 from transfer_jax.features.common import batch_size_for, make_data_mesh, run_in_batches, save_features
 from transfer_jax.models.provicnet import FUSION_SEQUENCES, FusionModalities, ProViCNet
 
@@ -118,6 +122,46 @@ def predict_fusion(
     fn = _eval_fn(fusion, mesh, lambda net, batch: {"logits": net(*(batch[name] for name in FUSION_SEQUENCES))})
     inputs = {name: np.asarray(tokens[name], np.float32) for name in FUSION_SEQUENCES}
     return run_in_batches(fn, inputs, batch_size=batch_size_for(mesh, batch_size), mesh=mesh)["logits"]
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Float32 softmax (max-shifted)."""
+    shifted = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return (shifted / shifted.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def predict_case(
+    model: ProViCNet,
+    case,
+    *,
+    sequence: str = "t2",
+    image_size: int = slice_data.MODEL_IMAGE_SIZE,
+    edge: str = "shift",
+    batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> np.ndarray:
+    """Class probabilities [Z, Y, X, classes] float32 of a segmentation model on a manifest case's T2 grid.
+
+    Upstream's inference: the whole native slices of ``sequence`` (gland z-score, resize to ``image_size``,
+    3-slice stacks with the ``edge`` rule, positions (j, Z)), softmax over the classes, output slot k on slice k,
+    resized back to the slice's in-plane size when that differs from the model's output.
+    """
+    stack = slice_data.case_slices(case, sequence, edge=edge, image_size=image_size,
+                                   num_channels=model.config.input_channels)
+    logits = predict_slices(model, stack.images, stack.slice_position, batch_size=batch_size, mesh=mesh)["logits"]
+    return slice_data.volume_from_slices(softmax(logits), stack)
+
+
+def write_case_prediction(probabilities: np.ndarray, case, output: str | os.PathLike, *,
+                          save_probabilities: bool = False) -> list[str]:
+    """``<case_id>_seg.nii.gz`` (argmax class, uint8) and, with ``save_probabilities``,
+    ``<case_id>_probabilities.nii.gz`` (float32, classes on the last axis), both on the case's T2 grid."""
+    labels = probabilities.argmax(axis=-1).astype(np.uint8)
+    paths = [slice_data.write_prediction_nifti(labels, case.t2, os.path.join(output, f"{case.case_id}_seg.nii.gz"))]
+    if save_probabilities:
+        paths.append(slice_data.write_prediction_nifti(
+            probabilities.astype(np.float32), case.t2, os.path.join(output, f"{case.case_id}_probabilities.nii.gz")))
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------------------
