@@ -4,7 +4,8 @@ Steps (ProFound's conventions, `profound.md` §1.1):
 1. the T2 grid, resampled to the target spacing (same origin and direction), is the reference grid;
 2. DWI, ADC and the masks are sampled from their own grids onto it in one affine-aware interpolation
    (trilinear for images, nearest for masks), so sequences acquired on other grids line up;
-3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero);
+3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero), unless `intensity` is
+   "raw" (ProViCNet normalises the raw intensities itself, inside the gland: `data/slices.py`);
 4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
    zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre.
 
@@ -26,6 +27,7 @@ from transfer_jax.data.manifest import Case
 from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
 from transfer_jax.data.readers import source_files
 
+INTENSITY_MODES = ("zscore_nonzero", "raw")
 CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
 
 
@@ -35,6 +37,7 @@ class PreprocessConfig:
     crop_size: tuple[int, int, int] = (64, 224, 224)  # (D, H, W) voxels fed to the model
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
+    intensity: str = "zscore_nonzero"  # or "raw": the resampled intensities as read
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
     gland_mask_values: tuple[int, ...] = (0, 1)
     lesion_mask_values: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
@@ -145,7 +148,10 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     unknown = [c for c in config.channels if c not in channels]
     if unknown:
         raise DataError(f"unknown channel(s) {unknown} in data.channels; available: {sorted(channels)}")
-    image = np.stack([zscore_nonzero(channels[c]) for c in config.channels], axis=-1)
+    if config.intensity not in INTENSITY_MODES:
+        raise ValueError(f"data.intensity must be one of {INTENSITY_MODES}, got {config.intensity!r}")
+    normalise = zscore_nonzero if config.intensity == "zscore_nonzero" else np.asarray
+    image = np.stack([normalise(channels[c]) for c in config.channels], axis=-1)
 
     masks = {}
     for role, allowed in (("gland_mask", config.gland_mask_values), ("lesion_mask", config.lesion_mask_values)):
