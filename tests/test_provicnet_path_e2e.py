@@ -11,18 +11,23 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from transfer_jax import predict
+from transfer_jax import extract, predict
 from transfer_jax.convert.__main__ import main as convert_main
+from transfer_jax.features.provicnet import softmax
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "provicnet_e2e")
 
 
 @pytest.fixture(scope="module")
-def prediction(tmp_path_factory):
-    root = tmp_path_factory.mktemp("provicnet_e2e")
-    artifact, output = root / "artifact", root / "predictions"
-    assert convert_main(["provicnet", f"--checkpoint={FIXTURE}/adc.pth", f"--output={artifact}",
-                         "--num_heads=2"]) == 0
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("provicnet_e2e") / "artifact"
+    assert convert_main(["provicnet", f"--checkpoint={FIXTURE}/adc.pth", f"--output={path}", "--num_heads=2"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def prediction(artifact):
+    output = artifact.parent / "predictions"
     predict.main([f"--params={artifact}", f"--manifest={FIXTURE}/manifest.csv", f"--output={output}",
                   "--sequence=adc", "--save-probabilities"])
     return output
@@ -45,3 +50,16 @@ def test_labels_are_the_argmax_on_the_t2_grid(prediction):
     probabilities = np.asarray(nib.load(prediction / "sample_probabilities.nii.gz").dataobj)
     assert labels.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(labels.dataobj), probabilities.argmax(axis=-1))
+
+
+def test_extract_from_the_manifest_uses_the_same_path(artifact, tmp_path, highest_precision):
+    output = tmp_path / "features.npz"
+    assert extract.main(["--model=provicnet", f"--params={artifact}", f"--manifest={FIXTURE}/manifest.csv",
+                         "--sequence=adc", f"--output={output}"]) == 0
+    reference = np.load(os.path.join(FIXTURE, "reference.npz"))
+    features = np.load(output)
+    np.testing.assert_array_equal(features["slice_position"], reference["positions"])
+    np.testing.assert_array_equal(features["case_id"], ["sample"] * len(reference["positions"]))
+    stride = int(reference["stride"])
+    probabilities = softmax(features["seg_logits"])[:, ::stride, ::stride]
+    np.testing.assert_allclose(probabilities, reference["probabilities"], atol=1e-4)

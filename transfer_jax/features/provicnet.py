@@ -13,6 +13,9 @@ the feature extractor.
   --output OUT.npz``: IN holds ``image`` float32 [N, C, 448, 448] (upstream NCHW), ``slice_index`` [N] and
   ``num_slices`` [N] (raw values, as upstream's position input); OUT gets float32 ``patch_tokens`` [N, 1024, 384]
   and ``cls`` [N, 384] after the final norm, and ``seg_logits`` [N, 256, 256, 4] (channels last, eval mode).
+  ``--manifest M.csv [--split S] [--sequence adc]`` instead builds every case's slices with upstream's data path
+  (:func:`transfer_jax.data.slices.case_slices`, as ``predict``) and adds ``case_id`` [N] and ``slice_position``
+  [N, 2] (raw (j, n)) to OUT.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
 from transfer_jax.data import slices as slice_data
+from transfer_jax.data.manifest import cases_in_split, read_manifest
 from transfer_jax.features.common import batch_size_for, make_data_mesh, run_in_batches, save_features
 from transfer_jax.models.provicnet import FUSION_SEQUENCES, FusionModalities, ProViCNet
 
@@ -198,21 +202,50 @@ def read_extraction_input(path: str | os.PathLike, in_channels: int) -> tuple[np
     return images.astype(np.float32), np.stack([fields["slice_index"], fields["num_slices"]], axis=1)
 
 
+def read_manifest_slices(manifest: str | os.PathLike, in_channels: int, *, split: str | None = None,
+                         sequence: str = "t2") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every case of a manifest (optionally one split) through upstream's slice path -> (images NCHW, slice_position
+    [N, 2], case_id [N]), the cases' slices one after the other in manifest order."""
+    cases = read_manifest(os.fspath(manifest))
+    if split is not None:
+        cases = cases_in_split(cases, split)
+    if not cases:
+        raise ValueError(f"{os.fspath(manifest)}: no cases" + (f" in split {split!r}" if split else ""))
+    stacks = [slice_data.case_slices(case, sequence, num_channels=in_channels) for case in cases]
+    case_ids = np.concatenate([np.full(s.num_stacks, c.case_id) for c, s in zip(cases, stacks)])
+    return (np.concatenate([s.images for s in stacks]), np.concatenate([s.slice_position for s in stacks]),
+            case_ids)
+
+
 def extract_features(
     params: str | os.PathLike,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     *,
     batch_size: int = 8,
+    split: str | None = None,
+    crop_size: Sequence[int] | None = None,
+    sequence: str = "t2",
     mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Write ``patch_tokens``, ``cls`` and ``seg_logits`` of a converted ProViCNet slice model; returns shapes."""
+    """Write ``patch_tokens``, ``cls`` and ``seg_logits`` of a converted ProViCNet slice model; returns shapes.
+
+    ``input_path`` is an ``.npz`` of prepared slices or a manifest ``.csv`` (whole native slices, no crop)."""
     model = load_provicnet(params, expect=SLICE_MODEL_NAME)
-    images, position = read_extraction_input(input_path, model.config.input_channels)
+    extra = {}
+    if os.fspath(input_path).endswith(".csv"):
+        if crop_size is not None:
+            raise ValueError("--crop does not apply to ProViCNet: its inputs are the whole native slices")
+        images, position, extra["case_id"] = read_manifest_slices(
+            input_path, model.config.input_channels, split=split, sequence=sequence)
+        extra["slice_position"] = position
+    else:
+        images, position = read_extraction_input(input_path, model.config.input_channels)
     result = predict_slices(model, images, position, outputs=SLICE_OUTPUTS, batch_size=batch_size, mesh=mesh)
     arrays = {
         "patch_tokens": result["patch_tokens"].astype(np.float32),
         "cls": result["cls"].astype(np.float32),
         "seg_logits": result["logits"].astype(np.float32),
+        **extra,
     }
     return save_features(output_path, arrays)
