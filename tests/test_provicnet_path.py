@@ -19,7 +19,7 @@ from transfer_jax.data.preprocess import prepare_case
 from transfer_jax.tasks.registry import get_task
 from helpers import config_for
 
-SLICES, SIDE, SPACING = 20, 48, (1.5, 1.5, 3.0)  # NIfTI (x, y, z): the smoke preset's spacing, no resampling
+SLICES, SIDE, SPACING = 20, 64, (1.5, 1.5, 3.0)  # NIfTI (x, y, z): the smoke preset's spacing and slice size
 GLAND_SLICES = (8, 10)  # [start, stop)
 
 
@@ -27,7 +27,7 @@ def write_case(folder) -> Case:
     """T2 whose slice k has intensities 100 (k + 1) + pattern; ADC zero (air) outside a disc; a small gland."""
     affine = np.diag([*SPACING, 1.0])
     x, y = np.meshgrid(np.arange(SIDE), np.arange(SIDE), indexing="ij")
-    disc = (x - 24) ** 2 + (y - 24) ** 2 < 18 ** 2
+    disc = (x - 32) ** 2 + (y - 32) ** 2 < 24 ** 2
     pattern = (x % 7 + y % 5).astype(np.float32)
     k = np.arange(SLICES)[None, None, :]
     arrays = {
@@ -36,7 +36,7 @@ def write_case(folder) -> Case:
         "dwi": np.where(disc[..., None], 20.0 + pattern[..., None] + k, 0.0),
         "gland": np.zeros((SIDE, SIDE, SLICES)),
     }
-    arrays["gland"][16:32, 18:30, GLAND_SLICES[0]:GLAND_SLICES[1]] = 1
+    arrays["gland"][20:36, 30:42, GLAND_SLICES[0]:GLAND_SLICES[1]] = 1  # off the slices' centre
     paths = {}
     for name, array in arrays.items():
         paths[name] = os.path.join(folder, f"{name}.nii.gz")
@@ -76,6 +76,9 @@ def test_positions_count_from_the_volume_in_train_eval_and_predict(case, tmp_pat
     # j is the volume slice the crop slice holds: T2 slice k is 100 (k + 1) + a pattern of at most 10.
     held = np.floor(evaluation["image"][..., 0].max(axis=(1, 2)) / 100) - 1
     np.testing.assert_array_equal(positions[:, 0], held)
+    # In-plane the evaluation crop is the whole native slice (upstream's input), not re-centred on the gland.
+    t2 = np.asarray(nib.load(case.t2).dataobj).transpose(2, 1, 0)
+    np.testing.assert_array_equal(evaluation["image"][..., 0], t2[held.astype(int)])
 
     no_zoom = AugmentConfig(zoom=0.0, translate=0.2, flip_axes=(), intensity_scale=0.0, intensity_shift=0.0)
     for seed in range(3):

@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.region_margin = 1.25
     c.data.channels = ("t2", "dwi", "adc")
     c.data.intensity = "zscore_nonzero"  # per-channel z-score over non-zero voxels; "raw": as read (ProViCNet)
+    c.data.region_centre = "gland"  # "whole_slices": in-plane the slices' centre (ProViCNet: whole native slices)
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     c.data.cache_dir = ""  # prepared cases; empty = <workdir>/preprocessed
     c.data.preprocess_workers = 0
@@ -250,8 +251,8 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
 
     Sets `c.model` and the slicing fields of `c.task` (create `c.task` first); `data.crop_size`'s in-plane size is
     the model's output size 8 * image_size / 14, labels are never resized; `data.intensity` "raw" (the slice tasks
-    z-score inside the gland); `task.edge` upstream's "shift" where crops have >= 6 slices. Call after apply_smoke /
-    apply_full.
+    z-score inside the gland); `data.region_centre` "whole_slices"; `task.edge` upstream's "shift" where crops have
+    >= 6 slices. Call after apply_smoke / apply_full.
     """
     sizes = PROVICNET_SIZES[preset]
     # Upstream's edge rule ("shift") needs 6 slices per crop; the smoke preset's 4-slice crops clamp instead.
@@ -269,6 +270,9 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
     c.data.crop_size = sizes["crop"]
     c.data.spacing = sizes["spacing"]
     c.data.intensity = "raw"  # the task z-scores the raw intensities inside the gland, as upstream
+    # Whole slices in-plane (they are the crop when at the preset's spacing and size, as upstream's prepared data);
+    # "gland" re-centres the crop on the gland instead.
+    c.data.region_centre = "whole_slices"
 
 
 def provicnet_batches(c: ml_collections.ConfigDict, preset: str) -> None:

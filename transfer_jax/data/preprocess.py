@@ -7,7 +7,10 @@ Steps (ProFound's conventions, `profound.md` §1.1):
 3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero), unless `intensity` is
    "raw" (ProViCNet normalises the raw intensities itself, inside the gland: `data/slices.py`);
 4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
-   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre.
+   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre. With
+   `region_centre="whole_slices"` the region is centred in-plane on the slices' centre (the gland's along the
+   slices), so the evaluation crop is the whole slice when the slices have the crop's in-plane size (ProViCNet:
+   upstream feeds whole 256 x 256 slices).
 
 Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
 """
@@ -28,6 +31,7 @@ from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume,
 from transfer_jax.data.readers import source_files
 
 INTENSITY_MODES = ("zscore_nonzero", "raw")
+REGION_CENTRES = ("gland", "whole_slices")
 CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
 
 
@@ -38,6 +42,7 @@ class PreprocessConfig:
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
     intensity: str = "zscore_nonzero"  # or "raw": the resampled intensities as read
+    region_centre: str = "gland"  # or "whole_slices": in-plane the slices' centre, along the slices the gland's
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
     gland_mask_values: tuple[int, ...] = (0, 1)
     lesion_mask_values: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
@@ -164,10 +169,12 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
         masks[role] = (_on_reference(volume, target, t2.grid, config, case.case_id, role, order=0) > 0)
 
     gland = masks["gland_mask"]
+    if config.region_centre not in REGION_CENTRES:
+        raise ValueError(f"data.region_centre must be one of {REGION_CENTRES}, got {config.region_centre!r}")
+    center = (np.asarray(target.shape) - 1) / 2.0
     if gland is not None and gland.any():
-        center = np.argwhere(gland).mean(axis=0)
-    else:
-        center = (np.asarray(target.shape) - 1) / 2.0
+        gland_center = np.argwhere(gland).mean(axis=0)
+        center = gland_center if config.region_centre == "gland" else np.array([gland_center[0], *center[1:]])
     region = config.region_size
     start = _region_start(center, region)
     as_region = lambda a: None if a is None else crop_or_pad(a.astype(np.uint8), start, region)  # noqa: E731
