@@ -63,7 +63,7 @@ def upstream_zero_value(case, sequence):
     return -inside.mean() / inside.std()
 
 
-@pytest.mark.parametrize("depth", [4, 8])
+@pytest.mark.parametrize("depth", [4, 8, SLICES])
 def test_positions_count_from_the_volume_in_train_eval_and_predict(case, tmp_path, depth):
     config = config_for("seg", "provicnet,smoke")
     config.data.crop_size = (depth, 64, 64)
@@ -79,6 +79,8 @@ def test_positions_count_from_the_volume_in_train_eval_and_predict(case, tmp_pat
     # In-plane the evaluation crop is the whole native slice (upstream's input), not re-centred on the gland.
     t2 = np.asarray(nib.load(case.t2).dataobj).transpose(2, 1, 0)
     np.testing.assert_array_equal(evaluation["image"][..., 0], t2[held.astype(int)])
+    if depth == SLICES:  # a volume that fits the crop goes in whole, as upstream's
+        np.testing.assert_array_equal(held, np.arange(SLICES))
 
     no_zoom = AugmentConfig(zoom=0.0, translate=0.2, flip_axes=(), intensity_scale=0.0, intensity_shift=0.0)
     for seed in range(3):

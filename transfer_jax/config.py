@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.region_margin = 1.25
     c.data.channels = ("t2", "dwi", "adc")
     c.data.intensity = "zscore_nonzero"  # per-channel z-score over non-zero voxels; "raw": as read (ProViCNet)
-    c.data.region_centre = "gland"  # "whole_slices": in-plane the slices' centre (ProViCNet: whole native slices)
+    c.data.region_centre = "gland"  # "whole_slices": axes that fit the crop kept whole (ProViCNet: native slices)
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     c.data.cache_dir = ""  # prepared cases; empty = <workdir>/preprocessed
     c.data.preprocess_workers = 0
@@ -270,8 +270,8 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
     c.data.crop_size = sizes["crop"]
     c.data.spacing = sizes["spacing"]
     c.data.intensity = "raw"  # the task z-scores the raw intensities inside the gland, as upstream
-    # Whole slices in-plane (they are the crop when at the preset's spacing and size, as upstream's prepared data);
-    # "gland" re-centres the crop on the gland instead.
+    # Whole slices (and volumes) where they fit the crop, as upstream feeds its prepared 256 x 256 data; "gland"
+    # re-centres the crop on the gland instead.
     c.data.region_centre = "whole_slices"
 
 

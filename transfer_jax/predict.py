@@ -2,7 +2,7 @@
 
     python -m transfer_jax.predict --workdir=runs/seg --manifest=cases.csv --output=preds/
     python -m transfer_jax.predict --workdir=runs/cls --manifest=cases.csv --output=preds/ --step=200
-    python -m transfer_jax.predict --params=artifacts/T2 --manifest=cases.csv --output=preds/ --save-probabilities
+    python -m transfer_jax.predict --params=artifacts/T2 --manifest=cases.csv --output=preds/ --save_probabilities
 
 Restores the run's config (saved in every checkpoint's metadata) and its latest (or `--step`) parameters, prepares
 each manifest row exactly as training did (`data.*`: spacing, gland-centred region of `crop_size * region_margin`
@@ -26,7 +26,7 @@ inference (`data/slices.py:case_slices`): the whole native slices of the T2 file
 `--sequence` with `--params`), gland z-score of the raw intensities (so the manifest's gland mask is needed),
 resize to the model's input size, 3-slice stacks with upstream's edge rule, slice positions (j, number of slices of
 the volume); the argmax class (0 background, 1 gland, 2 indolent, 3 csPCa) is written as `<case_id>_seg.nii.gz`
-and, with `--save-probabilities`, the softmax as `<case_id>_probabilities.nii.gz` (float32, classes on the last
+and, with `--save_probabilities`, the softmax as `<case_id>_probabilities.nii.gz` (float32, classes on the last
 axis), both on the T2 grid. The other ProViCNet tasks (classification, image-to-image) see every slice of the
 prepared region, cut in-plane to the centred `data.crop_size` window, with the positions of the volume.
 
@@ -152,6 +152,9 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
     cases = read_manifest(manifest)
     written: dict = {"step": step, "files": [], "probabilities": None}
     slices = isinstance(task, SliceTask)
+    if save_probabilities and task.name != "provicnet_segmentation":
+        raise ValueError(f"--save_probabilities applies to ProViCNet segmentation runs and artifacts; {workdir!r} is "
+                         f"a {task.name!r} run")
     forward = jax.jit(lambda batch: task.forward(graph.merge(params, rest, training=False), batch, compute_dtype))
     if isinstance(task, ClassificationTask):
         path = os.path.join(output, "probabilities.csv")
@@ -222,14 +225,16 @@ def main(argv=None) -> None:
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="fraction of the ROI by which neighbouring sliding windows overlap, in [0, 1)")
     parser.add_argument("--batch_size", type=int, default=2, help="sliding windows (ProViCNet: slices) per model call")
-    parser.add_argument("--sequence", default="t2", choices=("t2", "adc", "dwi"),
-                        help="with --params: the manifest column the model reads (T2_best.pth: t2, ADC_best.pth: adc)")
+    parser.add_argument("--sequence", choices=("t2", "adc", "dwi"),
+                        help="with --params: the manifest column the model reads (default t2; ADC_best.pth: adc)")
     parser.add_argument("--save_probabilities", action="store_true",
                         help="ProViCNet segmentation: also write <case_id>_probabilities.nii.gz (classes last)")
     args = parser.parse_args(argv)
     if args.params is not None:
-        result = predict_params(args.params, args.manifest, args.output, sequence=args.sequence,
+        result = predict_params(args.params, args.manifest, args.output, sequence=args.sequence or "t2",
                                 save_probabilities=args.save_probabilities, batch_size=args.batch_size)
+    elif args.sequence is not None:
+        parser.error("--sequence applies to --params; a training run predicts with its own task.sequence")
     else:
         result = predict(args.workdir, args.manifest, args.output, step=args.step, overlap=args.overlap,
                          batch_size=args.batch_size, save_probabilities=args.save_probabilities)

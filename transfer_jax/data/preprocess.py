@@ -8,9 +8,9 @@ Steps (ProFound's conventions, `profound.md` §1.1):
    "raw" (ProViCNet normalises the raw intensities itself, inside the gland: `data/slices.py`);
 4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
    zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre. With
-   `region_centre="whole_slices"` the region is centred in-plane on the slices' centre (the gland's along the
-   slices), so the evaluation crop is the whole slice when the slices have the crop's in-plane size (ProViCNet:
-   upstream feeds whole 256 x 256 slices).
+   `region_centre="whole_slices"` an axis no longer than the crop is kept whole, centred so that the evaluation
+   crop holds all of it (ProViCNet: upstream feeds whole 256 x 256 slices of the whole volume), and only a longer
+   one is cut around the gland.
 
 Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
 """
@@ -42,7 +42,7 @@ class PreprocessConfig:
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
     intensity: str = "zscore_nonzero"  # or "raw": the resampled intensities as read
-    region_centre: str = "gland"  # or "whole_slices": in-plane the slices' centre, along the slices the gland's
+    region_centre: str = "gland"  # or "whole_slices": axes that fit the crop whole, longer ones around the gland
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
     gland_mask_values: tuple[int, ...] = (0, 1)
     lesion_mask_values: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
@@ -171,12 +171,16 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     gland = masks["gland_mask"]
     if config.region_centre not in REGION_CENTRES:
         raise ValueError(f"data.region_centre must be one of {REGION_CENTRES}, got {config.region_centre!r}")
-    center = (np.asarray(target.shape) - 1) / 2.0
     if gland is not None and gland.any():
-        gland_center = np.argwhere(gland).mean(axis=0)
-        center = gland_center if config.region_centre == "gland" else np.array([gland_center[0], *center[1:]])
+        center = np.argwhere(gland).mean(axis=0)
+    else:
+        center = (np.asarray(target.shape) - 1) / 2.0
     region = config.region_size
     start = _region_start(center, region)
+    if config.region_centre == "whole_slices":
+        # The evaluation crop starts (region - crop) // 2 into the region: this start puts the axis inside it.
+        start = tuple(-((r - n) // 2) if n <= c else s
+                      for s, r, n, c in zip(start, region, target.shape, config.crop_size))
     as_region = lambda a: None if a is None else crop_or_pad(a.astype(np.uint8), start, region)  # noqa: E731
     return PreparedCase(
         case_id=case.case_id, image=crop_or_pad(image, start, region), gland=as_region(gland),

@@ -1,6 +1,6 @@
 """Case-level PI-RADS classification with ProViCNet (`configs/cls.py:provicnet`, task `provicnet_classification`).
 
-Slices as in `slice_segmentation.py`: every slice of the (gland-centred) crop becomes a 3-slice stack of
+Slices as in `slice_segmentation.py`: every slice of the crop (whole slices in-plane) becomes a 3-slice stack of
 `task.sequence` z-scored in the gland, with its slice-position tokens (j, n) of the volume. The model (`SliceClassifier`) runs
 ProViCNet's ViT on the case's S slices, averages their final-norm cls tokens over the slices and applies ProFound's
 MLP head (`models/classifier.py::ClassifierHead`, as for the 3-D backbones). Upstream ProViCNet has no

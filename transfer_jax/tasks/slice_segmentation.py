@@ -3,11 +3,13 @@
 Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. The prepared cases' lesion masks are
 taken as csPCa (class 3); class 2 stays empty unless a dataset provides indolent lesions (none does yet).
 
-One batch element is one prepared (cropped, gland-centred) case: every axial slice of the crop becomes a 3-slice
-stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per sequence,
-fusion is not trained here). The crop plays the part of upstream's offline preparation (0.5 x 0.5 x 3 mm,
-prostate-centred 256 x 256 slices in the `full` preset); `predict` runs upstream's inference on the files as they
-are (`data/slices.py:case_slices`). `make_sample` (numpy, data workers), on the augmented training crop or the
+One batch element is one prepared case: every axial slice of a window of `data.crop_size[0]` slices becomes a
+3-slice stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per
+sequence, fusion is not trained here). With `data.region_centre="whole_slices"` the evaluation crop is the whole
+slice (and the whole volume) where it fits the crop: upstream's prepared data (0.5 x 0.5 x 3 mm, 256 x 256, 20
+slices in the `full` preset) goes in whole; larger data is resampled and cut around the gland, as upstream's
+offline preparation (`region_centre="gland"` centres every axis on the gland instead). `predict` and `extract` run upstream's
+inference on the files as they are (`data/slices.py:case_slices`). `make_sample` (numpy, data workers), on the augmented training crop or the
 deterministic evaluation centre crop alike:
 
 1. take the sequence's channel [D, H, W] of raw intensities (`data.intensity = "raw"`: no z-score before this one)
