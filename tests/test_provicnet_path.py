@@ -90,8 +90,13 @@ def test_positions_count_from_the_volume_in_train_eval_and_predict(case, tmp_pat
         np.testing.assert_array_equal(np.diff(positions[:, 0]), 1)
         assert abs(positions[0, 0] - held[0]) <= 0.2 * depth + 1
 
+    whole_volume = np.stack([np.arange(SLICES), np.full(SLICES, SLICES)], 1)
     predicted = slices.case_slices(case, "t2", image_size=task.image_size)
-    np.testing.assert_array_equal(predicted.slice_position, np.stack([np.arange(SLICES), np.full(SLICES, SLICES)], 1))
+    np.testing.assert_array_equal(predicted.slice_position, whole_volume)
+    # A run trained at another in-plane spacing predicts on the T2 grid resampled to it: same slices.
+    coarse = slices.case_slices(case, "t2", spacing=(3.0, 3.0, 3.0), image_size=task.image_size)
+    assert coarse.volume_shape == (SLICES, SIDE // 2, SIDE // 2)
+    np.testing.assert_array_equal(coarse.slice_position, whole_volume)
 
 
 def test_zero_voxels_get_upstreams_value_in_eval_and_predict(case, tmp_path):

@@ -22,13 +22,14 @@ voxels, per-channel z-score), and then, per task:
 
 ProViCNet segmentation (a `provicnet_segmentation` run, or `--params` = a converted release checkpoint, e.g.
 T2_best.pth through `python -m transfer_jax.convert provicnet`, no training run needed) follows upstream's
-inference (`data/slices.py:case_slices`): the whole native slices of the T2 file's grid (`task.sequence`, or
-`--sequence` with `--params`), gland z-score of the raw intensities (so the manifest's gland mask is needed),
-resize to the model's input size, 3-slice stacks with upstream's edge rule, slice positions (j, number of slices of
-the volume); the argmax class (0 background, 1 gland, 2 indolent, 3 csPCa) is written as `<case_id>_seg.nii.gz`
-and, with `--save_probabilities`, the softmax as `<case_id>_probabilities.nii.gz` (float32, classes on the last
-axis), both on the T2 grid. The other ProViCNet tasks (classification, image-to-image) see every slice of the
-prepared region, cut in-plane to the centred `data.crop_size` window, with the positions of the volume.
+inference (`data/slices.py:case_slices`): the whole slices of the T2 file's grid (a run: resampled to its
+`data.spacing` first, and the result sampled back) of `task.sequence` (or `--sequence` with `--params`), gland
+z-score of the raw intensities (so the manifest's gland mask is needed), resize to the model's input size, 3-slice
+stacks with upstream's edge rule, slice positions (j, number of slices of the volume); the argmax class
+(0 background, 1 gland, 2 indolent, 3 csPCa) is written as `<case_id>_seg.nii.gz` and, with
+`--save_probabilities`, the softmax as `<case_id>_probabilities.nii.gz` (float32, classes on the last axis), both
+on the T2 grid. The other ProViCNet tasks (classification, image-to-image) see every slice of the prepared region,
+cut in-plane to the centred `data.crop_size` window, with the positions of the volume.
 
 Only the state is restored (not the data-iterator position); labels (and, except for ProViCNet, masks) in the
 manifest are not needed.
@@ -176,7 +177,7 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
         model = graph.merge(params, rest, training=False)
         for case in cases:
             probabilities = predict_case(model, case, sequence=task.config.task.sequence, image_size=task.image_size,
-                                         edge=task.edge, batch_size=batch_size)
+                                         edge=task.edge, spacing=prep.spacing, batch_size=batch_size)
             written["files"] += write_case_prediction(probabilities, case, output,
                                                       save_probabilities=save_probabilities)
         return written

@@ -54,7 +54,7 @@ import nibabel as nib
 import numpy as np
 
 from transfer_jax.data.errors import DataError
-from transfer_jax.data.nifti import read_volume, resample
+from transfer_jax.data.nifti import Grid, read_volume, resample
 from transfer_jax.data.readers import NIFTI, format_of, read_image
 
 MODEL_IMAGE_SIZE = 448
@@ -223,7 +223,8 @@ class SliceStack:
     ``None``; ``slice_position`` [S, 2] float32 raw ``(j, n)``; ``source_slice`` [S] the slice of the *original*
     volume each stack was made for, where its prediction is written (outside ``[0, Z)`` for the padding slices of
     a short volume); ``label_slice`` [S] the slice whose label it learns (the moved centre under ``"shift"``);
-    ``volume_shape`` the original ``(Z, Y, X)``.
+    ``volume_shape`` the original ``(Z, Y, X)``; ``grid`` the volume's world grid (:class:`Grid`) when it was read
+    from files (:func:`case_slices`).
     """
 
     images: np.ndarray
@@ -233,6 +234,7 @@ class SliceStack:
     label_slice: np.ndarray
     volume_shape: tuple[int, int, int]
     edge: str
+    grid: Grid | None = None
 
     @property
     def num_stacks(self) -> int:
@@ -345,32 +347,35 @@ def slice_origin(region_grid, source_grid) -> dict[str, np.ndarray]:
     return {"slice_origin": np.float32(origin[0]), "num_slices": np.int32(volume.shape[0])}
 
 
-def case_slices(case, sequence: str = "t2", *, with_labels: bool = False, **options) -> SliceStack:
+def case_slices(case, sequence: str = "t2", *, spacing: tuple[float, float, float] | None = None,
+                with_labels: bool = False, **options) -> SliceStack:
     """A manifest case (:class:`transfer_jax.data.manifest.Case`) -> the :class:`SliceStack` of one sequence.
 
     Upstream's path on the T2 file's own grid: whole native slices, no crop, no resampling when the sequence and
-    the masks share that grid (upstream's assumption; others are sampled onto it, trilinear / nearest). The gland
-    mask is required (the z-score); labels are built from the lesion mask (> 0 = csPCa) when ``with_labels``.
-    ``options`` go to :func:`make_slice_stack`.
+    the masks share that grid (upstream's assumption; others are sampled onto it, trilinear / nearest). With
+    ``spacing`` (mm along (D, H, W), a run's ``data.spacing``) that grid is first resampled to it, same origin and
+    extent, as the run's training data was. The gland mask is required (the z-score); labels are built from the
+    lesion mask (> 0 = csPCa) when ``with_labels``. ``options`` go to :func:`make_slice_stack`.
     """
     if case.path(sequence) is None:
         raise DataError(f"the manifest's {sequence!r} cell is empty", case_id=case.case_id)
     if case.gland_mask is None:
         raise DataError("ProViCNet inputs are z-scored inside the gland, but the manifest's 'gland_mask' cell is "
                         "empty", case_id=case.case_id)
-    reference = read_volume(case.t2, case_id=case.case_id, role="t2")
-    volume = reference if sequence == "t2" else read_volume(case.path(sequence), case_id=case.case_id, role=sequence)
+    t2 = read_volume(case.t2, case_id=case.case_id, role="t2")
+    grid = t2.grid if spacing is None else t2.grid.with_spacing(tuple(spacing))
+    volume = t2 if sequence == "t2" else read_volume(case.path(sequence), case_id=case.case_id, role=sequence)
     gland = read_volume(case.gland_mask, case_id=case.case_id, role="gland_mask")
     cancer = None
     if with_labels and case.lesion_mask is not None:
         lesion = read_volume(case.lesion_mask, case_id=case.case_id, role="lesion_mask")
-        cancer = np.where(resample(lesion, reference.grid, order=0) > 0, 2, 0).astype(np.uint8)
+        cancer = np.where(resample(lesion, grid, order=0) > 0, 2, 0).astype(np.uint8)
     try:
-        return make_slice_stack(resample(volume, reference.grid, order=1),
-                                np.rint(resample(gland, reference.grid, order=0)), cancer,
-                                name=case.path(sequence), **options)
+        stack = make_slice_stack(resample(volume, grid, order=1), np.rint(resample(gland, grid, order=0)), cancer,
+                                 name=case.path(sequence), **options)
     except ValueError as error:
         raise DataError(str(error), case_id=case.case_id, path=case.path(sequence)) from None
+    return dataclasses.replace(stack, grid=grid)
 
 
 # --------------------------------------------------------------------------------------------------------------

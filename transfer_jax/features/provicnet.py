@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
 from transfer_jax.data import slices as slice_data
 from transfer_jax.data.manifest import cases_in_split, read_manifest
+from transfer_jax.data.nifti import Volume, read_volume, resample
 from transfer_jax.features.common import batch_size_for, make_data_mesh, run_in_batches, save_features
 from transfer_jax.models.provicnet import FUSION_SEQUENCES, FusionModalities, ProViCNet
 
@@ -141,6 +142,7 @@ def predict_case(
     sequence: str = "t2",
     image_size: int = slice_data.MODEL_IMAGE_SIZE,
     edge: str = "shift",
+    spacing: Sequence[float] | None = None,
     batch_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> np.ndarray:
@@ -148,12 +150,19 @@ def predict_case(
 
     Upstream's inference: the whole native slices of ``sequence`` (gland z-score, resize to ``image_size``,
     3-slice stacks with the ``edge`` rule, positions (j, Z)), softmax over the classes, output slot k on slice k,
-    resized back to the slice's in-plane size when that differs from the model's output.
+    resized back to the slice's in-plane size when that differs from the model's output. With ``spacing`` (a
+    run's ``data.spacing``) the slices are cut from the T2 grid resampled to it and the probabilities are sampled
+    back onto the T2 file's grid (trilinear).
     """
-    stack = slice_data.case_slices(case, sequence, edge=edge, image_size=image_size,
+    stack = slice_data.case_slices(case, sequence, spacing=spacing, edge=edge, image_size=image_size,
                                    num_channels=model.config.input_channels)
     logits = predict_slices(model, stack.images, stack.slice_position, batch_size=batch_size, mesh=mesh)["logits"]
-    return slice_data.volume_from_slices(softmax(logits), stack)
+    probabilities = slice_data.volume_from_slices(softmax(logits), stack)
+    if spacing is None:
+        return probabilities
+    native = read_volume(case.t2, case_id=case.case_id, role="t2").grid
+    return np.stack([resample(Volume(probabilities[..., k], stack.grid, case.t2), native, order=1)
+                     for k in range(probabilities.shape[-1])], axis=-1).astype(np.float32)
 
 
 def write_case_prediction(probabilities: np.ndarray, case, output: str | os.PathLike, *,
