@@ -114,3 +114,12 @@ def test_zero_voxels_get_upstreams_value_in_eval_and_predict(case, tmp_path):
     stack = slices.case_slices(case, "adc", image_size=task.image_size)
     assert stack.images.min() == pytest.approx(expected, abs=1e-5)
     assert np.isclose(stack.images, expected, atol=1e-5).mean() > 0.1
+
+
+def test_prediction_without_a_gland_mask_is_a_clear_error(case):
+    import dataclasses
+
+    from transfer_jax.data.errors import DataError
+
+    with pytest.raises(DataError, match="'case'.*gland_mask"):
+        slices.case_slices(dataclasses.replace(case, gland_mask=None), "t2")

@@ -41,8 +41,9 @@ predictions of the moved stacks), and :func:`write_prediction_nifti` writes them
 image's affine (and header, for a NIfTI reference), array ``[Z, Y, X, ...]`` <-> NIfTI ``(X, Y, Z, ...)``, so the
 file overlays the input in 3D Slicer / ITK-SNAP.
 
-:func:`case_slices` is the whole path for one manifest case (every command's ProViCNet input: ``predict``, and
-through the prepared cases training and evaluation).
+:func:`case_slices` builds a manifest case's stacks from its files for ``predict`` and ``extract``; training and
+evaluation build theirs from the prepared crops with the same steps (``tasks/slice_segmentation.py``), their
+positions counted from the volume by :func:`crop_positions`.
 """
 
 from __future__ import annotations
@@ -348,14 +349,14 @@ def slice_origin(region_grid, source_grid) -> dict[str, np.ndarray]:
 
 
 def case_slices(case, sequence: str = "t2", *, spacing: tuple[float, float, float] | None = None,
-                with_labels: bool = False, **options) -> SliceStack:
+                **options) -> SliceStack:
     """A manifest case (:class:`transfer_jax.data.manifest.Case`) -> the :class:`SliceStack` of one sequence.
 
     Upstream's path on the T2 file's own grid: whole native slices, no crop, no resampling when the sequence and
     the masks share that grid (upstream's assumption; others are sampled onto it, trilinear / nearest). With
     ``spacing`` (mm along (D, H, W), a run's ``data.spacing``) that grid is first resampled to it, same origin and
-    extent, as the run's training data was. The gland mask is required (the z-score); labels are built from the
-    lesion mask (> 0 = csPCa) when ``with_labels``. ``options`` go to :func:`make_slice_stack`.
+    extent, as the run's training data was. The gland mask is required (the z-score); no labels are built.
+    ``options`` go to :func:`make_slice_stack`.
     """
     if case.path(sequence) is None:
         raise DataError(f"the manifest's {sequence!r} cell is empty", case_id=case.case_id)
@@ -366,12 +367,8 @@ def case_slices(case, sequence: str = "t2", *, spacing: tuple[float, float, floa
     grid = t2.grid if spacing is None else t2.grid.with_spacing(tuple(spacing))
     volume = t2 if sequence == "t2" else read_volume(case.path(sequence), case_id=case.case_id, role=sequence)
     gland = read_volume(case.gland_mask, case_id=case.case_id, role="gland_mask")
-    cancer = None
-    if with_labels and case.lesion_mask is not None:
-        lesion = read_volume(case.lesion_mask, case_id=case.case_id, role="lesion_mask")
-        cancer = np.where(resample(lesion, grid, order=0) > 0, 2, 0).astype(np.uint8)
     try:
-        stack = make_slice_stack(resample(volume, grid, order=1), np.rint(resample(gland, grid, order=0)), cancer,
+        stack = make_slice_stack(resample(volume, grid, order=1), np.rint(resample(gland, grid, order=0)),
                                  name=case.path(sequence), **options)
     except ValueError as error:
         raise DataError(str(error), case_id=case.case_id, path=case.path(sequence)) from None
