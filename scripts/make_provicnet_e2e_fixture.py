@@ -2,8 +2,8 @@
 
     git clone https://github.com/pimed/ProViCNet /src/ProViCNet            # at 1b016ac
     git clone https://github.com/facebookresearch/dinov2 /src/dinov2       # at b8931f7
-    /work/torchvenv/bin/pip install torch numpy SimpleITK==2.3.1 albumentations==1.4.7 pandas nibabel icecream
-    /work/torchvenv/bin/python scripts/make_provicnet_e2e_fixture.py --provicnet /src/ProViCNet --dinov2 /src/dinov2
+    .venv-torch/bin/pip install torch numpy SimpleITK==2.3.1 albumentations==1.4.7 pandas nibabel icecream
+    .venv-torch/bin/python scripts/make_provicnet_e2e_fixture.py --provicnet /src/ProViCNet --dinov2 /src/dinov2
 
 Nothing of upstream is copied: both repositories are put on ``sys.path`` and their modules are imported. The
 pieces upstream's inference needs but that are not installed here (``torchvision``, ``timm`` and the LoRA / base-ViT
@@ -78,7 +78,7 @@ def import_upstream(provicnet: str, dinov2: str):
             stub = types.ModuleType(name)
             stub._LoRA_qkv_timm = stub.ViT = stub.transforms = None
             sys.modules[name] = stub
-    sys.path[:0] = [os.path.dirname(os.path.abspath(provicnet)), os.path.abspath(dinov2)]
+    sys.path[:0] = [os.path.abspath(provicnet), os.path.abspath(dinov2)]
     from ProViCNet.ModelArchitectures.ProViCNet import ProViCNet as model_module
     from ProViCNet.util_functions import Prostate_DataGenerator as data_module
     from ProViCNet.util_functions import train_functions
