@@ -30,7 +30,8 @@ def preprocess_config(data_config) -> PreprocessConfig:
     return PreprocessConfig(
         spacing=None if data_config.spacing is None else tuple(data_config.spacing),
         crop_size=tuple(data_config.crop_size), region_margin=data_config.region_margin,
-        channels=tuple(data_config.channels), **maps,
+        channels=tuple(data_config.channels), **maps, intensity=data_config.get("intensity", "zscore_nonzero"),
+        region_centre=data_config.get("region_centre", "gland"),
     )
 
 

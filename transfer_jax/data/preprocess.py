@@ -4,9 +4,13 @@ Steps (ProFound's conventions, `profound.md` §1.1):
 1. the T2 grid, resampled to the target spacing (same origin and direction), is the reference grid;
 2. DWI, ADC and the masks are sampled from their own grids onto it in one affine-aware interpolation
    (trilinear for images, nearest for masks), so sequences acquired on other grids line up;
-3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero);
+3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero), unless `intensity` is
+   "raw" (ProViCNet normalises the raw intensities itself, inside the gland: `data/slices.py`);
 4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
-   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre.
+   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre. With
+   `region_centre="whole_slices"` an axis no longer than the crop is kept whole, centred so that the evaluation
+   crop holds all of it (ProViCNet: upstream feeds whole 256 x 256 slices of the whole volume), and only a longer
+   one is cut around the gland.
 
 Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
 """
@@ -27,6 +31,8 @@ from transfer_jax.data.manifest import Case
 from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
 from transfer_jax.data.readers import source_files
 
+INTENSITY_MODES = ("zscore_nonzero", "raw")
+REGION_CENTRES = ("gland", "whole_slices")
 CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
 
 
@@ -36,6 +42,8 @@ class PreprocessConfig:
     crop_size: tuple[int, int, int] = (64, 224, 224)  # (D, H, W) voxels fed to the model
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
+    intensity: str = "zscore_nonzero"  # or "raw": the resampled intensities as read
+    region_centre: str = "gland"  # or "whole_slices": axes that fit the crop whole, longer ones around the gland
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
     # Label maps (`data.*_labels`): the mask values that mean the structure; 0 and the *_background_labels values
     # are background; any other value is an error. Masks are binarised through them before resampling.
@@ -166,7 +174,10 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     unknown = [c for c in config.channels if c not in channels]
     if unknown:
         raise DataError(f"unknown channel(s) {unknown} in data.channels; available: {sorted(channels)}")
-    image = np.stack([zscore_nonzero(channels[c]) for c in config.channels], axis=-1)
+    if config.intensity not in INTENSITY_MODES:
+        raise ValueError(f"data.intensity must be one of {INTENSITY_MODES}, got {config.intensity!r}")
+    normalise = zscore_nonzero if config.intensity == "zscore_nonzero" else np.asarray
+    image = np.stack([normalise(channels[c]) for c in config.channels], axis=-1)
 
     masks = {}
     for role, labels, background in (
@@ -181,12 +192,18 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
         masks[role] = (_on_reference(volume, target, t2.grid, config, case.case_id, role, order=0) > 0)
 
     gland = masks["gland_mask"]
+    if config.region_centre not in REGION_CENTRES:
+        raise ValueError(f"data.region_centre must be one of {REGION_CENTRES}, got {config.region_centre!r}")
     if gland is not None and gland.any():
         center = np.argwhere(gland).mean(axis=0)
     else:
         center = (np.asarray(target.shape) - 1) / 2.0
     region = config.region_size
     start = _region_start(center, region)
+    if config.region_centre == "whole_slices":
+        # The evaluation crop starts (region - crop) // 2 into the region: this start puts the axis inside it.
+        start = tuple(-((r - n) // 2) if n <= c else s
+                      for s, r, n, c in zip(start, region, target.shape, config.crop_size))
     as_region = lambda a: None if a is None else crop_or_pad(a.astype(np.uint8), start, region)  # noqa: E731
     return PreparedCase(
         case_id=case.case_id, image=crop_or_pad(image, start, region), gland=as_region(gland),
