@@ -58,7 +58,8 @@ def main() -> None:
         path = os.path.join(folder, "cache.npz")
         start = time.perf_counter()
         prepared.save(path)
-        rows.append(("zero voxels left out (cache)", path, time.perf_counter() - start, lambda: PreparedCase.load(path)))
+        rows.append(("zero voxels left out (cache)", path, time.perf_counter() - start,
+                     lambda: PreparedCase.load(path)))
         for name, save, dtype in (("float32 .npz (former)", np.savez, np.float32),
                                   ("float32 deflate (savez_compressed)", np.savez_compressed, np.float32),
                                   ("float16 .npz", np.savez, np.float16)):

@@ -331,7 +331,7 @@ def preprocess_cases(cases: list[Case], config: PreprocessConfig, cache_dir: str
               disable=not progress) as bar:
         problems = _prepare_missing(missing, config, paths, workers, bar.update)
     report = PreprocessReport(paths={}, problems=[], prepared=len(missing))
-    for case in cases:
+    for case in tqdm(cases, desc="check", unit="case", dynamic_ncols=True, disable=not progress or validate is None):
         problem = problems.get(case.case_id)
         if problem is None and validate is not None:
             try:
