@@ -52,6 +52,9 @@ def test_stored_arrays_come_back_bit_for_bit(sample_dir, tmp_path):
     np.testing.assert_array_equal(loaded.region_grid.affine, prepared.region_grid.affine)
     assert loaded.source_grid.shape == prepared.source_grid.shape
     assert os.listdir(tmp_path) == ["case.npz"]  # no temporary file left behind
+    dataclasses.replace(prepared, gland=None, lesion=None).save(path)  # a case without masks
+    loaded = PreparedCase.load(path)
+    assert loaded.gland is None and loaded.lesion is None and loaded.image.shape == prepared.image.shape
 
 
 def test_zero_voxels_cost_one_bit():

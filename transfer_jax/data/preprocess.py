@@ -43,6 +43,7 @@ CACHE_VERSION = 3
 CACHE_DIR_ENV = "TRANSFER_JAX_CACHE_DIR"
 HEADER_BYTES = 4096  # of every source file, hashed into the cache key
 MAX_AUTO_WORKERS = 8
+ARRAYS = ("image", "gland", "lesion")  # the arrays of a PreparedCase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,15 +73,13 @@ class PreparedCase:
 
     def save(self, path: str) -> None:
         """Atomically: a complete file at `path` or none, whoever else writes the same path meanwhile."""
+        stored = {name: getattr(self, name) for name in ARRAYS if getattr(self, name) is not None}
         arrays = {}
-        for name in ("image", "gland", "lesion"):
-            array = getattr(self, name)
-            if array is not None:
-                arrays[f"{name}_nonzero"], arrays[f"{name}_values"] = pack_nonzero(array)
+        for name, array in stored.items():
+            arrays[f"{name}_nonzero"], arrays[f"{name}_values"] = pack_nonzero(array)
         meta = {
             "case_id": self.case_id, "label": self.label,
-            "shapes": {name: list(getattr(self, name).shape) for name in ("image", "gland", "lesion")
-                       if getattr(self, name) is not None},
+            "shapes": {name: list(array.shape) for name, array in stored.items()},
             "region_shape": list(self.region_grid.shape), "region_affine": self.region_grid.affine.tolist(),
             "source_shape": list(self.source_grid.shape), "source_affine": self.source_grid.affine.tolist(),
         }
@@ -98,15 +97,14 @@ class PreparedCase:
     def load(cls, path: str) -> "PreparedCase":
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
-            shapes = meta["shapes"]
-            array = lambda name: (unpack_nonzero(z[f"{name}_nonzero"], z[f"{name}_values"], shapes[name])  # noqa: E731
-                                  if name in shapes else None)
-            return cls(
-                case_id=meta["case_id"], image=array("image"), gland=array("gland"), lesion=array("lesion"),
-                label=meta["label"],
-                region_grid=Grid(tuple(meta["region_shape"]), np.asarray(meta["region_affine"])),
-                source_grid=Grid(tuple(meta["source_shape"]), np.asarray(meta["source_affine"])),
-            )
+            arrays = {name: unpack_nonzero(z[f"{name}_nonzero"], z[f"{name}_values"], shape)
+                      for name, shape in meta["shapes"].items()}
+        return cls(
+            case_id=meta["case_id"], image=arrays["image"], gland=arrays.get("gland"), lesion=arrays.get("lesion"),
+            label=meta["label"],
+            region_grid=Grid(tuple(meta["region_shape"]), np.asarray(meta["region_affine"])),
+            source_grid=Grid(tuple(meta["source_shape"]), np.asarray(meta["source_affine"])),
+        )
 
 
 def pack_nonzero(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +229,8 @@ def default_cache_dir() -> str:
 
 def _file_identity(name: str) -> list:
     """Absolute path, size, modification time and a hash of the first bytes (the header) of a source file: a file
-    replaced by another of the same size whose modification time was kept still changes the key."""
+    replaced by another of the same size and modification time (a copy that kept its time) still changes the key
+    when its header differs."""
     stat = os.stat(name)
     with open(name, "rb") as f:
         header = hashlib.sha1(f.read(HEADER_BYTES)).hexdigest()
