@@ -12,6 +12,7 @@ import pytest
 from tqdm import tqdm
 
 from helpers import sample_case, smoke_config, tiny_manifest
+from prepare_race import prepare_together
 from transfer_jax.data import preprocess
 from transfer_jax.data.dataset import prepare_splits, prepared_cache_dir, preprocess_config
 from transfer_jax.data.manifest import read_manifest
@@ -91,21 +92,18 @@ def test_a_changed_setting_or_source_file_makes_a_new_entry(sample_dir, tmp_path
     assert len(os.listdir(cache)) == 2
 
 
-def _prepare_in_process(args):
-    cases, cache, barrier = args
-    barrier.wait()
-    report = preprocess_cases(cases, SMALL, cache, workers=0)
-    return report.prepared, sorted(report.paths.values())
-
-
 def test_two_processes_preparing_at_once_leave_one_valid_entry(tmp_path):
     cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=4))
     cache = str(tmp_path / "cache")
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager:
-        barrier = manager.Barrier(2)
-        with context.Pool(2) as pool:
-            (prepared_a, first), (prepared_b, second) = pool.map(_prepare_in_process, [(cases, cache, barrier)] * 2)
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=prepare_together, args=(barrier, results, cases, SMALL, cache))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    (prepared_a, first), (prepared_b, second) = results.get(timeout=120), results.get(timeout=120)
+    for process in processes:
+        process.join(timeout=60)
     assert prepared_a == prepared_b == len(cases)  # both found the cache empty and wrote every entry
     assert first == second and len(first) == len(cases)
     assert sorted(os.path.join(cache, n) for n in os.listdir(cache)) == first  # no partial files either
