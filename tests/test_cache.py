@@ -92,6 +92,7 @@ def test_a_changed_setting_or_source_file_makes_a_new_entry(sample_dir, tmp_path
     assert len(os.listdir(cache)) == 2
 
 
+@pytest.mark.slow
 def test_two_processes_preparing_at_once_leave_one_valid_entry(tmp_path):
     cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=4))
     cache = str(tmp_path / "cache")
@@ -113,6 +114,7 @@ def test_two_processes_preparing_at_once_leave_one_valid_entry(tmp_path):
         np.testing.assert_array_equal(loaded.image, prepare_case(by_id[loaded.case_id], SMALL).image)
 
 
+@pytest.mark.slow
 def test_worker_processes_prepare_what_the_main_process_would(tmp_path, capsys):
     cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=3))
     serial = preprocess_cases(cases, SMALL, str(tmp_path / "serial"), workers=0)
