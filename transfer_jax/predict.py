@@ -170,6 +170,7 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
                     batch = {"image": jnp.asarray(center_crop({"image": prepared.image}, roi)["image"][None])}
                 probs = np.asarray(jax.nn.softmax(forward(batch).astype(jnp.float32)))[0]
                 writer.writerow([case.case_id, *[f"{p:.6f}" for p in probs], int(probs.argmax())])
+                print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
         written["probabilities"] = path
         return written
 
@@ -209,6 +210,7 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
             path = os.path.join(output, f"{case.case_id}_seg.nii.gz")
             write_like(np.rint(on_source).astype(np.uint8), prepared.source_grid, path, reference=case.t2)
             written["files"].append(path)
+        print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
     return written
 
 
