@@ -12,6 +12,12 @@ Re-running with the same workdir skips finished runs and resumes unfinished ones
 
 Fields of `study`:
   tasks, backbones, inits: the matrix (task keys are `configs/<task>.py` names).
+  seeds: replicates of every run (default 1). Seed s adds s to the task config's `seed`, which draws the head's
+    initialisation, the data order and the augmentation; the pretrained weights and the cohort stay the same.
+    Pretrained seed s is paired with scratch seed s. Raising it later trains only the new seeds' runs.
+  arms: ("finetune",), or ("finetune", "probe") to add a linear-probe run per backbone x task x seed: the
+    pretrained backbone frozen (`optimizer.freeze_backbone`), only the head trained; its gap to fine-tuning is
+    reported beside MMD² (which is 0 by construction for a frozen backbone).
   preset: the preset each task config is built with (`configs/<task>.py:<backbone>,<preset>`).
   overrides: config fields set on every run after the preset, as dotted keys (`{'optimizer.lr': 3e-4}`) or
     nested (`overrides.optimizer.lr`). `init.*` is owned by the study (use `inits` / `pretrained_checkpoints`).
@@ -20,9 +26,10 @@ Fields of `study`:
     preset is appended) the study runs first, for a backbone not in pretrained_checkpoints; its artifact
     initialises that backbone's pretrained runs. A backbone in neither keeps its task config's `init.checkpoint`.
   pretraining_overrides: like overrides, for the pretraining runs.
-  bootstrap: resamples for the correlation confidence intervals (0 = no intervals).
-  seed: seeds the bootstrap (the runs keep their task configs' seeds, so a backbone's pretrained and scratch
-    runs see the same data order and differ only in their initial weights).
+  bootstrap: resamples for the BCa confidence intervals of the correlations (0 = no intervals).
+  permutations: random pairings for a correlation's permutation p-value when it has more than 8 points (up to 8
+    the test enumerates all of them and is exact).
+  seed: seeds the bootstrap and the permutations (not the runs).
 """
 import os
 
@@ -51,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.tasks = TASKS
     c.study.backbones = BACKBONES
     c.study.inits = INITS
+    c.study.arms = ("finetune",)
+    c.study.seeds = 1
     c.study.preset = "smoke"
     c.study.overrides = _dotted_dict()
     c.study.pretrained_checkpoints = _dotted_dict()
@@ -60,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         "provicnet": "pretrain_contrastive:both"})
     c.study.pretraining_overrides = _dotted_dict()
     c.study.bootstrap = 2000
+    c.study.permutations = 9999
     c.study.seed = 0
 
     if preset == "smoke":
