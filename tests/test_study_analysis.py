@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -164,60 +166,128 @@ def test_non_finite_best_is_missing(tmp_path):
     assert row.pretrained_best is None and row.relative_gain is None
 
 
-# -- correlations -------------------------------------------------------------------------------------------------
+# -- statistics against SciPy ------------------------------------------------------------------------------------
 
 X_TIES = [0.3, 0.1, 0.1, 0.7, 0.5, 0.9, 0.5, 0.2]
 Y_TIES = [2.0, 1.0, 3.0, 5.0, 5.0, 8.0, 4.0, 0.5]
+REFERENCE = {"pearson": stats.pearsonr, "spearman": stats.spearmanr}
 
 
-@pytest.mark.parametrize("method, reference", [("pearson", stats.pearsonr), ("spearman", stats.spearmanr)])
-def test_coefficients_and_p_values_match_scipy_with_ties(method, reference):
-    expected = reference(X_TIES, Y_TIES)
-    assert analysis.correlation_coefficient(X_TIES, Y_TIES, method) == pytest.approx(expected.statistic, abs=1e-12)
-    result = analysis.correlate(X_TIES, Y_TIES, site="pooled", target="relative_gain", method=method,
-                                resamples=500, seed=1)
-    assert result.n == len(X_TIES)
-    assert result.coefficient == pytest.approx(expected.statistic, abs=1e-12)
-    assert result.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+def reference_statistic(method):
+    """SciPy's own coefficient, rounded to 12 decimals and 0 for a constant resample (the conventions of
+    analysis.correlation_statistic)."""
+    def statistic(x, y):
+        return round(REFERENCE[method](x, y).statistic, 12) if np.ptp(x) > 0 and np.ptp(y) > 0 else 0.0
+    return statistic
 
 
-def test_spearman_is_invariant_to_monotone_transforms_and_pearson_is_not():
-    x = np.array(X_TIES)
-    assert analysis.correlation_coefficient(np.exp(5 * x), Y_TIES, "spearman") == pytest.approx(
-        analysis.correlation_coefficient(x, Y_TIES, "spearman"))
-    assert analysis.correlation_coefficient(np.exp(5 * x), Y_TIES, "pearson") != pytest.approx(
-        analysis.correlation_coefficient(x, Y_TIES, "pearson"))
+def exact_two_sided_p(x_blocks, y_blocks, method):
+    """Brute force over every pairing of the points' blocks, as scipy's two-sided permutation test defines it."""
+    x_blocks, y_blocks = np.asarray(x_blocks, float), np.asarray(y_blocks, float)
+    statistic = reference_statistic(method)
+    observed = statistic(x_blocks.ravel(), y_blocks.ravel())
+    null = np.array([statistic(x_blocks[list(order)].ravel(), y_blocks.ravel())
+                     for order in itertools.permutations(range(len(x_blocks)))])
+    tolerance = 1e-14 * max(1.0, abs(observed))  # scipy's tolerance for ties with the observed value
+    return min(1.0, 2 * min(np.mean(null <= observed + tolerance), np.mean(null >= observed - tolerance)))
 
 
 @pytest.mark.parametrize("method", ["pearson", "spearman"])
-def test_bootstrap_interval_contains_the_estimate_and_is_deterministic_per_seed(method):
-    point = analysis.correlation_coefficient(X_TIES, Y_TIES, method)
-    low, high, degenerate = analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7)
+def test_coefficients_match_scipy_with_ties(method):
+    expected = REFERENCE[method](X_TIES, Y_TIES)
+    assert analysis.correlation_coefficient(X_TIES, Y_TIES, method) == pytest.approx(expected.statistic, abs=1e-12)
+    result = analysis.correlate(X_TIES, Y_TIES, site="pooled", target="relative_gain", method=method,
+                                resamples=200, seed=1)
+    assert result.n == result.points == len(X_TIES)
+    assert result.coefficient == pytest.approx(expected.statistic, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+@pytest.mark.parametrize("x, y", [([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]),  # n = 3
+                                  (X_TIES[:6], Y_TIES[:6])])  # ties in both variables
+def test_permutation_p_value_is_exact_for_small_n(method, x, y):
+    p_value, exact, pairings = analysis.permutation_p_value(x, y, method, permutations=99, seed=0)
+    assert exact and pairings == math.factorial(len(x))
+    assert p_value == pytest.approx(exact_two_sided_p(np.array(x)[:, None], np.array(y)[:, None], method),
+                                    abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_a_perfectly_monotone_example_has_the_minimal_exact_p_value(method):
+    x = [0.01, 0.02, 0.04, 0.08, 0.16]
+    y = [9.0, 5.0, 3.0, 2.0, 1.5]  # strictly decreasing: only the observed and the reversed pairing reach |r|
+    result = analysis.correlate(x, y, site="s", target="relative_gain", method="spearman", resamples=0, seed=0)
+    assert result.coefficient == -1.0 and result.exact and result.permutations == 120
+    assert result.p_value == 2 / 120
+    if method == "pearson":  # not perfectly linear: the same two pairings are still the most extreme
+        assert analysis.correlate(x, y, site="s", target="relative_gain", method=method, resamples=0,
+                                  seed=0).p_value == 2 / 120
+
+
+def test_more_than_eight_points_use_the_configured_random_pairings():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=10)
+    y = x + rng.normal(size=10)
+    result = analysis.correlate(x, y, site="s", target="relative_gain", method="pearson", resamples=0,
+                                permutations=999, seed=3)
+    assert not result.exact and result.permutations == 999
+    # with 999 random pairings the smallest two-sided p-value is 2 / 1000
+    assert 2 / 1000 <= result.p_value <= 1.0
+    reference = stats.permutation_test((x,), lambda a: stats.pearsonr(a, y).statistic, vectorized=False,
+                                       permutation_type="pairings", n_resamples=999,
+                                       rng=np.random.default_rng(3))
+    assert result.p_value == pytest.approx(reference.pvalue, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+@pytest.mark.parametrize("x, y", [(X_TIES, Y_TIES), ([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])])
+def test_bca_interval_matches_scipy(method, x, y):
+    low, high = analysis.bootstrap_interval(x, y, method, resamples=400, seed=7)
+    reference = stats.bootstrap((np.array(x), np.array(y)), reference_statistic(method), paired=True,
+                                vectorized=False, n_resamples=400, method="BCa", rng=np.random.default_rng(7))
+    expected = reference.confidence_interval
+    if np.isfinite(expected.low):
+        assert (low, high) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    else:
+        assert (low, high) == (None, None)
+    assert analysis.bootstrap_interval(x, y, method, resamples=400, seed=7) == (low, high)  # reproducible
+
+
+def test_bca_interval_contains_the_estimate_and_depends_on_the_seed():
+    point = analysis.correlation_coefficient(X_TIES, Y_TIES, "pearson")
+    low, high = analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=2000, seed=7)
     assert -1.0 <= low < point < high <= 1.0
-    assert analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7) == (low, high, degenerate)
-    # a narrower level gives a nested interval
-    low90, high90, _ = analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7, level=0.9)
-    assert low <= low90 <= high90 <= high
+    assert analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=2) != \
+        analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=1)
 
 
-def test_bootstrap_interval_depends_on_the_seed_and_the_data():
-    # Pearson on continuous data (Spearman's bounds are ranks, so two seeds can share them).
-    first = analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=1)
-    assert analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=2)[:2] != first[:2]
-    assert analysis.bootstrap_interval(X_TIES, Y_TIES[::-1], "pearson", resamples=300, seed=1)[:2] != first[:2]
+def test_cluster_bootstrap_and_permutation_resample_whole_points():
+    # 4 points x 2 seeds: the seeds of a point move together
+    x_blocks = np.array([[0.1, 0.12], [0.2, 0.18], [0.3, 0.35], [0.5, 0.4]])
+    y_blocks = np.array([[0.30, 0.25], [0.2, 0.22], [0.15, 0.05], [0.0, 0.02]])
+    result = analysis.correlate(x_blocks, y_blocks, site="s", target="relative_gain", method="pearson",
+                                level="replicates", resamples=300, seed=5)
+    assert (result.n, result.points, result.exact, result.permutations) == (8, 4, True, 24)
+    assert result.coefficient == pytest.approx(stats.pearsonr(x_blocks.ravel(), y_blocks.ravel()).statistic)
+    assert result.p_value == pytest.approx(exact_two_sided_p(x_blocks, y_blocks, "pearson"), abs=1e-12)
+    statistic = reference_statistic("pearson")
+    reference = stats.bootstrap((np.arange(4),), lambda i: statistic(x_blocks[i].ravel(), y_blocks[i].ravel()),
+                                vectorized=False, n_resamples=300, method="BCa", rng=np.random.default_rng(5))
+    assert (result.ci_low, result.ci_high) == pytest.approx(
+        (reference.confidence_interval.low, reference.confidence_interval.high), abs=1e-12)
 
 
-def test_degenerate_resamples_are_skipped_and_counted():
-    # n = 3 with y = [1, 1, 2]: a resample has constant y when all three draws come from the first two points
-    # ((2/3)^3) or are all the third ((1/3)^3): probability 1/3; constant x (1/9) is a subset of those.
-    resamples = 6000
-    low, high, degenerate = analysis.bootstrap_interval([1.0, 2.0, 3.0], [1.0, 1.0, 2.0], "pearson",
-                                                        resamples=resamples, seed=0)
-    assert degenerate / resamples == pytest.approx(1 / 3, abs=0.03)
-    assert low is not None and high is not None and np.isfinite([low, high]).all()
-    result = analysis.correlate([1.0, 2.0, 3.0], [1.0, 1.0, 2.0], site="s", target="relative_gain",
-                                method="pearson", resamples=resamples, seed=0)
-    assert result.degenerate_resamples == degenerate and result.resamples == resamples
+@pytest.mark.parametrize("pretrained, scratch", [([0.8, 0.7, 0.75], [0.6, 0.65, 0.5]),  # n = 3
+                                                 ([0.8, 0.8, 0.7, 0.9], [0.7, 0.7, 0.7, 0.6])])  # ties
+def test_paired_interval_matches_scipy(pretrained, scratch):
+    paired = analysis.estimate(np.subtract(pretrained, scratch))
+    expected = stats.ttest_rel(pretrained, scratch).confidence_interval(0.95)
+    assert paired.mean == pytest.approx(np.mean(np.subtract(pretrained, scratch)))
+    assert (paired.low, paired.high) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert paired.contains_zero == (expected.low <= 0 <= expected.high)
+    assert analysis.estimate([0.2, 0.25, 0.22]).contains_zero is False
+    assert analysis.estimate([0.1]).low is None and analysis.estimate([0.1]).contains_zero is None
+    assert analysis.estimate([0.1, -0.1]).contains_zero is True
 
 
 def test_too_few_points_and_constant_inputs_give_no_coefficient():

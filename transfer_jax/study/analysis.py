@@ -52,6 +52,7 @@ from scipy import stats
 SUMMARY_FILE = "summary.json"
 CI_LEVEL = 0.95
 MIN_N_FOR_CORRELATION = 3  # with two points any correlation is +-1
+ROUND_DECIMALS = 12  # of a resampled correlation coefficient (see correlation_statistic)
 EXACT_MAX_POINTS = 8  # up to 8! = 40320 pairings: the permutation test enumerates them all
 METHODS = ("pearson", "spearman")
 LEVELS = ("points", "replicates")
@@ -478,7 +479,9 @@ def correlation_statistic(x: np.ndarray, y: np.ndarray, method: str, axis: int =
     defined = (np.ptp(x, axis=-1) > 0) & (np.ptp(y, axis=-1) > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.sum(xc * yc, axis=-1) / np.sqrt(sxx * syy)
-    return np.where(defined, np.clip(r, -1.0, 1.0), 0.0)
+    # Rounded so that resamples holding the same points in another order tie exactly with the observed value:
+    # BCa counts the resamples below it, and summation order would otherwise decide ties at the last bit.
+    return np.where(defined, np.round(np.clip(r, -1.0, 1.0), ROUND_DECIMALS), 0.0)
 
 
 def correlation_coefficient(x: Sequence[float], y: Sequence[float], method: str) -> Optional[float]:
