@@ -16,10 +16,10 @@ from transfer_jax.study.analysis import RunRecord
 
 
 def write_summary(workdir, *, best, direction="max", steps_to_95=10, steps=40, alignment=None, init=None,
-                  metric="score", task="segmentation", stopped_early=False):
+                  metric="score", task="segmentation", stopped_early=False, best_step=None):
     os.makedirs(workdir, exist_ok=True)
     summary = {"task": task, "backbone": "b", "primary_metric": metric, "direction": direction, "best": best,
-               "best_step": steps, "final": {metric: best}, "steps": steps, "stopped_early": stopped_early,
+               "best_step": steps if best_step is None else best_step, "final": {metric: best}, "steps": steps, "stopped_early": stopped_early,
                "history": [{"step": steps, "metrics": {metric: best}}], "steps_to_95pct_best": steps_to_95,
                "wall_seconds": 1.0, "config": {"init": {"mode": init or "scratch"}, "total_steps": steps}}
     if init is not None:
@@ -400,3 +400,89 @@ def test_discover_runs_finds_run_folders_with_summaries(tmp_path):
     assert sorted(r.name for r in found) == sorted(r.name for r in records)
     os.makedirs(os.path.join(tmp_path, "runs", "not-a-run"))
     assert len(analysis.discover_runs(os.path.join(tmp_path, "runs"))) == len(records)
+
+
+# -- seeds, did-not-learn rows and the probe arm --------------------------------------------------------------------
+
+SEED_OFFSETS = [0.0, 0.02, -0.015]
+
+
+def seeded_records(tmp_path, seeds=3, silent=(), probe=False):
+    """The five-point matrix with `seeds` replicates (seed s shifts the pretrained values); the rows in `silent`
+    never improve on step 0 in either run."""
+    records = []
+    for i, (mmd2, p, s, ps, ss) in enumerate(zip(MMD2, PRETRAINED_BEST, SCRATCH_BEST, PRETRAINED_STEPS,
+                                                 SCRATCH_STEPS)):
+        backbone, task = ("profound_conv", "profound_vit")[i % 2], ("seg", "cls", "sr", "distortion", "synthesis")[i]
+        for seed in range(seeds):
+            offset = SEED_OFFSETS[seed]
+            step0 = dict(best_step=0, steps_to_95=0) if i in silent else {}
+            runs = [("pretrained", "finetune", dict(dict(best=p + offset, steps_to_95=ps + 10 * seed, init="pretrained",
+                                                         alignment={"pooled": site(mmd2 * (1 + offset))}), **step0)),
+                    ("scratch", "finetune", dict(dict(best=s, steps_to_95=ss), **step0))]
+            if probe:
+                runs.append(("pretrained", "probe", dict(best=p + offset - 0.1, alignment={"pooled": site(0.0)})))
+            for init, arm, fields in runs:
+                workdir = os.path.join(tmp_path, "runs", analysis.run_name(backbone, task, init, seed, arm))
+                write_summary(workdir, **fields)
+                records.append(RunRecord(backbone, task, init, workdir, "trained", seed=seed, arm=arm))
+    return records
+
+
+def test_rows_aggregate_seeds_with_paired_intervals(tmp_path):
+    result = analysis.analyze(seeded_records(tmp_path, probe=True), bootstrap=200, seed=0)
+    row = result.rows[0]
+    pretrained = [PRETRAINED_BEST[0] + o for o in SEED_OFFSETS]
+    relative = [(p - SCRATCH_BEST[0]) / SCRATCH_BEST[0] for p in pretrained]
+    assert row.seeds == 3 and row.pretrained.values == pytest.approx(pretrained)
+    assert row.relative_gain == pytest.approx(np.mean(relative))
+    expected = stats.ttest_1samp(relative, 0.0).confidence_interval(0.95)
+    assert (row.gain.low, row.gain.high) == pytest.approx((expected.low, expected.high))
+    paired = stats.ttest_rel(pretrained, [SCRATCH_BEST[0]] * 3).confidence_interval(0.95)
+    assert (row.absolute.low, row.absolute.high) == pytest.approx((paired.low, paired.high))
+    assert row.steps_to_95["pretrained"] == (10, 20, 30) and row.steps_to_95["scratch"] == (40, 40, 40)
+    assert row.speedup.values == pytest.approx([4.0, 2.0, 40 / 30])
+    assert row.mmd2("pooled") == pytest.approx(np.mean([MMD2[0] * (1 + o) for o in SEED_OFFSETS]))
+    # probe gap: (fine-tuned - probe) / fine-tuned per seed; the probe's MMD² (0) never enters the row's MMD²
+    assert row.probe_gap.values == pytest.approx([0.1 / p for p in pretrained])
+    by_key = {(c.site, c.target, c.method, c.level): c for c in result.correlations}
+    points = by_key[("pooled", "relative_gain", "spearman", "points")]
+    replicates = by_key[("pooled", "relative_gain", "spearman", "replicates")]
+    assert (points.n, points.points, points.exact) == (5, 5, True)
+    assert (replicates.n, replicates.points, replicates.permutations) == (15, 5, 120)
+    assert points.coefficient == pytest.approx(
+        stats.spearmanr([r.mmd2("pooled") for r in result.rows], [r.relative_gain for r in result.rows]).statistic)
+
+
+def test_rows_that_did_not_learn_say_so_and_leave_the_correlations(tmp_path):
+    result = analysis.analyze(seeded_records(tmp_path, seeds=2, silent=(2,)), bootstrap=100, seed=0)
+    row = result.rows[2]
+    assert row.did_not_learn and row.relative_gain is None and row.convergence_speedup is None
+    assert row.steps_to_95["pretrained"] == (None, None)
+    assert any(note.startswith("did not learn") for note in row.notes)
+    gain = next(c for c in result.correlations
+                if (c.site, c.target, c.method, c.level) == ("pooled", "relative_gain", "pearson", "points"))
+    assert gain.n == 4
+    outputs = report.write_report(str(tmp_path / "study"), result)
+    markdown = open(outputs["report.md"]).read()
+    assert "| did not learn |" in markdown
+    with open(outputs["results.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[2]["did_not_learn"] == "True" and rows[2]["relative_gain"] == "n/a"
+
+
+def test_report_holds_the_table_and_the_figure_with_intervals(tmp_path):
+    result = analysis.analyze(seeded_records(tmp_path, probe=True), bootstrap=200, seed=0)
+    outputs = report.write_report(str(tmp_path / "study"), result)
+    markdown = open(outputs["report.md"]).read()
+    row = result.rows[0]
+    gain = f"{100 * row.gain.mean:+.3g} % [{100 * row.gain.low:+.3g}, {100 * row.gain.high:+.3g}]"
+    assert gain in markdown
+    assert "probe gap" in markdown and "replicates" in markdown and "exact, 120 pairings" in markdown
+    with open(outputs["results.csv"]) as f:
+        first = next(csv.DictReader(f))
+    assert float(first["relative_gain_low"]) == pytest.approx(row.gain.low)
+    assert float(first["mmd2_high_pooled"]) == pytest.approx(row.mmd2_by_site["pooled"].high)
+    figure = tmp_path / "study" / "plots" / "scatter_mmd2_vs_relative_gain.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plots/scatter_mmd2_vs_relative_gain.png" in markdown

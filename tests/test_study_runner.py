@@ -182,6 +182,49 @@ def test_bad_pretraining_fields_are_named(tmp_path, fake_trainer, field, value, 
     assert fake_trainer.calls == []
 
 
+# -- seeds and arms -----------------------------------------------------------------------------------------------
+
+def test_seeds_repeat_every_run_and_adding_one_trains_only_the_new_runs(tmp_path, fake_trainer):
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    config = study_config(seeds=2)
+    config.study.pretrained_checkpoints["profound_conv"] = str(artifact)
+    result = runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    assert run_names(fake_trainer.calls) == ["profound_conv-seg-pretrained", "profound_conv-seg-scratch",
+                                             "profound_conv-seg-pretrained-seed1", "profound_conv-seg-scratch-seed1"]
+    configs = dict(fake_trainer.calls)
+    base = load_config("seg", "profound_conv,smoke").seed
+    assert [configs[name]["seed"] for name in run_names(fake_trainer.calls)] == [base, base, base + 1, base + 1]
+    # the same pretrained artifact for every seed; only the seed (head init, data order, augmentation) differs
+    assert configs["profound_conv-seg-pretrained"]["init"] == configs["profound_conv-seg-pretrained-seed1"]["init"]
+    assert result.analysis.rows[0].seeds == 2
+
+    config.study.seeds = 3
+    again = runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    assert run_names(fake_trainer.calls)[4:] == ["profound_conv-seg-pretrained-seed2",
+                                                 "profound_conv-seg-scratch-seed2"]
+    assert [r.status for r in again.runs] == ["reused"] * 4 + ["trained"] * 2
+    assert again.analysis.rows[0].seeds == 3
+
+
+def test_the_probe_arm_freezes_the_pretrained_backbone(tmp_path, fake_trainer):
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    config = study_config(arms=("finetune", "probe"))
+    config.study.pretrained_checkpoints["profound_conv"] = str(artifact)
+    result = runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    configs = dict(fake_trainer.calls)
+    assert list(configs) == ["profound_conv-seg-pretrained", "profound_conv-seg-scratch",
+                             "profound_conv-seg-pretrained-probe"]
+    probe = configs["profound_conv-seg-pretrained-probe"]
+    assert probe["optimizer"]["freeze_backbone"] and probe["init"]["checkpoint"] == str(artifact)
+    assert not configs["profound_conv-seg-pretrained"]["optimizer"]["freeze_backbone"]
+    row = result.analysis.rows[0]
+    assert row.probe.mean == 0.8 and row.probe_gap.mean == 0.0  # the fake trainer's probe scores as fine-tuning
+    with pytest.raises(runner.StudyConfigError, match=r"study\.arms must include 'finetune'"):
+        runner.run_study(study_config(arms=("probe",)), str(tmp_path / "other"), log=lambda _: None)
+
+
 # -- the matrix, configs and outputs ------------------------------------------------------------------------------
 
 def test_run_configs_carry_init_and_overrides_and_are_saved(tmp_path, fake_trainer):
@@ -266,6 +309,8 @@ def test_a_training_failure_is_raised_naming_the_run(tmp_path, monkeypatch):
     ("tasks", ("seg", "seg"), r"study\.tasks lists a name twice"),
     ("preset", "huge", r"study\.preset must be one of"),
     ("bootstrap", -1, r"study\.bootstrap must be an integer >= 0"),
+    ("seeds", 0, r"study\.seeds must be an integer >= 1"),
+    ("arms", ("finetune", "frozen"), r"study\.arms: unknown \['frozen'\]"),
 ])
 def test_bad_study_fields_are_named(tmp_path, fake_trainer, field, value, message):
     config = study_config()
