@@ -19,7 +19,8 @@ def write_summary(workdir, *, best, direction="max", steps_to_95=10, steps=40, a
                   metric="score", task="segmentation", stopped_early=False, best_step=None):
     os.makedirs(workdir, exist_ok=True)
     summary = {"task": task, "backbone": "b", "primary_metric": metric, "direction": direction, "best": best,
-               "best_step": steps if best_step is None else best_step, "final": {metric: best}, "steps": steps, "stopped_early": stopped_early,
+               "best_step": steps if best_step is None else best_step, "final": {metric: best}, "steps": steps,
+               "stopped_early": stopped_early,
                "history": [{"step": steps, "metrics": {metric: best}}], "steps_to_95pct_best": steps_to_95,
                "wall_seconds": 1.0, "config": {"init": {"mode": init or "scratch"}, "total_steps": steps}}
     if init is not None:

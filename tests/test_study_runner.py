@@ -386,23 +386,28 @@ def test_command_line_entry_reports_skips_and_names_bad_fields(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
-    config = study_config(pretraining=True)
+    config = study_config(pretraining=True, seeds=2)
     # Two steps with an evaluation after each: enough for a best value, a convergence step and a trajectory.
     config.study.overrides.update({"total_steps": 2, "eval_every": 1, "log_every": 1, "checkpoint_every": 2,
                                    "logging.tensorboard": False})
     config.study.pretraining_overrides = {"total_steps": 2, "logging": {"tensorboard": False}}
     study_dir = tmp_path / "study"
     result = runner.run_study(config, str(study_dir), log=lambda _: None)
-    assert [r.status for r in result.runs] == ["trained", "trained"]
-    pretrained_summary = json.load(open(study_dir / "runs" / "profound_conv-seg-pretrained" / "summary.json"))
-    assert pretrained_summary["init"] == "pretrained"  # the JAX pretraining artifact, not a random stand-in
-    assert pretrained_summary["config"]["init"]["checkpoint"] == str(
-        study_dir / "pretraining" / "profound_conv" / "pretrained")
+    assert [r.status for r in result.runs] == ["trained"] * 4
+    artifact = str(study_dir / "pretraining" / "profound_conv" / "pretrained")
+    step0 = []
+    for run in ("profound_conv-seg-pretrained", "profound_conv-seg-pretrained-seed1"):
+        pretrained_summary = json.load(open(study_dir / "runs" / run / "summary.json"))
+        assert pretrained_summary["init"] == "pretrained"  # the JAX pretraining artifact, not a random stand-in
+        assert pretrained_summary["config"]["init"]["checkpoint"] == artifact
+        step0.append(pretrained_summary["history"][0])
+    # the same backbone weights, another head initialisation: the untrained step-0 predictions differ
+    assert step0[0]["step"] == step0[1]["step"] == 0 and step0[0]["metrics"] != step0[1]["metrics"]
 
-    for run in ("profound_conv-seg-pretrained", "profound_conv-seg-scratch"):
+    for run in ("profound_conv-seg-pretrained", "profound_conv-seg-scratch", "profound_conv-seg-scratch-seed1"):
         summary = json.load(open(study_dir / "runs" / run / "summary.json"))
         assert summary["steps"] == 2
-        assert json.load(open(study_dir / "configs" / f"{run}.json"))["init"]["mode"] == run.rsplit("-", 1)[1]
+        assert json.load(open(study_dir / "configs" / f"{run}.json"))["init"]["mode"] == run.split("-")[2]
     for name in ("results.csv", "correlations.csv", "report.md", "report.html", "environment.json", "runs.json"):
         assert (study_dir / name).stat().st_size > 0, name
     assert (study_dir / "configs" / "study.json").exists()
@@ -418,7 +423,7 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     assert int(row["pretrained_steps"]) == 2 and int(row["scratch_steps"]) == 2
 
     markdown = open(study_dir / "report.md").read()
-    assert "n = 1" in markdown and "How to read this" in markdown
+    assert "How to read this" in markdown and "mean [95 % interval] over seeds" in markdown
     analysis_row = result.analysis.rows[0]
     plots = study_dir / "plots"
     assert (plots / "gain_by_task.png").exists() == (analysis_row.relative_gain is not None)
@@ -434,4 +439,4 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     assert "Pretraining" in open(study_dir / "report.md").read()
 
     again = runner.run_study(config, str(study_dir), log=lambda _: None)
-    assert [r.status for r in again.runs] == ["reused", "reused"]
+    assert [r.status for r in again.runs] == ["reused"] * 4
