@@ -1,7 +1,7 @@
 """Writes a study's outputs into its directory.
 
     results.csv        one row per backbone x task (columns: RESULT_COLUMNS, then mmd2_/mmd2_p_/cka_ per site, notes)
-    correlations.csv   one row per (site, target, method): coefficient, n, p-value, bootstrap interval
+    correlations.csv   one row per (site, target, method, level): coefficient, n, permutation p-value, BCa interval
     report.md          tables, correlations with n and intervals, how to read them, links to the plots
     report.html        the same, self-contained (plots embedded as base64 PNG)
     plots/*.png        gain per task; MMD² vs gain and vs convergence speed-up; MMD² over steps per run
