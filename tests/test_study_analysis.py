@@ -484,6 +484,12 @@ def test_report_holds_the_table_and_the_figure_with_intervals(tmp_path):
         first = next(csv.DictReader(f))
     assert float(first["relative_gain_low"]) == pytest.approx(row.gain.low)
     assert float(first["mmd2_high_pooled"]) == pytest.approx(row.mmd2_by_site["pooled"].high)
+    with open(outputs["seeds.csv"]) as f:
+        seeds = list(csv.DictReader(f))
+    assert len(seeds) == 5 * 3 and [int(r["seed"]) for r in seeds[:3]] == [0, 1, 2]
+    assert [float(r["relative_gain"]) for r in seeds[:3]] == pytest.approx(row.gain.values)
+    assert [float(r["mmd2_pooled"]) for r in seeds[:3]] == pytest.approx(row.mmd2_by_site["pooled"].values)
+    assert [int(r["pretrained_steps_to_95"]) for r in seeds[:3]] == [10, 20, 30]
     figure = tmp_path / "study" / "plots" / "scatter_mmd2_vs_relative_gain.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plots/scatter_mmd2_vs_relative_gain.png" in markdown

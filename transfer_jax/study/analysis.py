@@ -260,7 +260,9 @@ class Row:
     scratch_alignment: dict[str, SiteAlignment]  # drift from the random init, for the trajectory plots
     mmd2_by_site: dict[str, Estimate]  # over the pretrained runs' seeds
     cka_by_site: dict[str, Estimate]
-    replicates: dict[int, dict[str, float]]  # seed -> {target or "mmd2:<site>": value}
+    # seed -> {"<init>_best", "<init>_steps_to_95", "relative_gain", "convergence_speedup", "probe_gap",
+    # "mmd2:<site>", "cka:<site>": value}, missing values left out
+    replicates: dict[int, dict[str, float]]
     did_not_learn: bool  # no seed pair in which either run improved on its step-0 value
     notes: list[str]
 
@@ -351,12 +353,17 @@ def build_row(backbone: str, task: str, pretrained: dict[int, dict], scratch: di
         relative.append(r)
         speedups.append(speedup(pre[seed].convergence_step, scr[seed].convergence_step))
         values.update(relative_gain=r, convergence_speedup=speedups[-1])
+    for label, runs in outcomes.items():
+        for seed, outcome in runs.items():
+            replicates.setdefault(seed, {}).update({f"{label}_best": outcome.best,
+                                                    f"{label}_steps_to_95": outcome.convergence_step})
     for seed, outcome in pre.items():
-        values = replicates.setdefault(seed, {})
-        values["pretrained_steps_to_95"] = outcome.convergence_step
+        values = replicates[seed]
         values.update({f"mmd2:{site}": entry.mmd2 for site, entry in outcome.alignment.items()})
+        values.update({f"cka:{site}": entry.cka for site, entry in outcome.alignment.items()})
         if comparable and seed in prb and outcome.best is not None and prb[seed].best is not None and outcome.best:
             gaps.append(_signed(outcome.best - prb[seed].best, direction) / abs(outcome.best))
+            values["probe_gap"] = gaps[-1]
     replicates = {seed: {k: v for k, v in values.items() if v is not None} for seed, values in replicates.items()}
     did_not_learn = bool(pairs) and len(silent) == len(pairs)
     if did_not_learn:

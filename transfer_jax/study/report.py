@@ -1,6 +1,7 @@
 """Writes a study's outputs into its directory.
 
     results.csv        one row per backbone x task (columns: RESULT_COLUMNS, then mmd2_/mmd2_p_/cka_ per site, notes)
+    seeds.csv          one row per backbone x task x seed: bests, gain, steps to 95 %, speed-up, MMD² / CKA per site
     correlations.csv   one row per (site, target, method, level): coefficient, n, permutation p-value, BCa interval
     report.md          tables, correlations with n and intervals, how to read them, links to the plots
     report.html        the same, self-contained (plots embedded as base64 PNG)
@@ -120,6 +121,23 @@ def write_results_csv(path: str, analysis: StudyAnalysis) -> None:
             # Full precision in the CSV (repr of floats); rounding is for the human-facing report only.
             writer.writerow([values[c] if c in ("notes", "steps_to_95_per_seed")
                              else (NA if values[c] is None else values[c]) for c in columns])
+
+
+SEED_COLUMNS = ("pretrained_best", "scratch_best", "probe_best", "relative_gain", "pretrained_steps_to_95",
+                "scratch_steps_to_95", "convergence_speedup", "probe_gap")
+
+
+def write_seeds_csv(path: str, analysis: StudyAnalysis) -> None:
+    """One line per backbone x task x seed: the per-seed numbers behind the means and intervals."""
+    site_columns = [f"{name}:{site}" for site in analysis.sites for name in ("mmd2", "cka")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["backbone", "task", "seed", *SEED_COLUMNS,
+                         *(c.replace(":", "_") for c in site_columns)])
+        for row in analysis.rows:
+            for seed, values in sorted(row.replicates.items()):
+                writer.writerow([row.backbone, row.task, seed] + [values.get(c, NA) for c in SEED_COLUMNS]
+                                + [values.get(c, NA) for c in site_columns])
 
 
 CORRELATION_COLUMNS = ("site", "target", "method", "level", "n", "points", "coefficient", "p_value", "exact",
@@ -582,8 +600,9 @@ def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Option
     """Writes every output listed in the module docstring; returns {output name: path}."""
     os.makedirs(study_dir, exist_ok=True)
     outputs = {name: os.path.join(study_dir, name) for name in (
-        "results.csv", "correlations.csv", "report.md", "report.html", "environment.json")}
+        "results.csv", "seeds.csv", "correlations.csv", "report.md", "report.html", "environment.json")}
     write_results_csv(outputs["results.csv"], analysis)
+    write_seeds_csv(outputs["seeds.csv"], analysis)
     write_correlations_csv(outputs["correlations.csv"], analysis)
     plots = write_plots(os.path.join(study_dir, PLOTS_DIR), analysis)
     environment_info = environment()
