@@ -401,6 +401,10 @@ def test_discover_runs_finds_run_folders_with_summaries(tmp_path):
     assert sorted(r.name for r in found) == sorted(r.name for r in records)
     os.makedirs(os.path.join(tmp_path, "runs", "not-a-run"))
     assert len(analysis.discover_runs(os.path.join(tmp_path, "runs"))) == len(records)
+    seeded = seeded_records(tmp_path / "seeded", seeds=2, probe=True)
+    found = analysis.discover_runs(os.path.join(tmp_path, "seeded", "runs"))
+    assert sorted((r.name, r.seed, r.arm) for r in found) == sorted((r.name, r.seed, r.arm) for r in seeded)
+    assert "profound_conv-seg-pretrained-probe-seed1" in {r.name for r in found}
 
 
 # -- seeds, did-not-learn rows and the probe arm --------------------------------------------------------------------
