@@ -421,7 +421,7 @@ def _gain_cell(row: Row) -> str:
 
 
 def _steps_cell(row: Row) -> str:
-    per_seed = lambda init: "/".join(_fmt(s) for s in row.steps_to_95.get(init, ())) or NA  # noqa: E731
+    per_seed = lambda init: ", ".join(_fmt(s) for s in row.steps_to_95.get(init, ())) or NA  # noqa: E731
     return f"{per_seed('pretrained')} vs {per_seed('scratch')}"
 
 
