@@ -254,7 +254,9 @@ def plot_scatter(path: str, analysis: StudyAnalysis, target: str) -> bool:
                         yerr=_error_bars([row.target(target)], scale), fmt="o", color=colors[row.backbone],
                         markersize=5, capsize=3, elinewidth=1)
             ax.annotate(row.label, (x, scale * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{site}{_correlation_text(analysis, site, target)}", fontsize=9)
+        if target == "relative_gain":
+            ax.axhline(0, color="black", linewidth=0.6)  # a gain whose bar crosses this line is not one
+        ax.set_title(f"{site}{_correlation_text(analysis, site, target)}", fontsize=8)
         ax.set_xlabel(f"MMD² ({site}), before vs after fine-tuning")
         ax.set_ylabel(TARGETS[target][0] + (" (%)" if scale != 1 else ""), fontsize=8)
         ax.grid(alpha=0.3)
