@@ -21,6 +21,7 @@ Fields of `study`:
   preset: the preset each task config is built with (`configs/<task>.py:<backbone>,<preset>`).
   overrides: config fields set on every run after the preset, as dotted keys (`{'optimizer.lr': 3e-4}`) or
     nested (`overrides.optimizer.lr`). `init.*` is owned by the study (use `inits` / `pretrained_checkpoints`).
+  task_overrides: task -> overrides of that task's runs only, applied after `overrides`.
   pretrained_checkpoints: backbone -> converted-weights artifact directory for the "pretrained" runs.
   pretraining: backbone -> the JAX pretraining config (`configs/<name>.py`, arguments after a colon; the study's
     preset is appended) the study runs first, for a backbone not in pretrained_checkpoints; its artifact
@@ -62,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.seeds = 1
     c.study.preset = "smoke"
     c.study.overrides = _dotted_dict()
+    c.study.task_overrides = ml_collections.ConfigDict()
     c.study.pretrained_checkpoints = _dotted_dict()
     # Each backbone's own pretraining objective: FCMAE (ProFound-Conv), MAE (ProFound-ViT), patch contrastive
     # (ProViCNet; label-guided + self-supervised, since small phantom crops have few all-cancer patches).
@@ -102,6 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "data.phantom.num_cases": 10,
             "data.phantom.num_val": 3,
             "data.phantom.num_test": 1,
+        })
+        # A macro AUROC over 4 classes needs more than 3 validation cases: 12 (every class present).
+        c.study.task_overrides.cls = _dotted_dict({
+            "data.phantom.num_cases": 24,
+            "data.phantom.num_val": 12,
         })
     elif preset == "full":
         # Published model sizes and geometry; the pretrained runs start from the converted release weights.

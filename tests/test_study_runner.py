@@ -320,6 +320,23 @@ def test_bad_study_fields_are_named(tmp_path, fake_trainer, field, value, messag
     assert fake_trainer.calls == []
 
 
+def test_task_overrides_change_only_that_tasks_runs(tmp_path, fake_trainer):
+    config = study_config(tasks=("seg", "cls"), inits=("scratch",))
+    config.study.overrides["total_steps"] = 3
+    config.study.task_overrides = {"cls": {"total_steps": 5, "data": {"phantom": {"num_val": 7}}}}
+    runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    configs = dict(fake_trainer.calls)
+    assert configs["profound_conv-seg-scratch"]["total_steps"] == 3
+    assert configs["profound_conv-cls-scratch"]["total_steps"] == 5
+    assert configs["profound_conv-cls-scratch"]["data"]["phantom"]["num_val"] == 7
+    config.study.task_overrides = {"cls": {"totl_steps": 5}}
+    with pytest.raises(runner.StudyConfigError, match=r"study\.task_overrides\.cls\['totl_steps'\]"):
+        runner.run_study(config, str(tmp_path / "other"), log=lambda _: None)
+    config.study.task_overrides = {"classification": {"total_steps": 5}}
+    with pytest.raises(runner.StudyConfigError, match=r"study\.task_overrides: unknown task 'classification'"):
+        runner.run_study(config, str(tmp_path / "other"), log=lambda _: None)
+
+
 @pytest.mark.parametrize("key, message", [
     ("totl_steps", r"study\.overrides\['totl_steps'\]: configs/seg\.py has no field 'totl_steps'"),
     ("optimiser.lr", r"study\.overrides\['optimiser\.lr'\]: configs/seg\.py has no config block 'optimiser'"),
@@ -357,6 +374,7 @@ def test_study_presets():
         assert spec.inits == ("pretrained", "scratch") and spec.bootstrap == 2000
     assert runner.parse_study(smoke).preset == "smoke" and runner.parse_study(smoke).overrides == {}
     assert runner.parse_study(cpu).overrides["total_steps"] == 60
+    assert runner.parse_study(cpu).task_overrides["cls"]["data.phantom.num_val"] == 12
     full_spec = runner.parse_study(full)
     assert full_spec.preset == "full"
     assert set(full_spec.pretrained_checkpoints) == set(full_spec.backbones)

@@ -50,7 +50,7 @@ from transfer_jax.study import report as study_report
 CONFIGS_ENV = "TRANSFER_JAX_CONFIGS"
 RUNS_DIR = "runs"
 PRETRAINING_DIR = "pretraining"
-STUDY_FIELDS = ("name", "tasks", "backbones", "inits", "arms", "seeds", "preset", "overrides",
+STUDY_FIELDS = ("name", "tasks", "backbones", "inits", "arms", "seeds", "preset", "overrides", "task_overrides",
                 "pretrained_checkpoints", "pretraining", "pretraining_overrides", "bootstrap", "permutations", "seed")
 
 
@@ -69,6 +69,7 @@ class StudySpec:
     seeds: int  # replicates of every run; seed s adds s to the task config's seed
     preset: str
     overrides: dict[str, Any]  # dotted key -> value
+    task_overrides: dict[str, dict[str, Any]]  # task -> dotted key -> value, after `overrides`
     pretrained_checkpoints: dict[str, str]  # backbone -> artifact dir
     pretraining: dict[str, str]  # backbone -> "<pretraining config name>[:<args>]"
     pretraining_overrides: dict[str, Any]  # dotted key -> value, for the pretraining runs
@@ -183,6 +184,13 @@ def parse_study(config) -> StudySpec:
             raise StudyConfigError(f"study.pretraining.{backbone} must name a pretraining config such as "
                                    f"'pretrain_fcmae' or 'pretrain_contrastive:both', got {source!r}")
     pretraining_overrides = flatten_overrides(study.get("pretraining_overrides") or {})
+    task_overrides = {}
+    for task, values in (study.get("task_overrides") or {}).items():
+        if task not in TASKS:
+            raise StudyConfigError(f"study.task_overrides: unknown task {task!r}; known: {TASKS}")
+        task_overrides[task] = flatten_overrides(values or {})
+        if any(k == "init" or k.startswith("init.") for k in task_overrides[task]):
+            raise StudyConfigError(f"study.task_overrides.{task}: the study sets init.* itself")
     arms = _names(study, "arms", study_analysis.ARMS)
     if "finetune" not in arms:
         raise StudyConfigError(f"study.arms must include 'finetune' (the gains compare fine-tuning runs), got {arms}")
@@ -193,6 +201,7 @@ def parse_study(config) -> StudySpec:
     return StudySpec(
         tasks=_names(study, "tasks", TASKS), backbones=_names(study, "backbones", BACKBONES),
         inits=_names(study, "inits", INITS), arms=arms, seeds=study.seeds, preset=preset, overrides=overrides,
+        task_overrides=task_overrides,
         pretrained_checkpoints={b: p for b, p in checkpoints.items() if p},
         pretraining={b: v for b, v in pretraining.items() if v}, pretraining_overrides=pretraining_overrides,
         bootstrap=study.bootstrap, permutations=study.permutations, seed=study.seed)
@@ -295,6 +304,7 @@ def plan_run(spec: StudySpec, directory: str, runs_dir: str, backbone: str, task
     elif backbone in spec.pretrained_checkpoints:
         config.init.checkpoint = os.path.abspath(spec.pretrained_checkpoints[backbone])
     apply_overrides(config, spec.overrides, f"configs/{task}.py")
+    apply_overrides(config, spec.task_overrides.get(task, {}), f"configs/{task}.py", field=f"task_overrides.{task}")
     config.seed = config.seed + seed
     if arm == "probe":
         config.optimizer.freeze_backbone = True
@@ -419,7 +429,8 @@ def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> 
             log(f"{prefix}: skipped: {run.skip_reason}")
             records.append(run.record("skipped", run.skip_reason))
             continue
-        status, note = _train_or_reuse(prefix, run.workdir, run.config, spec.overrides, loop, log)
+        overrides = {**spec.overrides, **spec.task_overrides.get(run.task, {})}
+        status, note = _train_or_reuse(prefix, run.workdir, run.config, overrides, loop, log)
         records.append(run.record(status, note))
 
     analysis = study_analysis.analyze(records, bootstrap=spec.bootstrap, seed=spec.seed,
