@@ -375,6 +375,7 @@ def test_study_presets():
     assert runner.parse_study(smoke).preset == "smoke" and runner.parse_study(smoke).overrides == {}
     assert runner.parse_study(cpu).overrides["total_steps"] == 60
     assert runner.parse_study(cpu).task_overrides["cls"]["data.phantom.num_val"] == 12
+    assert runner.parse_study(cpu).task_overrides["sr"] == {"task.gland_loss_weight": 4.0}
     full_spec = runner.parse_study(full)
     assert full_spec.preset == "full"
     assert set(full_spec.pretrained_checkpoints) == set(full_spec.backbones)
