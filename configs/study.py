@@ -12,17 +12,25 @@ Re-running with the same workdir skips finished runs and resumes unfinished ones
 
 Fields of `study`:
   tasks, backbones, inits: the matrix (task keys are `configs/<task>.py` names).
+  seeds: replicates of every run (default 1). Seed s adds s to the task config's `seed`, which draws the head's
+    initialisation, the data order and the augmentation; the pretrained weights and the cohort stay the same.
+    Pretrained seed s is paired with scratch seed s. Raising it later trains only the new seeds' runs.
+  arms: ("finetune",), or ("finetune", "probe") to add a linear-probe run per backbone x task x seed: the
+    pretrained backbone frozen (`optimizer.freeze_backbone`), only the head trained; its gap to fine-tuning is
+    reported beside MMD² (which is 0 by construction for a frozen backbone).
   preset: the preset each task config is built with (`configs/<task>.py:<backbone>,<preset>`).
   overrides: config fields set on every run after the preset, as dotted keys (`{'optimizer.lr': 3e-4}`) or
     nested (`overrides.optimizer.lr`). `init.*` is owned by the study (use `inits` / `pretrained_checkpoints`).
+  task_overrides: task -> overrides of that task's runs only, applied after `overrides`.
   pretrained_checkpoints: backbone -> converted-weights artifact directory for the "pretrained" runs.
   pretraining: backbone -> the JAX pretraining config (`configs/<name>.py`, arguments after a colon; the study's
     preset is appended) the study runs first, for a backbone not in pretrained_checkpoints; its artifact
     initialises that backbone's pretrained runs. A backbone in neither keeps its task config's `init.checkpoint`.
   pretraining_overrides: like overrides, for the pretraining runs.
-  bootstrap: resamples for the correlation confidence intervals (0 = no intervals).
-  seed: seeds the bootstrap (the runs keep their task configs' seeds, so a backbone's pretrained and scratch
-    runs see the same data order and differ only in their initial weights).
+  bootstrap: resamples for the BCa confidence intervals of the correlations (0 = no intervals).
+  permutations: random pairings for a correlation's permutation p-value when it has more than 8 points (up to 8
+    the test enumerates all of them and is exact).
+  seed: seeds the bootstrap and the permutations (not the runs).
 """
 import os
 
@@ -51,8 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.tasks = TASKS
     c.study.backbones = BACKBONES
     c.study.inits = INITS
+    c.study.arms = ("finetune",)
+    c.study.seeds = 1
     c.study.preset = "smoke"
     c.study.overrides = _dotted_dict()
+    c.study.task_overrides = ml_collections.ConfigDict()
     c.study.pretrained_checkpoints = _dotted_dict()
     # Each backbone's own pretraining objective: FCMAE (ProFound-Conv), MAE (ProFound-ViT), patch contrastive
     # (ProViCNet; label-guided + self-supervised, since small phantom crops have few all-cancer patches).
@@ -60,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         "provicnet": "pretrain_contrastive:both"})
     c.study.pretraining_overrides = _dotted_dict()
     c.study.bootstrap = 2000
+    c.study.permutations = 9999
     c.study.seed = 0
 
     if preset == "smoke":
@@ -93,6 +105,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "data.phantom.num_val": 3,
             "data.phantom.num_test": 1,
         })
+        # A macro AUROC over 4 classes needs more than 3 validation cases: 12 (every class present).
+        c.study.task_overrides.cls = _dotted_dict({
+            "data.phantom.num_cases": 24,
+            "data.phantom.num_val": 12,
+        })
+        # Super-resolution is scored by PSNR inside the gland but trained on the whole crop: unweighted, 60 steps
+        # improve the crop and not the gland, so its runs never beat their step-0 (identity) value. Weighting gland
+        # voxels 5x aligns the loss with the metric. (Distortion correction improves the gland unweighted.)
+        c.study.task_overrides.sr = _dotted_dict({"task.gland_loss_weight": 4.0})
     elif preset == "full":
         # Published model sizes and geometry; the pretrained runs start from the converted release weights.
         # To pretrain in JAX instead, empty a backbone's entry: --config.study.pretrained_checkpoints.<backbone>=''

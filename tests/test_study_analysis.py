@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -14,10 +16,11 @@ from transfer_jax.study.analysis import RunRecord
 
 
 def write_summary(workdir, *, best, direction="max", steps_to_95=10, steps=40, alignment=None, init=None,
-                  metric="score", task="segmentation", stopped_early=False):
+                  metric="score", task="segmentation", stopped_early=False, best_step=None):
     os.makedirs(workdir, exist_ok=True)
     summary = {"task": task, "backbone": "b", "primary_metric": metric, "direction": direction, "best": best,
-               "best_step": steps, "final": {metric: best}, "steps": steps, "stopped_early": stopped_early,
+               "best_step": steps if best_step is None else best_step, "final": {metric: best}, "steps": steps,
+               "stopped_early": stopped_early,
                "history": [{"step": steps, "metrics": {metric: best}}], "steps_to_95pct_best": steps_to_95,
                "wall_seconds": 1.0, "config": {"init": {"mode": init or "scratch"}, "total_steps": steps}}
     if init is not None:
@@ -164,60 +167,128 @@ def test_non_finite_best_is_missing(tmp_path):
     assert row.pretrained_best is None and row.relative_gain is None
 
 
-# -- correlations -------------------------------------------------------------------------------------------------
+# -- statistics against SciPy ------------------------------------------------------------------------------------
 
 X_TIES = [0.3, 0.1, 0.1, 0.7, 0.5, 0.9, 0.5, 0.2]
 Y_TIES = [2.0, 1.0, 3.0, 5.0, 5.0, 8.0, 4.0, 0.5]
+REFERENCE = {"pearson": stats.pearsonr, "spearman": stats.spearmanr}
 
 
-@pytest.mark.parametrize("method, reference", [("pearson", stats.pearsonr), ("spearman", stats.spearmanr)])
-def test_coefficients_and_p_values_match_scipy_with_ties(method, reference):
-    expected = reference(X_TIES, Y_TIES)
-    assert analysis.correlation_coefficient(X_TIES, Y_TIES, method) == pytest.approx(expected.statistic, abs=1e-12)
-    result = analysis.correlate(X_TIES, Y_TIES, site="pooled", target="relative_gain", method=method,
-                                resamples=500, seed=1)
-    assert result.n == len(X_TIES)
-    assert result.coefficient == pytest.approx(expected.statistic, abs=1e-12)
-    assert result.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+def reference_statistic(method):
+    """SciPy's own coefficient, rounded to 12 decimals and 0 for a constant resample (the conventions of
+    analysis.correlation_statistic)."""
+    def statistic(x, y):
+        return round(REFERENCE[method](x, y).statistic, 12) if np.ptp(x) > 0 and np.ptp(y) > 0 else 0.0
+    return statistic
 
 
-def test_spearman_is_invariant_to_monotone_transforms_and_pearson_is_not():
-    x = np.array(X_TIES)
-    assert analysis.correlation_coefficient(np.exp(5 * x), Y_TIES, "spearman") == pytest.approx(
-        analysis.correlation_coefficient(x, Y_TIES, "spearman"))
-    assert analysis.correlation_coefficient(np.exp(5 * x), Y_TIES, "pearson") != pytest.approx(
-        analysis.correlation_coefficient(x, Y_TIES, "pearson"))
+def exact_two_sided_p(x_blocks, y_blocks, method):
+    """Brute force over every pairing of the points' blocks, as scipy's two-sided permutation test defines it."""
+    x_blocks, y_blocks = np.asarray(x_blocks, float), np.asarray(y_blocks, float)
+    statistic = reference_statistic(method)
+    observed = statistic(x_blocks.ravel(), y_blocks.ravel())
+    null = np.array([statistic(x_blocks[list(order)].ravel(), y_blocks.ravel())
+                     for order in itertools.permutations(range(len(x_blocks)))])
+    tolerance = 1e-14 * max(1.0, abs(observed))  # scipy's tolerance for ties with the observed value
+    return min(1.0, 2 * min(np.mean(null <= observed + tolerance), np.mean(null >= observed - tolerance)))
 
 
 @pytest.mark.parametrize("method", ["pearson", "spearman"])
-def test_bootstrap_interval_contains_the_estimate_and_is_deterministic_per_seed(method):
-    point = analysis.correlation_coefficient(X_TIES, Y_TIES, method)
-    low, high, degenerate = analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7)
+def test_coefficients_match_scipy_with_ties(method):
+    expected = REFERENCE[method](X_TIES, Y_TIES)
+    assert analysis.correlation_coefficient(X_TIES, Y_TIES, method) == pytest.approx(expected.statistic, abs=1e-12)
+    result = analysis.correlate(X_TIES, Y_TIES, site="pooled", target="relative_gain", method=method,
+                                resamples=200, seed=1)
+    assert result.n == result.points == len(X_TIES)
+    assert result.coefficient == pytest.approx(expected.statistic, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+@pytest.mark.parametrize("x, y", [([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]),  # n = 3
+                                  (X_TIES[:6], Y_TIES[:6])])  # ties in both variables
+def test_permutation_p_value_is_exact_for_small_n(method, x, y):
+    p_value, exact, pairings = analysis.permutation_p_value(x, y, method, permutations=99, seed=0)
+    assert exact and pairings == math.factorial(len(x))
+    assert p_value == pytest.approx(exact_two_sided_p(np.array(x)[:, None], np.array(y)[:, None], method),
+                                    abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_a_perfectly_monotone_example_has_the_minimal_exact_p_value(method):
+    x = [0.01, 0.02, 0.04, 0.08, 0.16]
+    y = [9.0, 5.0, 3.0, 2.0, 1.5]  # strictly decreasing: only the observed and the reversed pairing reach |r|
+    result = analysis.correlate(x, y, site="s", target="relative_gain", method="spearman", resamples=0, seed=0)
+    assert result.coefficient == -1.0 and result.exact and result.permutations == 120
+    assert result.p_value == 2 / 120
+    if method == "pearson":  # not perfectly linear: the same two pairings are still the most extreme
+        assert analysis.correlate(x, y, site="s", target="relative_gain", method=method, resamples=0,
+                                  seed=0).p_value == 2 / 120
+
+
+def test_more_than_eight_points_use_the_configured_random_pairings():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=10)
+    y = x + rng.normal(size=10)
+    result = analysis.correlate(x, y, site="s", target="relative_gain", method="pearson", resamples=0,
+                                permutations=999, seed=3)
+    assert not result.exact and result.permutations == 999
+    # with 999 random pairings the smallest two-sided p-value is 2 / 1000
+    assert 2 / 1000 <= result.p_value <= 1.0
+    reference = stats.permutation_test((x,), lambda a: stats.pearsonr(a, y).statistic, vectorized=False,
+                                       permutation_type="pairings", n_resamples=999,
+                                       rng=np.random.default_rng(3))
+    assert result.p_value == pytest.approx(reference.pvalue, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+@pytest.mark.parametrize("x, y", [(X_TIES, Y_TIES), ([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])])
+def test_bca_interval_matches_scipy(method, x, y):
+    low, high = analysis.bootstrap_interval(x, y, method, resamples=400, seed=7)
+    reference = stats.bootstrap((np.array(x), np.array(y)), reference_statistic(method), paired=True,
+                                vectorized=False, n_resamples=400, method="BCa", rng=np.random.default_rng(7))
+    expected = reference.confidence_interval
+    if np.isfinite(expected.low):
+        assert (low, high) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    else:
+        assert (low, high) == (None, None)
+    assert analysis.bootstrap_interval(x, y, method, resamples=400, seed=7) == (low, high)  # reproducible
+
+
+def test_bca_interval_contains_the_estimate_and_depends_on_the_seed():
+    point = analysis.correlation_coefficient(X_TIES, Y_TIES, "pearson")
+    low, high = analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=2000, seed=7)
     assert -1.0 <= low < point < high <= 1.0
-    assert analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7) == (low, high, degenerate)
-    # a narrower level gives a nested interval
-    low90, high90, _ = analysis.bootstrap_interval(X_TIES, Y_TIES, method, resamples=2000, seed=7, level=0.9)
-    assert low <= low90 <= high90 <= high
+    assert analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=2) != \
+        analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=1)
 
 
-def test_bootstrap_interval_depends_on_the_seed_and_the_data():
-    # Pearson on continuous data (Spearman's bounds are ranks, so two seeds can share them).
-    first = analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=1)
-    assert analysis.bootstrap_interval(X_TIES, Y_TIES, "pearson", resamples=300, seed=2)[:2] != first[:2]
-    assert analysis.bootstrap_interval(X_TIES, Y_TIES[::-1], "pearson", resamples=300, seed=1)[:2] != first[:2]
+def test_cluster_bootstrap_and_permutation_resample_whole_points():
+    # 4 points x 2 seeds: the seeds of a point move together
+    x_blocks = np.array([[0.1, 0.12], [0.2, 0.18], [0.3, 0.35], [0.5, 0.4]])
+    y_blocks = np.array([[0.30, 0.25], [0.2, 0.22], [0.15, 0.05], [0.0, 0.02]])
+    result = analysis.correlate(x_blocks, y_blocks, site="s", target="relative_gain", method="pearson",
+                                level="replicates", resamples=300, seed=5)
+    assert (result.n, result.points, result.exact, result.permutations) == (8, 4, True, 24)
+    assert result.coefficient == pytest.approx(stats.pearsonr(x_blocks.ravel(), y_blocks.ravel()).statistic)
+    assert result.p_value == pytest.approx(exact_two_sided_p(x_blocks, y_blocks, "pearson"), abs=1e-12)
+    statistic = reference_statistic("pearson")
+    reference = stats.bootstrap((np.arange(4),), lambda i: statistic(x_blocks[i].ravel(), y_blocks[i].ravel()),
+                                vectorized=False, n_resamples=300, method="BCa", rng=np.random.default_rng(5))
+    assert (result.ci_low, result.ci_high) == pytest.approx(
+        (reference.confidence_interval.low, reference.confidence_interval.high), abs=1e-12)
 
 
-def test_degenerate_resamples_are_skipped_and_counted():
-    # n = 3 with y = [1, 1, 2]: a resample has constant y when all three draws come from the first two points
-    # ((2/3)^3) or are all the third ((1/3)^3): probability 1/3; constant x (1/9) is a subset of those.
-    resamples = 6000
-    low, high, degenerate = analysis.bootstrap_interval([1.0, 2.0, 3.0], [1.0, 1.0, 2.0], "pearson",
-                                                        resamples=resamples, seed=0)
-    assert degenerate / resamples == pytest.approx(1 / 3, abs=0.03)
-    assert low is not None and high is not None and np.isfinite([low, high]).all()
-    result = analysis.correlate([1.0, 2.0, 3.0], [1.0, 1.0, 2.0], site="s", target="relative_gain",
-                                method="pearson", resamples=resamples, seed=0)
-    assert result.degenerate_resamples == degenerate and result.resamples == resamples
+@pytest.mark.parametrize("pretrained, scratch", [([0.8, 0.7, 0.75], [0.6, 0.65, 0.5]),  # n = 3
+                                                 ([0.8, 0.8, 0.7, 0.9], [0.7, 0.7, 0.7, 0.6])])  # ties
+def test_paired_interval_matches_scipy(pretrained, scratch):
+    paired = analysis.estimate(np.subtract(pretrained, scratch))
+    expected = stats.ttest_rel(pretrained, scratch).confidence_interval(0.95)
+    assert paired.mean == pytest.approx(np.mean(np.subtract(pretrained, scratch)))
+    assert (paired.low, paired.high) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert paired.contains_zero == (expected.low <= 0 <= expected.high)
+    assert analysis.estimate([0.2, 0.25, 0.22]).contains_zero is False
+    assert analysis.estimate([0.1]).low is None and analysis.estimate([0.1]).contains_zero is None
+    assert analysis.estimate([0.1, -0.1]).contains_zero is True
 
 
 def test_too_few_points_and_constant_inputs_give_no_coefficient():
@@ -330,3 +401,99 @@ def test_discover_runs_finds_run_folders_with_summaries(tmp_path):
     assert sorted(r.name for r in found) == sorted(r.name for r in records)
     os.makedirs(os.path.join(tmp_path, "runs", "not-a-run"))
     assert len(analysis.discover_runs(os.path.join(tmp_path, "runs"))) == len(records)
+    seeded = seeded_records(tmp_path / "seeded", seeds=2, probe=True)
+    found = analysis.discover_runs(os.path.join(tmp_path, "seeded", "runs"))
+    assert sorted((r.name, r.seed, r.arm) for r in found) == sorted((r.name, r.seed, r.arm) for r in seeded)
+    assert "profound_conv-seg-pretrained-probe-seed1" in {r.name for r in found}
+
+
+# -- seeds, did-not-learn rows and the probe arm --------------------------------------------------------------------
+
+SEED_OFFSETS = [0.0, 0.02, -0.015]
+
+
+def seeded_records(tmp_path, seeds=3, silent=(), probe=False):
+    """The five-point matrix with `seeds` replicates (seed s shifts the pretrained values); the rows in `silent`
+    never improve on step 0 in either run."""
+    records = []
+    for i, (mmd2, p, s, ps, ss) in enumerate(zip(MMD2, PRETRAINED_BEST, SCRATCH_BEST, PRETRAINED_STEPS,
+                                                 SCRATCH_STEPS)):
+        backbone, task = ("profound_conv", "profound_vit")[i % 2], ("seg", "cls", "sr", "distortion", "synthesis")[i]
+        for seed in range(seeds):
+            offset = SEED_OFFSETS[seed]
+            step0 = dict(best_step=0, steps_to_95=0) if i in silent else {}
+            runs = [("pretrained", "finetune", dict(dict(best=p + offset, steps_to_95=ps + 10 * seed, init="pretrained",
+                                                         alignment={"pooled": site(mmd2 * (1 + offset))}), **step0)),
+                    ("scratch", "finetune", dict(dict(best=s, steps_to_95=ss), **step0))]
+            if probe:
+                runs.append(("pretrained", "probe", dict(best=p + offset - 0.1, alignment={"pooled": site(0.0)})))
+            for init, arm, fields in runs:
+                workdir = os.path.join(tmp_path, "runs", analysis.run_name(backbone, task, init, seed, arm))
+                write_summary(workdir, **fields)
+                records.append(RunRecord(backbone, task, init, workdir, "trained", seed=seed, arm=arm))
+    return records
+
+
+def test_rows_aggregate_seeds_with_paired_intervals(tmp_path):
+    result = analysis.analyze(seeded_records(tmp_path, probe=True), bootstrap=200, seed=0)
+    row = result.rows[0]
+    pretrained = [PRETRAINED_BEST[0] + o for o in SEED_OFFSETS]
+    relative = [(p - SCRATCH_BEST[0]) / SCRATCH_BEST[0] for p in pretrained]
+    assert row.seeds == 3 and row.pretrained.values == pytest.approx(pretrained)
+    assert row.relative_gain == pytest.approx(np.mean(relative))
+    expected = stats.ttest_1samp(relative, 0.0).confidence_interval(0.95)
+    assert (row.gain.low, row.gain.high) == pytest.approx((expected.low, expected.high))
+    paired = stats.ttest_rel(pretrained, [SCRATCH_BEST[0]] * 3).confidence_interval(0.95)
+    assert (row.absolute.low, row.absolute.high) == pytest.approx((paired.low, paired.high))
+    assert row.steps_to_95["pretrained"] == (10, 20, 30) and row.steps_to_95["scratch"] == (40, 40, 40)
+    assert row.speedup.values == pytest.approx([4.0, 2.0, 40 / 30])
+    assert row.mmd2("pooled") == pytest.approx(np.mean([MMD2[0] * (1 + o) for o in SEED_OFFSETS]))
+    # probe gap: (fine-tuned - probe) / fine-tuned per seed; the probe's MMD² (0) never enters the row's MMD²
+    assert row.probe_gap.values == pytest.approx([0.1 / p for p in pretrained])
+    by_key = {(c.site, c.target, c.method, c.level): c for c in result.correlations}
+    points = by_key[("pooled", "relative_gain", "spearman", "points")]
+    replicates = by_key[("pooled", "relative_gain", "spearman", "replicates")]
+    assert (points.n, points.points, points.exact) == (5, 5, True)
+    assert (replicates.n, replicates.points, replicates.permutations) == (15, 5, 120)
+    assert points.coefficient == pytest.approx(
+        stats.spearmanr([r.mmd2("pooled") for r in result.rows], [r.relative_gain for r in result.rows]).statistic)
+
+
+def test_rows_that_did_not_learn_say_so_and_leave_the_correlations(tmp_path):
+    result = analysis.analyze(seeded_records(tmp_path, seeds=2, silent=(2,)), bootstrap=100, seed=0)
+    row = result.rows[2]
+    assert row.did_not_learn and row.relative_gain is None and row.convergence_speedup is None
+    assert row.steps_to_95["pretrained"] == (None, None)
+    assert any(note.startswith("did not learn") for note in row.notes)
+    gain = next(c for c in result.correlations
+                if (c.site, c.target, c.method, c.level) == ("pooled", "relative_gain", "pearson", "points"))
+    assert gain.n == 4
+    outputs = report.write_report(str(tmp_path / "study"), result)
+    markdown = open(outputs["report.md"]).read()
+    assert "| did not learn |" in markdown
+    with open(outputs["results.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[2]["did_not_learn"] == "True" and rows[2]["relative_gain"] == "n/a"
+
+
+def test_report_holds_the_table_and_the_figure_with_intervals(tmp_path):
+    result = analysis.analyze(seeded_records(tmp_path, probe=True), bootstrap=200, seed=0)
+    outputs = report.write_report(str(tmp_path / "study"), result)
+    markdown = open(outputs["report.md"]).read()
+    row = result.rows[0]
+    gain = f"{100 * row.gain.mean:+.3g} % [{100 * row.gain.low:+.3g}, {100 * row.gain.high:+.3g}]"
+    assert gain in markdown
+    assert "probe gap" in markdown and "replicates" in markdown and "exact, 120 pairings" in markdown
+    with open(outputs["results.csv"]) as f:
+        first = next(csv.DictReader(f))
+    assert float(first["relative_gain_low"]) == pytest.approx(row.gain.low)
+    assert float(first["mmd2_high_pooled"]) == pytest.approx(row.mmd2_by_site["pooled"].high)
+    with open(outputs["seeds.csv"]) as f:
+        seeds = list(csv.DictReader(f))
+    assert len(seeds) == 5 * 3 and [int(r["seed"]) for r in seeds[:3]] == [0, 1, 2]
+    assert [float(r["relative_gain"]) for r in seeds[:3]] == pytest.approx(row.gain.values)
+    assert [float(r["mmd2_pooled"]) for r in seeds[:3]] == pytest.approx(row.mmd2_by_site["pooled"].values)
+    assert [int(r["pretrained_steps_to_95"]) for r in seeds[:3]] == [10, 20, 30]
+    figure = tmp_path / "study" / "plots" / "scatter_mmd2_vs_relative_gain.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plots/scatter_mmd2_vs_relative_gain.png" in markdown

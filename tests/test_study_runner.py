@@ -182,6 +182,49 @@ def test_bad_pretraining_fields_are_named(tmp_path, fake_trainer, field, value, 
     assert fake_trainer.calls == []
 
 
+# -- seeds and arms -----------------------------------------------------------------------------------------------
+
+def test_seeds_repeat_every_run_and_adding_one_trains_only_the_new_runs(tmp_path, fake_trainer):
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    config = study_config(seeds=2)
+    config.study.pretrained_checkpoints["profound_conv"] = str(artifact)
+    result = runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    assert run_names(fake_trainer.calls) == ["profound_conv-seg-pretrained", "profound_conv-seg-scratch",
+                                             "profound_conv-seg-pretrained-seed1", "profound_conv-seg-scratch-seed1"]
+    configs = dict(fake_trainer.calls)
+    base = load_config("seg", "profound_conv,smoke").seed
+    assert [configs[name]["seed"] for name in run_names(fake_trainer.calls)] == [base, base, base + 1, base + 1]
+    # the same pretrained artifact for every seed; only the seed (head init, data order, augmentation) differs
+    assert configs["profound_conv-seg-pretrained"]["init"] == configs["profound_conv-seg-pretrained-seed1"]["init"]
+    assert result.analysis.rows[0].seeds == 2
+
+    config.study.seeds = 3
+    again = runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    assert run_names(fake_trainer.calls)[4:] == ["profound_conv-seg-pretrained-seed2",
+                                                 "profound_conv-seg-scratch-seed2"]
+    assert [r.status for r in again.runs] == ["reused"] * 4 + ["trained"] * 2
+    assert again.analysis.rows[0].seeds == 3
+
+
+def test_the_probe_arm_freezes_the_pretrained_backbone(tmp_path, fake_trainer):
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    config = study_config(arms=("finetune", "probe"))
+    config.study.pretrained_checkpoints["profound_conv"] = str(artifact)
+    result = runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    configs = dict(fake_trainer.calls)
+    assert list(configs) == ["profound_conv-seg-pretrained", "profound_conv-seg-scratch",
+                             "profound_conv-seg-pretrained-probe"]
+    probe = configs["profound_conv-seg-pretrained-probe"]
+    assert probe["optimizer"]["freeze_backbone"] and probe["init"]["checkpoint"] == str(artifact)
+    assert not configs["profound_conv-seg-pretrained"]["optimizer"]["freeze_backbone"]
+    row = result.analysis.rows[0]
+    assert row.probe.mean == 0.8 and row.probe_gap.mean == 0.0  # the fake trainer's probe scores as fine-tuning
+    with pytest.raises(runner.StudyConfigError, match=r"study\.arms must include 'finetune'"):
+        runner.run_study(study_config(arms=("probe",)), str(tmp_path / "other"), log=lambda _: None)
+
+
 # -- the matrix, configs and outputs ------------------------------------------------------------------------------
 
 def test_run_configs_carry_init_and_overrides_and_are_saved(tmp_path, fake_trainer):
@@ -266,6 +309,8 @@ def test_a_training_failure_is_raised_naming_the_run(tmp_path, monkeypatch):
     ("tasks", ("seg", "seg"), r"study\.tasks lists a name twice"),
     ("preset", "huge", r"study\.preset must be one of"),
     ("bootstrap", -1, r"study\.bootstrap must be an integer >= 0"),
+    ("seeds", 0, r"study\.seeds must be an integer >= 1"),
+    ("arms", ("finetune", "frozen"), r"study\.arms: unknown \['frozen'\]"),
 ])
 def test_bad_study_fields_are_named(tmp_path, fake_trainer, field, value, message):
     config = study_config()
@@ -273,6 +318,23 @@ def test_bad_study_fields_are_named(tmp_path, fake_trainer, field, value, messag
     with pytest.raises(runner.StudyConfigError, match=message):
         runner.run_study(config, str(tmp_path), log=lambda _: None)
     assert fake_trainer.calls == []
+
+
+def test_task_overrides_change_only_that_tasks_runs(tmp_path, fake_trainer):
+    config = study_config(tasks=("seg", "cls"), inits=("scratch",))
+    config.study.overrides["total_steps"] = 3
+    config.study.task_overrides = {"cls": {"total_steps": 5, "data": {"phantom": {"num_val": 7}}}}
+    runner.run_study(config, str(tmp_path / "study"), log=lambda _: None)
+    configs = dict(fake_trainer.calls)
+    assert configs["profound_conv-seg-scratch"]["total_steps"] == 3
+    assert configs["profound_conv-cls-scratch"]["total_steps"] == 5
+    assert configs["profound_conv-cls-scratch"]["data"]["phantom"]["num_val"] == 7
+    config.study.task_overrides = {"cls": {"totl_steps": 5}}
+    with pytest.raises(runner.StudyConfigError, match=r"study\.task_overrides\.cls\['totl_steps'\]"):
+        runner.run_study(config, str(tmp_path / "other"), log=lambda _: None)
+    config.study.task_overrides = {"classification": {"total_steps": 5}}
+    with pytest.raises(runner.StudyConfigError, match=r"study\.task_overrides: unknown task 'classification'"):
+        runner.run_study(config, str(tmp_path / "other"), log=lambda _: None)
 
 
 @pytest.mark.parametrize("key, message", [
@@ -312,6 +374,8 @@ def test_study_presets():
         assert spec.inits == ("pretrained", "scratch") and spec.bootstrap == 2000
     assert runner.parse_study(smoke).preset == "smoke" and runner.parse_study(smoke).overrides == {}
     assert runner.parse_study(cpu).overrides["total_steps"] == 60
+    assert runner.parse_study(cpu).task_overrides["cls"]["data.phantom.num_val"] == 12
+    assert runner.parse_study(cpu).task_overrides["sr"] == {"task.gland_loss_weight": 4.0}
     full_spec = runner.parse_study(full)
     assert full_spec.preset == "full"
     assert set(full_spec.pretrained_checkpoints) == set(full_spec.backbones)
@@ -341,23 +405,28 @@ def test_command_line_entry_reports_skips_and_names_bad_fields(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
-    config = study_config(pretraining=True)
+    config = study_config(pretraining=True, seeds=2)
     # Two steps with an evaluation after each: enough for a best value, a convergence step and a trajectory.
     config.study.overrides.update({"total_steps": 2, "eval_every": 1, "log_every": 1, "checkpoint_every": 2,
                                    "logging.tensorboard": False})
     config.study.pretraining_overrides = {"total_steps": 2, "logging": {"tensorboard": False}}
     study_dir = tmp_path / "study"
     result = runner.run_study(config, str(study_dir), log=lambda _: None)
-    assert [r.status for r in result.runs] == ["trained", "trained"]
-    pretrained_summary = json.load(open(study_dir / "runs" / "profound_conv-seg-pretrained" / "summary.json"))
-    assert pretrained_summary["init"] == "pretrained"  # the JAX pretraining artifact, not a random stand-in
-    assert pretrained_summary["config"]["init"]["checkpoint"] == str(
-        study_dir / "pretraining" / "profound_conv" / "pretrained")
+    assert [r.status for r in result.runs] == ["trained"] * 4
+    artifact = str(study_dir / "pretraining" / "profound_conv" / "pretrained")
+    step0 = []
+    for run in ("profound_conv-seg-pretrained", "profound_conv-seg-pretrained-seed1"):
+        pretrained_summary = json.load(open(study_dir / "runs" / run / "summary.json"))
+        assert pretrained_summary["init"] == "pretrained"  # the JAX pretraining artifact, not a random stand-in
+        assert pretrained_summary["config"]["init"]["checkpoint"] == artifact
+        step0.append(pretrained_summary["history"][0])
+    # the same backbone weights, another head initialisation: the untrained step-0 predictions differ
+    assert step0[0]["step"] == step0[1]["step"] == 0 and step0[0]["metrics"] != step0[1]["metrics"]
 
-    for run in ("profound_conv-seg-pretrained", "profound_conv-seg-scratch"):
+    for run in ("profound_conv-seg-pretrained", "profound_conv-seg-scratch", "profound_conv-seg-scratch-seed1"):
         summary = json.load(open(study_dir / "runs" / run / "summary.json"))
         assert summary["steps"] == 2
-        assert json.load(open(study_dir / "configs" / f"{run}.json"))["init"]["mode"] == run.rsplit("-", 1)[1]
+        assert json.load(open(study_dir / "configs" / f"{run}.json"))["init"]["mode"] == run.split("-")[2]
     for name in ("results.csv", "correlations.csv", "report.md", "report.html", "environment.json", "runs.json"):
         assert (study_dir / name).stat().st_size > 0, name
     assert (study_dir / "configs" / "study.json").exists()
@@ -373,7 +442,7 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     assert int(row["pretrained_steps"]) == 2 and int(row["scratch_steps"]) == 2
 
     markdown = open(study_dir / "report.md").read()
-    assert "n = 1" in markdown and "How to read this" in markdown
+    assert "How to read this" in markdown and "mean [95 % interval] over seeds" in markdown
     analysis_row = result.analysis.rows[0]
     plots = study_dir / "plots"
     assert (plots / "gain_by_task.png").exists() == (analysis_row.relative_gain is not None)
@@ -389,4 +458,4 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     assert "Pretraining" in open(study_dir / "report.md").read()
 
     again = runner.run_study(config, str(study_dir), log=lambda _: None)
-    assert [r.status for r in again.runs] == ["reused", "reused"]
+    assert [r.status for r in again.runs] == ["reused"] * 4

@@ -7,7 +7,8 @@
 Presets of configs/study.py: smoke (every task's smoke config, a few steps), cpu (the default: tiny models on the
 embedded phantom data), full (published sizes, for GPUs/TPUs); its docstring describes the study fields.
 --config.study.overrides.<field>=VALUE changes a field of every run's task config, also one the preset does not
-list. Re-running with the same --workdir skips finished runs and resumes the others from their checkpoints.
+list. Re-running with the same --workdir skips finished runs and resumes the others from their checkpoints;
+--config.study.seeds=3 repeats every run with three seeds (raising it later trains only the new seeds' runs).
 """
 from absl import flags
 from ml_collections import config_flags

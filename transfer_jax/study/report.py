@@ -1,7 +1,8 @@
 """Writes a study's outputs into its directory.
 
     results.csv        one row per backbone x task (columns: RESULT_COLUMNS, then mmd2_/mmd2_p_/cka_ per site, notes)
-    correlations.csv   one row per (site, target, method): coefficient, n, p-value, bootstrap interval
+    seeds.csv          one row per backbone x task x seed: bests, gain, steps to 95 %, speed-up, MMD² / CKA per site
+    correlations.csv   one row per (site, target, method, level): coefficient, n, permutation p-value, BCa interval
     report.md          tables, correlations with n and intervals, how to read them, links to the plots
     report.html        the same, self-contained (plots embedded as base64 PNG)
     plots/*.png        gain per task; MMD² vs gain and vs convergence speed-up; MMD² over steps per run
@@ -26,7 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from transfer_jax.study.analysis import CI_LEVEL, TARGETS, Row, RunRecord, StudyAnalysis
+from transfer_jax.study.analysis import CI_LEVEL, LEVELS, TARGETS, Estimate, Row, RunRecord, StudyAnalysis
 
 NA = "n/a"
 PLOTS_DIR = "plots"
@@ -34,7 +35,8 @@ CONFIGS_DIR = "configs"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "scipy", "matplotlib",
             "ml-collections", "absl-py")
 
-# (column, description) of results.csv before the per-site columns.
+# (column, description) of results.csv before the per-site columns. `_low` / `_high`: the 95 % interval over seeds
+# (Student t of the mean; for gains and speed-ups the paired interval of the per-seed differences), n/a with one seed.
 RESULT_COLUMNS = (
     ("backbone", "encoder name"),
     ("task", "task key (configs/<task>.py)"),
@@ -42,20 +44,33 @@ RESULT_COLUMNS = (
     ("primary_metric", "validation metric the gain is measured on"),
     ("direction", "max: higher is better; min: lower is better"),
     ("pretrained_init", "initialisation the pretrained run reports (a random stand-in is no real pretraining)"),
-    ("pretrained_best", "best validation value of the primary metric, pretrained run"),
-    ("scratch_best", "best validation value of the primary metric, from-scratch run"),
-    ("absolute_gain", "pretrained - scratch (max) or scratch - pretrained (min): positive = pretraining helped"),
-    ("relative_gain", "absolute_gain / |scratch_best| (0.2 = 20 % better)"),
-    ("pretrained_steps_to_95", "first evaluated step within 95 % of the run's best, pretrained run"),
-    ("scratch_steps_to_95", "the same for the from-scratch run"),
-    ("convergence_speedup", "scratch_steps_to_95 / pretrained_steps_to_95 (> 1: pretrained converges faster)"),
-    ("pretrained_steps", "training steps the pretrained run completed"),
-    ("scratch_steps", "training steps the from-scratch run completed"),
+    ("seeds", "seeds with a pretrained or scratch run"),
+    ("pretrained_best", "best validation value of the primary metric, pretrained runs, mean over seeds"),
+    ("pretrained_low", ""), ("pretrained_high", ""),
+    ("scratch_best", "the same for the from-scratch runs"),
+    ("scratch_low", ""), ("scratch_high", ""),
+    ("absolute_gain", "pretrained - scratch (max) or scratch - pretrained (min), mean over seed pairs: positive = "
+                      "pretraining helped"),
+    ("relative_gain", "per seed pair absolute gain / |scratch|, mean (0.2 = 20 % better)"),
+    ("relative_gain_low", ""), ("relative_gain_high", ""),
+    ("did_not_learn", "true when no run of any seed pair improved on its step-0 value (no gain reported)"),
+    ("pretrained_steps_to_95", "first evaluated step within 95 % of the run's best, pretrained runs, mean"),
+    ("scratch_steps_to_95", "the same for the from-scratch runs"),
+    ("steps_to_95_per_seed", "pretrained / scratch steps to 95 % per seed (n/a: the run did not learn)"),
+    ("convergence_speedup", "scratch / pretrained steps to 95 % per seed pair, mean (> 1: pretrained faster)"),
+    ("convergence_speedup_low", ""), ("convergence_speedup_high", ""),
+    ("probe_best", "best value of the linear probe (frozen pretrained backbone), mean over seeds"),
+    ("probe_gap", "(fine-tuned - probe) / |fine-tuned| per seed, mean: what the frozen features miss"),
+    ("probe_gap_low", ""), ("probe_gap_high", ""),
+    ("pretrained_steps", "fewest training steps a pretrained run completed"),
+    ("scratch_steps", "the same for the from-scratch runs"),
 )
 SITE_COLUMNS = (
-    ("mmd2_{site}", "final unbiased MMD² between the site's features before and after fine-tuning (pretrained run)"),
-    ("mmd2_p_{site}", "permutation p-value of that MMD² (H0: same feature distribution)"),
-    ("cka_{site}", "linear CKA between the same features before and after fine-tuning (1 = same geometry)"),
+    ("mmd2_{site}", "final unbiased MMD² between the site's features before and after fine-tuning (pretrained "
+                    "runs), mean over seeds"),
+    ("mmd2_low_{site}", ""), ("mmd2_high_{site}", ""),
+    ("mmd2_p_{site}", "permutation p-value of the first seed's MMD² (H0: same feature distribution)"),
+    ("cka_{site}", "linear CKA between the same features before and after fine-tuning, mean (1 = same geometry)"),
 )
 
 
@@ -74,13 +89,24 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _interval_values(name: str, value: Optional[Estimate]) -> dict[str, Any]:
+    return {f"{name}_low": None if value is None else value.low, f"{name}_high": None if value is None else value.high}
+
+
 def _row_values(row: Row, sites) -> dict[str, Any]:
-    values = {name: getattr(row, name) for name, _ in RESULT_COLUMNS}
+    values = {name: getattr(row, name) for name, _ in RESULT_COLUMNS if hasattr(row, name)}
+    for name, value in (("pretrained", row.pretrained), ("scratch", row.scratch), ("relative_gain", row.gain),
+                        ("convergence_speedup", row.speedup), ("probe_gap", row.probe_gap)):
+        values.update(_interval_values(name, value))
+    values["probe_gap"] = row.probe_gap.mean if row.probe_gap else None
+    values["steps_to_95_per_seed"] = _steps_cell(row)
     for site in sites:
-        entry = row.alignment.get(site)
-        values[f"mmd2_{site}"] = entry.mmd2 if entry else None
+        entry, spread = row.alignment.get(site), row.mmd2_by_site.get(site)
+        values[f"mmd2_{site}"] = row.mmd2(site)
+        values[f"mmd2_low_{site}"] = spread.low if spread else None
+        values[f"mmd2_high_{site}"] = spread.high if spread else None
         values[f"mmd2_p_{site}"] = entry.p_value if entry else None
-        values[f"cka_{site}"] = entry.cka if entry else None
+        values[f"cka_{site}"] = row.cka_by_site[site].mean if site in row.cka_by_site else None
     values["notes"] = "; ".join(row.notes)
     return values
 
@@ -93,12 +119,30 @@ def write_results_csv(path: str, analysis: StudyAnalysis) -> None:
         for row in analysis.rows:
             values = _row_values(row, analysis.sites)
             # Full precision in the CSV (repr of floats); rounding is for the human-facing report only.
-            writer.writerow([values[c] if c == "notes" else (NA if values[c] is None else values[c])
-                             for c in columns])
+            writer.writerow([values[c] if c in ("notes", "steps_to_95_per_seed")
+                             else (NA if values[c] is None else values[c]) for c in columns])
 
 
-CORRELATION_COLUMNS = ("site", "target", "method", "n", "coefficient", "p_value", "ci_low", "ci_high",
-                       "ci_level", "bootstrap_resamples", "degenerate_resamples", "expected_sign", "note")
+SEED_COLUMNS = ("pretrained_best", "scratch_best", "probe_best", "relative_gain", "pretrained_steps_to_95",
+                "scratch_steps_to_95", "convergence_speedup", "probe_gap")
+
+
+def write_seeds_csv(path: str, analysis: StudyAnalysis) -> None:
+    """One line per backbone x task x seed: the per-seed numbers behind the means and intervals."""
+    site_columns = [f"{name}:{site}" for site in analysis.sites for name in ("mmd2", "cka")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["backbone", "task", "seed", *SEED_COLUMNS,
+                         *(c.replace(":", "_") for c in site_columns)])
+        for row in analysis.rows:
+            for seed, values in sorted(row.replicates.items()):
+                writer.writerow([row.backbone, row.task, seed] + [values.get(c, NA) for c in SEED_COLUMNS]
+                                + [values.get(c, NA) for c in site_columns])
+
+
+CORRELATION_COLUMNS = ("site", "target", "method", "level", "n", "points", "coefficient", "p_value", "exact",
+                       "permutations", "ci_low", "ci_high", "ci_level", "bootstrap_resamples", "expected_sign",
+                       "note")
 
 
 def write_correlations_csv(path: str, analysis: StudyAnalysis) -> None:
@@ -106,9 +150,11 @@ def write_correlations_csv(path: str, analysis: StudyAnalysis) -> None:
         writer = csv.writer(f)
         writer.writerow(CORRELATION_COLUMNS)
         for c in analysis.correlations:
-            writer.writerow([c.site, c.target, c.method, c.n] +
-                            [NA if v is None else v for v in (c.coefficient, c.p_value, c.ci_low, c.ci_high)] +
-                            [CI_LEVEL, c.resamples, c.degenerate_resamples, TARGETS[c.target][1], c.note])
+            writer.writerow([c.site, c.target, c.method, c.level, c.n, c.points,
+                             NA if c.coefficient is None else c.coefficient, NA if c.p_value is None else c.p_value,
+                             c.exact, c.permutations, NA if c.ci_low is None else c.ci_low,
+                             NA if c.ci_high is None else c.ci_high, CI_LEVEL, c.resamples, TARGETS[c.target][1],
+                             c.note])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,11 +199,13 @@ def plot_gain_by_task(path: str, analysis: StudyAnalysis) -> bool:
     figure, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks)), 3.8))
     for b_index, backbone in enumerate(backbones):
         offset = (b_index - (len(backbones) - 1) / 2) * width
-        points = [(t_index + offset, 100 * r.relative_gain) for t_index, task in enumerate(tasks)
+        points = [(t_index + offset, r.gain) for t_index, task in enumerate(tasks)
                   for r in rows if r.backbone == backbone and r.task == task]
         if points:
-            xs, heights = zip(*points)
-            ax.bar(xs, heights, width, color=colors[backbone], label=backbone)
+            xs, gains = zip(*points)
+            heights = [100 * g.mean for g in gains]
+            ax.bar(xs, heights, width, color=colors[backbone], label=backbone, yerr=_error_bars(gains, 100.0),
+                   capsize=3, ecolor="black")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("relative gain over scratch (%)")
@@ -169,18 +217,26 @@ def plot_gain_by_task(path: str, analysis: StudyAnalysis) -> bool:
     return True
 
 
+def _error_bars(estimates: Sequence[Optional[Estimate]], scale: float = 1.0) -> np.ndarray:
+    """(2, n) distances from the means to the interval ends, 0 where an estimate has no interval."""
+    bars = [(0.0, 0.0) if e is None or e.low is None else (scale * (e.mean - e.low), scale * (e.high - e.mean))
+            for e in estimates]
+    return np.asarray(bars, float).T.reshape(2, len(bars))
+
+
 def _correlation_text(analysis: StudyAnalysis, site: str, target: str) -> str:
-    found = [c for c in analysis.correlations if c.site == site and c.target == target]
+    found = [c for c in analysis.correlations if c.site == site and c.target == target and c.level == "points"]
     if not found:
         return ""
     symbols = {"pearson": "r", "spearman": "ρ"}
-    parts = [f"n={found[0].n}"] + [f"{symbols[c.method]}={c.coefficient:+.2f}" for c in found
+    parts = [f"n={found[0].n}"] + [f"{symbols[c.method]}={c.coefficient:+.2f} (p={c.p_value:.3g})" for c in found
                                    if c.coefficient is not None]
     return " (" + ", ".join(parts) + ")"
 
 
 def plot_scatter(path: str, analysis: StudyAnalysis, target: str) -> bool:
-    """MMD² (x) against `target` (y), one panel per feature site, one labelled point per backbone x task."""
+    """MMD² (x) against `target` (y), one panel per feature site, one labelled point per backbone x task with its
+    interval over seeds in both directions."""
     sites = [s for s in analysis.sites
              if any(r.mmd2(s) is not None and getattr(r, target) is not None for r in analysis.rows)]
     if not sites:
@@ -194,9 +250,13 @@ def plot_scatter(path: str, analysis: StudyAnalysis, target: str) -> bool:
             x, y = row.mmd2(site), getattr(row, target)
             if x is None or y is None:
                 continue
-            ax.scatter(x, scale * y, color=colors[row.backbone], s=30)
+            ax.errorbar(x, scale * y, xerr=_error_bars([row.mmd2_by_site.get(site)]),
+                        yerr=_error_bars([row.target(target)], scale), fmt="o", color=colors[row.backbone],
+                        markersize=5, capsize=3, elinewidth=1)
             ax.annotate(row.label, (x, scale * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{site}{_correlation_text(analysis, site, target)}", fontsize=9)
+        if target == "relative_gain":
+            ax.axhline(0, color="black", linewidth=0.6)  # a gain whose bar crosses this line is not one
+        ax.set_title(f"{site}{_correlation_text(analysis, site, target)}", fontsize=8)
         ax.set_xlabel(f"MMD² ({site}), before vs after fine-tuning")
         ax.set_ylabel(TARGETS[target][0] + (" (%)" if scale != 1 else ""), fontsize=8)
         ax.grid(alpha=0.3)
@@ -242,7 +302,8 @@ def plot_trajectories(path: str, analysis: StudyAnalysis) -> bool:
 def write_plots(plots_dir: str, analysis: StudyAnalysis) -> dict[str, str]:
     """Writes the plots the data supports; returns {plot title: path}."""
     os.makedirs(plots_dir, exist_ok=True)
-    plans = [("Relative gain per task", "gain_by_task.png", lambda p: plot_gain_by_task(p, analysis))]
+    plans = [("Relative gain per task (95 % paired interval over seeds)", "gain_by_task.png",
+              lambda p: plot_gain_by_task(p, analysis))]
     for target in TARGETS:
         plans.append((f"MMD² vs {TARGETS[target][0]}", f"scatter_mmd2_vs_{target}.png",
                       lambda p, t=target: plot_scatter(p, analysis, t)))
@@ -310,19 +371,25 @@ def write_configs(configs_dir: str, run_configs: Mapping[str, Mapping], study_co
 
 HOW_TO_READ = [
     "Each row compares a backbone's fine-tuning from pretrained weights with the same run from random weights "
-    "(same task config, data order and step budget). A positive gain means pretraining helped; for metrics to "
-    "minimise the sign is flipped so that this holds for every task.",
+    "(same task config and step budget), repeated over seeds: seed s of the pretrained run shares its head "
+    "initialisation, data order and augmentation with seed s of the scratch run. A positive gain means pretraining "
+    "helped; for metrics to minimise the sign is flipped so that this holds for every task.",
+    "Every number is a mean over seeds with its 95 % interval in brackets (Student t; for the gain and the "
+    "speed-up the paired interval of the per-seed differences). With one seed there is no interval. A gain "
+    "marked * has an interval that contains 0: it is not distinguishable from no gain.",
+    "'did not learn': no run of any seed pair improved on its step-0 value (best at step 0), so there is no gain "
+    "and no convergence step; such rows (and such seed pairs) are left out of the correlations.",
     "Alignment is the MMD² between the features of the same validation inputs before and after fine-tuning the "
-    "pretrained encoder (unbiased estimator; the p-value tests whether fine-tuning changed the feature "
-    "distribution at all). Small MMD² = the task needed little change of the pretrained features = good "
-    "alignment. CKA compares the geometry of the paired features (1 = unchanged).",
+    "pretrained encoder (unbiased estimator). Small MMD² = the task needed little change of the pretrained "
+    "features = good alignment. The probe gap (frozen pretrained backbone, only the head trained, MMD² = 0 by "
+    "construction) is the share of the fine-tuned performance that the unchanged features miss.",
     "The paper's claim predicts negative correlations of MMD² with the gain and with the convergence speed-up, and "
     "a positive one with the pretrained run's steps to 95 % of its best.",
-    "Caveat: n is tiny (at most backbones x tasks = 15 points, 10 in the paper). Read the intervals, not the "
-    "point estimates; with so few points the percentile bootstrap tends to be too narrow, so even the intervals "
-    "understate the uncertainty. Do not read anything into p-values of the many (site x target x method) "
-    "correlations without a multiple-testing correction. With n < 3 no coefficient is reported. Bootstrap "
-    "resamples in which all drawn points share one value have no correlation; they are skipped and counted.",
+    "Correlations: p-values are permutation tests (every pairing of the points enumerated, i.e. exact, for up to "
+    "8 points); intervals are BCa bootstrap intervals over points. 'points' uses one point per backbone x task "
+    "(means over seeds); 'replicates' uses every seed, resampled and permuted by point (cluster bootstrap). n is "
+    "tiny (at most 15 points): read the intervals, and correct for the many (site x target x method) tests before "
+    "reading any single p-value.",
     "Rows whose pretrained run reports a random stand-in (no pretrained checkpoint was given) measure nothing "
     "about pretraining; their gains are those of two random initialisations.",
     "Steps to 95 % are measured at the evaluation cadence, so they are multiples of eval_every; rows from tasks "
@@ -337,49 +404,76 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _percent(value: Optional[float]) -> str:
-    return NA if value is None else f"{100 * value:+.2f} %"
+def _value(value: Optional[Estimate], scale: float = 1.0, digits: int = 4, unit: str = "",
+           signed: bool = False) -> str:
+    """'mean [low, high]' of an estimate ('mean' alone with one seed)."""
+    if value is None:
+        return NA
+    number = (lambda v: f"{scale * v:+.{digits}g}") if signed else (lambda v: f"{scale * v:.{digits}g}")
+    interval = "" if value.low is None else f" [{number(value.low)}, {number(value.high)}]"
+    return f"{number(value.mean)}{unit}{interval}"
+
+
+def _gain_cell(row: Row) -> str:
+    if row.did_not_learn:
+        return "did not learn"
+    if row.gain is None:
+        return NA
+    return _value(row.gain, 100.0, 3, " %", signed=True) + ("*" if row.gain.contains_zero else "")
+
+
+def _steps_cell(row: Row) -> str:
+    per_seed = lambda init: ", ".join(_fmt(s) for s in row.steps_to_95.get(init, ())) or NA  # noqa: E731
+    return f"{per_seed('pretrained')} vs {per_seed('scratch')}"
 
 
 def _results_table(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
-    header = ["backbone", "task", "metric", "pretrained", "scratch", "relative gain", "steps to 95 % (pre / "
-              "scratch)", "speed-up"] + [f"MMD² {s} (p)" for s in analysis.sites] + ["notes"]
+    """The paper's table: one row per backbone x task."""
+    probe = any(row.probe is not None for row in analysis.rows)
+    header = (["backbone", "task", "metric", "seeds", "pretrained", "scratch", "relative gain",
+               "steps to 95 % per seed (pre vs scratch)", "convergence ratio (scratch / pre)"]
+              + [f"MMD² {s}" for s in analysis.sites] + (["probe", "probe gap"] if probe else []) + ["notes"])
     body = []
     for row in analysis.rows:
         metric = NA if row.primary_metric is None else f"{row.primary_metric} ({row.direction})"
-        cells = [row.backbone, row.task, metric, _fmt(row.pretrained_best), _fmt(row.scratch_best),
-                 _percent(row.relative_gain), f"{_fmt(row.pretrained_steps_to_95)} / {_fmt(row.scratch_steps_to_95)}",
-                 _fmt(row.convergence_speedup, 3)]
-        for site in analysis.sites:
-            entry = row.alignment.get(site)
-            cells.append(NA if entry is None or entry.mmd2 is None
-                         else f"{entry.mmd2:.4g} ({_fmt(entry.p_value, 3)})")
+        cells = [row.backbone, row.task, metric, str(row.seeds), _value(row.pretrained), _value(row.scratch),
+                 _gain_cell(row), _steps_cell(row), _value(row.speedup, digits=3)]
+        cells += [_value(row.mmd2_by_site.get(site)) for site in analysis.sites]
+        if probe:
+            cells += [_value(row.probe), _value(row.probe_gap, 100.0, 3, " %", signed=True)]
         cells.append("; ".join(row.notes))
         body.append(cells)
     return header, body
 
 
 def _correlation_table(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
-    """One line per (site, target): Pearson and Spearman side by side, both on the same n rows."""
-    level = f"{int(100 * CI_LEVEL)} % CI"
-    header = ["site", "target", "n", f"Pearson r [{level}]", "p", f"Spearman ρ [{level}]", "p",
-              "degenerate resamples (r / ρ)", "expected sign"]
+    """One line per (site, target, level): Pearson and Spearman side by side, both on the same points."""
+    ci = f"{int(100 * CI_LEVEL)} % BCa CI"
+    header = ["site", "target", "level", "n", f"Pearson r [{ci}]", "p", f"Spearman ρ [{ci}]", "p",
+              "expected sign"]
 
     def cell(c) -> str:
         if c.coefficient is None:
             return f"{NA} ({c.note})" if c.note else NA
         interval = "" if c.ci_low is None else f" [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
-        return f"{c.coefficient:+.3f}{interval}"
+        return f"{c.coefficient:+.3f}{interval}" + (f" ({c.note})" if c.note else "")
 
-    by_key = {(c.site, c.target, c.method): c for c in analysis.correlations}
+    def p_cell(c) -> str:
+        if c.p_value is None:
+            return NA
+        return f"{c.p_value:.3g} ({'exact, ' if c.exact else ''}{c.permutations} pairings)"
+
+    by_key = {(c.site, c.target, c.level, c.method): c for c in analysis.correlations}
+    levels = [level for level in LEVELS if any(c.level == level for c in analysis.correlations)]
     body = []
     for site in analysis.sites:
         for target in TARGETS:
-            pearson, spearman = by_key[(site, target, "pearson")], by_key[(site, target, "spearman")]
-            body.append([site, TARGETS[target][0], f"n = {pearson.n}", cell(pearson), _fmt(pearson.p_value, 3),
-                         cell(spearman), _fmt(spearman.p_value, 3),
-                         f"{pearson.degenerate_resamples} / {spearman.degenerate_resamples} of {pearson.resamples}",
-                         TARGETS[target][1]])
+            for level in levels:
+                pearson = by_key[(site, target, level, "pearson")]
+                spearman = by_key[(site, target, level, "spearman")]
+                n = f"n = {pearson.n}" + (f" ({pearson.points} points)" if level == "replicates" else "")
+                body.append([site, TARGETS[target][0], level, n, cell(pearson), p_cell(pearson), cell(spearman),
+                             p_cell(spearman), TARGETS[target][1]])
     return header, body
 
 
@@ -407,8 +501,9 @@ def _pretraining_table(records: Sequence[RunRecord]) -> tuple[list[str], list[li
 
 
 def _column_docs(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
-    body = [[name, text] for name, text in RESULT_COLUMNS]
-    body += [[pattern.replace("{site}", "<site>"), text] for pattern, text in SITE_COLUMNS]
+    body = [[name, text or "interval of the column above"] for name, text in RESULT_COLUMNS]
+    body += [[pattern.replace("{site}", "<site>"), text or "interval of the column above"]
+             for pattern, text in SITE_COLUMNS]
     body.append(["notes", "why a number is missing or should be read with care"])
     sites = ", ".join(analysis.sites) or "none reported"
     return ["column", "meaning"], body + [["(sites)", f"feature sites in this study: {sites}"]]
@@ -416,17 +511,24 @@ def _column_docs(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
 
 def _summary_lines(analysis: StudyAnalysis) -> list[str]:
     complete = [r for r in analysis.rows if r.relative_gain is not None]
+    silent = [r.label for r in analysis.rows if r.did_not_learn]
+    seeds = sorted({r.seeds for r in analysis.rows})
     lines = [f"{len(analysis.runs)} planned runs: "
              + ", ".join(f"{sum(r.status == s for r in analysis.runs)} {s}" for s in ("trained", "reused", "skipped"))
-             + f". {len(analysis.rows)} backbone x task rows, {len(complete)} with both a pretrained and a scratch "
-             f"result (n = {len(complete)} for the gains)."]
+             + f". {len(analysis.rows)} backbone x task rows ({'/'.join(map(str, seeds)) or 0} seed(s) each), "
+             f"{len(complete)} with a gain (n = {len(complete)} for the gains)"
+             + (f"; did not learn: {', '.join(silent)}." if silent else ".")]
+    if any(r.gain.low is not None for r in complete):
+        distinct = [r for r in complete if r.gain.contains_zero is False]
+        lines.append(f"{len(distinct)} of {len(complete)} gains have a 95 % interval that excludes 0.")
     if not analysis.sites:
         lines.append("Alignment: n/a (no run summary reports an `alignment` block), so no MMD² correlations.")
     else:
         usable = [c for c in analysis.correlations if c.coefficient is not None]
         lines.append(f"Alignment sites: {', '.join(analysis.sites)}; {len(usable)} of {len(analysis.correlations)} "
-                     f"correlations defined; bootstrap: {analysis.bootstrap} resamples, seed {analysis.seed}, "
-                     f"percentile {int(100 * CI_LEVEL)} % intervals.")
+                     f"correlations defined; BCa bootstrap: {analysis.bootstrap} resamples, seed {analysis.seed}, "
+                     f"{int(100 * CI_LEVEL)} % intervals; permutation p-values exact up to 8 points, else "
+                     f"{analysis.permutations} random pairings.")
     return lines
 
 
@@ -436,7 +538,7 @@ def _sections(analysis: StudyAnalysis, pretraining: Sequence[RunRecord] = ()):
     yield "How to read this", "bullets", HOW_TO_READ
     if pretraining:
         yield "Pretraining (JAX, initialises the pretrained runs)", "table", _pretraining_table(pretraining)
-    yield "Results (one row per backbone x task)", "table", _results_table(analysis)
+    yield "Results (one row per backbone x task; mean [95 % interval] over seeds)", "table", _results_table(analysis)
     yield "Correlations of MMD² with gain and convergence", "table", _correlation_table(analysis)
     yield "Runs", "table", _runs_table(analysis)
     yield "Columns of results.csv", "table", _column_docs(analysis)
@@ -500,8 +602,9 @@ def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Option
     """Writes every output listed in the module docstring; returns {output name: path}."""
     os.makedirs(study_dir, exist_ok=True)
     outputs = {name: os.path.join(study_dir, name) for name in (
-        "results.csv", "correlations.csv", "report.md", "report.html", "environment.json")}
+        "results.csv", "seeds.csv", "correlations.csv", "report.md", "report.html", "environment.json")}
     write_results_csv(outputs["results.csv"], analysis)
+    write_seeds_csv(outputs["seeds.csv"], analysis)
     write_correlations_csv(outputs["correlations.csv"], analysis)
     plots = write_plots(os.path.join(study_dir, PLOTS_DIR), analysis)
     environment_info = environment()

@@ -2,11 +2,16 @@
 
     result = run_study(config, study_dir)   # config = configs/study.py:<preset>
 
+Every run is repeated for `study.seeds` seeds (names gain `-seed<s>` from seed 1 on) and, with
+`study.arms = ("finetune", "probe")`, a linear-probe run (`-probe`: the pretrained backbone frozen) joins each
+backbone x task x seed.
+
 Layout of `study_dir`:
 
     pretraining/<backbone>/          the JAX pretraining run of a backbone (`study.pretraining`); its artifact
                                      `pretraining/<backbone>/pretrained` initialises that backbone's pretrained runs
-    runs/<backbone>-<task>-<init>/   the trainer's workdir of each run (checkpoints, metrics, summary.json)
+    runs/<run name>/                 the trainer's workdir of each run (checkpoints, metrics, summary.json); the
+                                     name is `<backbone>-<task>-<init>[-probe][-seed<s>]`
     runs.json                        the matrix: every planned run with its status and, if skipped, why
     results.csv, report.md, ...      written by `transfer_jax.study.report`
 
@@ -30,6 +35,7 @@ listed with the reason in runs.json and the report. Any error raised while train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -44,8 +50,8 @@ from transfer_jax.study import report as study_report
 CONFIGS_ENV = "TRANSFER_JAX_CONFIGS"
 RUNS_DIR = "runs"
 PRETRAINING_DIR = "pretraining"
-STUDY_FIELDS = ("name", "tasks", "backbones", "inits", "preset", "overrides", "pretrained_checkpoints",
-                "pretraining", "pretraining_overrides", "bootstrap", "seed")
+STUDY_FIELDS = ("name", "tasks", "backbones", "inits", "arms", "seeds", "preset", "overrides", "task_overrides",
+                "pretrained_checkpoints", "pretraining", "pretraining_overrides", "bootstrap", "permutations", "seed")
 
 
 class StudyConfigError(ValueError):
@@ -59,12 +65,16 @@ class StudySpec:
     tasks: tuple[str, ...]
     backbones: tuple[str, ...]
     inits: tuple[str, ...]
+    arms: tuple[str, ...]  # "finetune" and optionally "probe" (frozen pretrained backbone)
+    seeds: int  # replicates of every run; seed s adds s to the task config's seed
     preset: str
     overrides: dict[str, Any]  # dotted key -> value
+    task_overrides: dict[str, dict[str, Any]]  # task -> dotted key -> value, after `overrides`
     pretrained_checkpoints: dict[str, str]  # backbone -> artifact dir
     pretraining: dict[str, str]  # backbone -> "<pretraining config name>[:<args>]"
     pretraining_overrides: dict[str, Any]  # dotted key -> value, for the pretraining runs
     bootstrap: int
+    permutations: int
     seed: int
 
 
@@ -76,10 +86,16 @@ class PlannedRun:
     workdir: str
     config: Optional[ml_collections.ConfigDict]  # None when skipped
     skip_reason: str = ""
+    seed: int = 0
+    arm: str = "finetune"
 
     @property
     def name(self) -> str:
-        return study_analysis.run_name(self.backbone, self.task, self.init)
+        return study_analysis.run_name(self.backbone, self.task, self.init, self.seed, self.arm)
+
+    def record(self, status: str, reason: str = "") -> study_analysis.RunRecord:
+        return study_analysis.RunRecord(self.backbone, self.task, self.init, self.workdir, status, reason,
+                                        seed=self.seed, arm=self.arm)
 
 
 @dataclasses.dataclass
@@ -168,16 +184,27 @@ def parse_study(config) -> StudySpec:
             raise StudyConfigError(f"study.pretraining.{backbone} must name a pretraining config such as "
                                    f"'pretrain_fcmae' or 'pretrain_contrastive:both', got {source!r}")
     pretraining_overrides = flatten_overrides(study.get("pretraining_overrides") or {})
-    for field, minimum in (("bootstrap", 0), ("seed", 0)):
+    task_overrides = {}
+    for task, values in (study.get("task_overrides") or {}).items():
+        if task not in TASKS:
+            raise StudyConfigError(f"study.task_overrides: unknown task {task!r}; known: {TASKS}")
+        task_overrides[task] = flatten_overrides(values or {})
+        if any(k == "init" or k.startswith("init.") for k in task_overrides[task]):
+            raise StudyConfigError(f"study.task_overrides.{task}: the study sets init.* itself")
+    arms = _names(study, "arms", study_analysis.ARMS)
+    if "finetune" not in arms:
+        raise StudyConfigError(f"study.arms must include 'finetune' (the gains compare fine-tuning runs), got {arms}")
+    for field, minimum in (("bootstrap", 0), ("permutations", 1), ("seeds", 1), ("seed", 0)):
         value = study.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise StudyConfigError(f"study.{field} must be an integer >= {minimum}, got {value!r}")
     return StudySpec(
         tasks=_names(study, "tasks", TASKS), backbones=_names(study, "backbones", BACKBONES),
-        inits=_names(study, "inits", INITS), preset=preset, overrides=overrides,
+        inits=_names(study, "inits", INITS), arms=arms, seeds=study.seeds, preset=preset, overrides=overrides,
+        task_overrides=task_overrides,
         pretrained_checkpoints={b: p for b, p in checkpoints.items() if p},
         pretraining={b: v for b, v in pretraining.items() if v}, pretraining_overrides=pretraining_overrides,
-        bootstrap=study.bootstrap, seed=study.seed)
+        bootstrap=study.bootstrap, permutations=study.permutations, seed=study.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,12 +271,17 @@ def plan_pretraining(spec: StudySpec, directory: str, study_dir: str, backbones:
 
 
 def plan_run(spec: StudySpec, directory: str, runs_dir: str, backbone: str, task: str, init: str,
-             modules: Optional[dict] = None) -> PlannedRun:
-    """The run's config, or the reason it is skipped. `modules` caches loaded task config files by path."""
-    workdir = os.path.join(runs_dir, study_analysis.run_name(backbone, task, init))
+             modules: Optional[dict] = None, seed: int = 0, arm: str = "finetune") -> PlannedRun:
+    """The run's config, or the reason it is skipped. `modules` caches loaded task config files by path.
+
+    Seed s adds s to the config's `seed` (head initialisation, data order, augmentation); the pretrained weights
+    and the phantom cohort stay the same. The probe arm fine-tunes the head on a frozen pretrained backbone.
+    """
+    workdir = os.path.join(runs_dir, study_analysis.run_name(backbone, task, init, seed, arm))
+    planned = functools.partial(PlannedRun, backbone, task, init, workdir, seed=seed, arm=arm)
     path = os.path.join(directory, f"{task}.py")
     if not os.path.isfile(path):
-        return PlannedRun(backbone, task, init, workdir, None, f"task config {path} does not exist yet")
+        return planned(None, f"task config {path} does not exist yet")
     modules = {} if modules is None else modules
     if path not in modules:
         modules[path] = _load_config_module(path, task)
@@ -262,27 +294,31 @@ def plan_run(spec: StudySpec, directory: str, runs_dir: str, backbone: str, task
         if backbone not in str(error):
             error.add_note(f"while building {path} with argument {backbone + ',' + spec.preset!r}")
             raise
-        return PlannedRun(backbone, task, init, workdir, None, f"configs/{task}.py does not support {backbone}: "
-                                                               f"{error}")
+        return planned(None, f"configs/{task}.py does not support {backbone}: {error}")
     built = config.get("model", {}).get("backbone")
     if built != backbone:
-        return PlannedRun(backbone, task, init, workdir, None,
-                          f"configs/{task}.py built backbone {built!r} when asked for {backbone!r}")
+        return planned(None, f"configs/{task}.py built backbone {built!r} when asked for {backbone!r}")
     config.init.mode = init
     if init == "scratch":
         config.init.checkpoint = ""  # the snapshot then says exactly what the run used
     elif backbone in spec.pretrained_checkpoints:
         config.init.checkpoint = os.path.abspath(spec.pretrained_checkpoints[backbone])
     apply_overrides(config, spec.overrides, f"configs/{task}.py")
-    return PlannedRun(backbone, task, init, workdir, config)
+    apply_overrides(config, spec.task_overrides.get(task, {}), f"configs/{task}.py", field=f"task_overrides.{task}")
+    config.seed = config.seed + seed
+    if arm == "probe":
+        config.optimizer.freeze_backbone = True
+    return planned(config)
 
 
 def plan_study(spec: StudySpec, study_dir: str) -> tuple[dict[str, PlannedPretraining], list[PlannedRun]]:
     directory = configs_dir()
     runs_dir = os.path.join(study_dir, RUNS_DIR)
     modules: dict = {}
-    plan = [plan_run(spec, directory, runs_dir, backbone, task, init, modules)
-            for backbone in spec.backbones for task in spec.tasks for init in spec.inits]
+    cells = [(init, "finetune") for init in spec.inits] + [("pretrained", "probe")] * ("probe" in spec.arms)
+    plan = [plan_run(spec, directory, runs_dir, backbone, task, init, modules, seed, arm)
+            for backbone in spec.backbones for task in spec.tasks for seed in range(spec.seeds)
+            for init, arm in cells]
     # Pretraining only for backbones some fine-tuning run starts from (not those every task skipped).
     used = {run.backbone for run in plan if run.config is not None and run.init == "pretrained"}
     pretraining = plan_pretraining(spec, directory, study_dir, used)
@@ -333,7 +369,8 @@ def _changed_fields(summary: Mapping, config: ml_collections.ConfigDict, overrid
     Only these: the trainer may legitimately rewrite others (e.g. adopt the checkpoint's architecture).
     """
     previous, current = _flat(summary.get("config") or {}), _flat(_snapshot(config))
-    keys = ("task.name", "model.backbone", "init.mode", "init.checkpoint", "total_steps", *overrides)
+    keys = ("task.name", "model.backbone", "init.mode", "init.checkpoint", "total_steps", "seed",
+            "optimizer.freeze_backbone", *overrides)
     return [k for k in dict.fromkeys(keys) if k in current and previous.get(k) != current[k]]
 
 
@@ -392,13 +429,14 @@ def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> 
         prefix = f"[{index}/{len(plan)}] {run.name}"
         if run.config is None:
             log(f"{prefix}: skipped: {run.skip_reason}")
-            records.append(study_analysis.RunRecord(run.backbone, run.task, run.init, run.workdir, "skipped",
-                                                    run.skip_reason))
+            records.append(run.record("skipped", run.skip_reason))
             continue
-        status, note = _train_or_reuse(prefix, run.workdir, run.config, spec.overrides, loop, log)
-        records.append(study_analysis.RunRecord(run.backbone, run.task, run.init, run.workdir, status, note))
+        overrides = {**spec.overrides, **spec.task_overrides.get(run.task, {})}
+        status, note = _train_or_reuse(prefix, run.workdir, run.config, overrides, loop, log)
+        records.append(run.record(status, note))
 
-    analysis = study_analysis.analyze(records, bootstrap=spec.bootstrap, seed=spec.seed)
+    analysis = study_analysis.analyze(records, bootstrap=spec.bootstrap, seed=spec.seed,
+                                      permutations=spec.permutations)
     import jax
 
     outputs: dict[str, str] = {}
