@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_size = (32, 64, 64)  # (D, H, W); ProFound: (64, 224, 224)
     c.data.region_margin = 1.25
     c.data.channels = ("t2", "dwi", "adc")
+    c.data.sampler = "shuffle"  # "shuffle": every case once per epoch; "class_balanced": upstream's weighted draw
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     c.data.cache_dir = ""  # prepared cases; empty = <workdir>/preprocessed
     c.data.preprocess_workers = 0
@@ -67,10 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.checkpoint = ""  # converted artifact folder (python -m transfer_jax.convert) for mode="pretrained"
     c.init.dont_load = ()  # regexes of parameter paths left at initialisation (e.g. a head with other classes)
 
+    # schedule: "cosine" (linear warm-up, half-cycle cosine to min_lr) or "plateau" (warm-up, then constant and
+    # reduced as torch's ReduceLROnPlateau on the evaluation metric `plateau.metric`; one evaluation = one epoch).
+    # no_decay_rule: backbone parameters without weight decay, "names" (1-D, biases, GRN gamma/beta, tokens) or
+    # "ndim" (1-D only, MAE's param_groups_lrd); head parameters follow "names" and decay by head_weight_decay
+    # (None = weight_decay). skip_zero_gradient_steps: a step whose gradients are all zero leaves the optimizer
+    # as it is (a task's way to skip a batch). See docs/recipes.md.
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr=0.0, warmup_steps=20, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
         layer_decay=1.0, layer_decay_scheme="group", freeze_backbone=False, frozen_patterns=(), grad_clip=0.0,
-        lr_scale_patterns=()))  # ((regex, factor), ...): multiplies the lr of matching parameter paths
+        lr_scale_patterns=(),  # ((regex, factor), ...): multiplies the lr of matching parameter paths
+        schedule="cosine", no_decay_rule="names", head_weight_decay=None, skip_zero_gradient_steps=False,
+        plateau=dict(metric="loss", mode="min", factor=0.1, patience=10, threshold=1e-4, cooldown=0, min_lr=0.0)))
 
     # strategy "fsdp" splits parameters (and optimizer moments) of >= fsdp_min_size elements over the fsdp axis
     # num_devices: 0 = every visible device; N = the first N (single-process runs only)
@@ -123,6 +132,31 @@ def apply_full(c: ml_collections.ConfigDict) -> None:
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 1000
     c.data.workers = 8
+
+
+# Upstream fine-tuning recipes per (task, backbone) for the `full` presets (docs/recipes.md lists the sources):
+# ProFound-Conv's `get_parameter_groups` ("group" ids, weight decay off for 1-D / bias / GRN), ProFound-ViT's
+# `param_groups_lrd` (weight decay off for 1-D only; segmentation omits the argument: ld 0.75), and for
+# classification a head without weight decay and inverse-class-frequency sampling.
+PROFOUND_RECIPES = {
+    ("segmentation", "profound_conv"): dict(layer_decay=0.6, layer_decay_scheme="group", no_decay_rule="names"),
+    ("segmentation", "profound_vit"): dict(layer_decay=0.75, no_decay_rule="ndim"),
+    ("classification", "profound_conv"): dict(layer_decay=0.6, layer_decay_scheme="group", no_decay_rule="names",
+                                              head_weight_decay=0.0),
+    ("classification", "profound_vit"): dict(layer_decay=0.6, no_decay_rule="ndim", head_weight_decay=0.0),
+}
+
+
+def apply_profound_recipe(c: ml_collections.ConfigDict, task: str, backbone: str) -> None:
+    """Upstream's optimiser groups (and, for classification, its class-balanced sampler) for a ProFound backbone;
+    lr 1e-4 / weight decay 0.05 / warm-up + cosine come from `apply_full` and `base_config`."""
+    recipe = PROFOUND_RECIPES.get((task, backbone))
+    if recipe is None:
+        raise ValueError(f"no upstream recipe for task {task!r} with backbone {backbone!r}; "
+                         f"known: {sorted(PROFOUND_RECIPES)}")
+    c.optimizer.update(recipe)
+    if task == "classification":
+        c.data.sampler = "class_balanced"
 
 
 # Backbone sizes per preset for the task configs (through `apply_backbone`). Call after apply_smoke / apply_full
