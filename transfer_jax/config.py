@@ -186,6 +186,7 @@ def apply_vit(c: ml_collections.ConfigDict, preset: str) -> None:
         img_size=crop, in_channels=len(c.data.channels), mlp_ratio=4.0, dtype="float32", remat=False,
         remat_policy="nothing_saveable", **VIT_SIZES[preset]))
     c.alignment.sites = ALIGNMENT_SITES["profound_vit"]
+    c.optimizer.no_decay_rule = "ndim"  # param_groups_lrd: only 1-D tensors skip weight decay (the cls token decays)
 
 
 def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> None:

@@ -30,7 +30,10 @@ def _key(entry):
 
 
 def path_str(path: tuple) -> str:
-    return ".".join(str(_key(k)) for k in path)
+    """"encoder.blocks.0.attn.qkv.kernel" for a parameter's tree path (an NNX Variable's `.value` step left out, so
+    the name ends with the parameter's own name, as in torch)."""
+    return ".".join(str(_key(k)) for k in path
+                    if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
@@ -43,6 +46,8 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, min
         raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}")
     warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
     if kind == "plateau":
+        if warmup_steps == 0:  # (optax's warm-up of 0 steps would stay at its initial value)
+            return optax.constant_schedule(peak)
         return optax.warmup_constant_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=min_lr,
@@ -151,8 +156,9 @@ def observe_evaluation(opt_state, metrics: dict, optimizer_config):
     leaves, treedef = jax.tree.flatten(opt_state, is_leaf=is_plateau)
     where = [i for i, leaf in enumerate(leaves) if is_plateau(leaf)]
     stepped = _plateau_steps(plateau, [leaves[i] for i in where], float(metrics[plateau.metric]))
-    for i, state in zip(where, stepped):
-        leaves[i] = state
+    for i, state in zip(where, stepped):  # same placement as before, which the compiled train step expects
+        leaves[i] = jax.tree.map(lambda new, old: jax.device_put(new, getattr(old, "sharding", None)), state,
+                                 leaves[i])
     return jax.tree.unflatten(treedef, leaves)
 
 
