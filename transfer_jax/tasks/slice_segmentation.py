@@ -26,7 +26,10 @@ class) times w[c], averaged over slices and classes, plus CE weighted as torch d
 `task.class_weights` (upstream [0.02, 0.04, 0.5, 0.5]), evaluation `task.eval_class_weights` (upstream
 [0, 0, 0.5, 0.5]). With `task.contrastive_alpha` = a > 0 the training loss is (1 - a) DiceCE + a L_con, the
 label-guided patch contrastive loss (`provicnet_contrastive.py`, upstream a = 0.05) on the final-norm patch tokens
-through `CL_Head` (built only then; upstream never optimises it: `configs/seg.py` freezes it).
+through `CL_Head` (built only then; upstream never optimises it: `configs/seg.py` freezes it). Training only:
+`task.background_keep` < 1 weighs out all but floor(keep * n) of a case's n slices without gland
+(`background_slice_keep`, upstream's `filterBackground` 0.8), and `task.skip_no_cancer` makes the loss 0 for a
+batch without a cancer pixel, which `optimizer.skip_zero_gradient_steps` turns into no optimizer step.
 
 Metrics: Dice per class per case (intersections and sums added over the case's slices, cases with an empty ground
 truth skipped for that class); `dice_mean` (primary) = mean over the foreground classes present in the
