@@ -342,3 +342,26 @@ def test_provicnet_upstream_recipe_runs_end_to_end_on_the_mesh(tmp_path):
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["steps"] == 3 and len(summary["history"]) == 4  # step 0 + one evaluation per step
     assert all(np.isfinite(h["metrics"]["loss"]) for h in summary["history"])
+
+
+def test_train_pipeline_draws_classes_equally_often(tmp_path):
+    from helpers import smoke_config, tiny_manifest
+    from transfer_jax.data.augment import AugmentConfig
+    from transfer_jax.data.manifest import read_manifest
+    from transfer_jax.data.pipeline import case_class, train_dataset
+    from transfer_jax.data.preprocess import PreprocessConfig, preprocess_cases
+
+    cases = read_manifest(tiny_manifest(str(tmp_path / "data"), num_cases=8))
+    report = preprocess_cases(cases, PreprocessConfig(spacing=(3.0, 2.0, 2.0), crop_size=(16, 32, 32)),
+                              str(tmp_path / "cache"))
+    paths = [report.paths[c.case_id] for c in cases if c.split == "train"]
+    classes = [case_class(p) for p in paths]
+    assert len(set(classes)) > 1 and len(set(classes)) < len(classes)  # unbalanced classes
+    it = iter(train_dataset(paths, get_task(smoke_config()), crop_size=(16, 32, 32), augment=AugmentConfig(),
+                            per_process_batch=4, seed=0, sampler="class_balanced"))
+    drawn = np.concatenate([next(it)["case_index"] for _ in range(150)])
+    shares = {c: np.isin(drawn, [i for i, k in enumerate(classes) if k == c]).mean() for c in set(classes)}
+    np.testing.assert_allclose(sorted(shares.values()), [1 / len(shares)] * len(shares), atol=0.06)
+    with pytest.raises(ValueError, match="data.sampler"):
+        train_dataset(paths, None, crop_size=(16, 32, 32), augment=AugmentConfig(), per_process_batch=4, seed=0,
+                      sampler="balanced")

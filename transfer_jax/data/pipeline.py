@@ -111,10 +111,14 @@ class EpochShuffle(grain.MapDataset):
     def __str__(self) -> str:
         return f"EpochShuffle(seed={self._seed})"
 
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's order of the parent's indices."""
+        return rng.permutation(len(self._parent))
+
     def _order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
         if order is None:
-            order = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
+            order = self._draw(np.random.default_rng([self._seed, epoch]))
             self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e > epoch - 2}}
         return order
 
@@ -125,39 +129,22 @@ class EpochShuffle(grain.MapDataset):
         return self._parent[int(self._order(epoch)[position])]
 
 
-class ClassBalancedDraw(grain.MapDataset):
+class ClassBalancedDraw(EpochShuffle):
     """Every epoch, len(parent) cases drawn with replacement, case i with probability proportional to 1 / (the
     number of cases of its class): upstream's `WeightedRandomSampler(1 / class count, num_samples=len(train set),
-    replacement=True)`, so every class is drawn equally often on average. Read by global index like
-    `EpochShuffle`."""
+    replacement=True)`, so every class is drawn equally often on average."""
 
     def __init__(self, parent: grain.MapDataset, classes, *, seed: int):
-        super().__init__(parent)
+        super().__init__(parent, seed=seed)
         if len(classes) != len(parent):
             raise ValueError(f"class-balanced sampling: {len(classes)} classes for {len(parent)} cases")
-        self._seed = int(seed)
         self._probs = class_balanced_probabilities(classes)
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self._parent)
 
     def __str__(self) -> str:
         return f"ClassBalancedDraw(seed={self._seed})"
 
-    def _order(self, epoch: int) -> np.ndarray:
-        order = self._orders.get(epoch)
-        if order is None:
-            rng = np.random.default_rng([self._seed, epoch])
-            order = rng.choice(len(self._probs), size=len(self._probs), replace=True, p=self._probs)
-            self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e > epoch - 2}}
-        return order
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        epoch, position = divmod(index, len(self._parent))
-        return self._parent[int(self._order(epoch)[position])]
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(len(self._probs), size=len(self._probs), replace=True, p=self._probs)
 
 
 def class_balanced_probabilities(classes) -> np.ndarray:
