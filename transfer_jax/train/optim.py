@@ -4,7 +4,7 @@ Matches the upstream fine-tuning recipes. ProFound (`util/lr_sched.py`, `util/co
 `util/lr_decay.py`): a parameter's lr is lr(t) * ld^(L + 1 - layer_id) for backbone parameters and lr(t) for heads,
 lr(t) a linear warm-up then a half-cycle cosine stepped every iteration (`schedule="cosine"`). ProViCNet
 (`train.py`): a constant lr per group reduced by torch's `ReduceLROnPlateau` on the validation loss
-(`schedule="plateau"`, see `reduce_on_plateau`). Weight decay (decoupled, scaled by the same lr) skips what
+(`schedule="plateau"`, see `Plateau`). Weight decay (decoupled, scaled by the same lr) skips what
 upstream's parameter groups skip (`no_decay_rule`); frozen parameters get no update and no optimizer moments.
 """
 from __future__ import annotations
