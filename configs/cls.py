@@ -15,7 +15,7 @@ every T2 slice stack, averaged over the case's slices, into the same head.
 """
 import ml_collections
 
-from transfer_jax.config import apply_backbone, apply_full, apply_smoke, base_config, parse_arg
+from transfer_jax.config import apply_backbone, apply_full, apply_profound_recipe, apply_smoke, base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,4 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         apply_full(c)
         c.task.bottleneck_dim = 256  # upstream
     apply_backbone(c, backbone, preset)
+    if preset == "full" and backbone != "provicnet":  # upstream's parameter groups, layer decay, sampler
+        apply_profound_recipe(c, "classification", backbone)
     return c

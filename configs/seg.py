@@ -8,7 +8,8 @@
 """
 import ml_collections
 
-from transfer_jax.config import apply_dense_head, apply_provicnet, base_config, parse_arg, provicnet_finetuning
+from transfer_jax.config import (apply_dense_head, apply_profound_recipe, apply_provicnet, base_config, parse_arg,
+                                 provicnet_finetuning)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -20,8 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True))
     # profound_vit: UPerNet reads the token levels `out_indices` through the ViT adapter.
     apply_dense_head(c, backbone, preset, auxiliary_head=True)
-    if preset == "full":
-        c.optimizer.layer_decay = 0.6
+    if preset == "full":  # upstream's parameter groups and layer decay (docs/recipes.md)
+        apply_profound_recipe(c, "segmentation", backbone)
     return c
 
 
@@ -36,15 +37,30 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     * full: the released ViT-S/14 at 448 px with 256 x 256 labels (0.5 mm) and 20 slices (3 mm), upstream's data
       geometry; pair it with init.checkpoint = a converted T2_best.pth (python -m transfer_jax.convert provicnet).
     Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);
-    `task.contrastive_alpha` > 0 adds the label-guided patch contrastive loss (upstream 0.05). Optimiser: Adam
-    (weight decay 0), the backbone at 0.05 x lr like upstream (1e-3 head, 5e-5 backbone), CL_Head frozen as
-    upstream never optimises it.
+    `task.contrastive_alpha` > 0 adds the label-guided patch contrastive loss (upstream 0.05);
+    `task.background_keep` < 1 leaves a random share of a case's slices without gland out of the training loss
+    (upstream 0.8); `task.skip_no_cancer` skips training batches without a cancer pixel. Optimiser: Adam (weight
+    decay 0), the backbone at 0.05 x lr like upstream, CL_Head frozen as upstream never optimises it. `full` is
+    upstream's recipe (`provicnet_upstream_training`).
     """
     c = base_config()
     c.task = ml_collections.ConfigDict(dict(
         name="provicnet_segmentation", class_weights=(0.02, 0.04, 0.5, 0.5), eval_class_weights=(0.0, 0.0, 0.5, 0.5),
         contrastive_alpha=0.0, contrastive_max_pairs=30, contrastive_upper=62, contrastive_lower=2,
-        contrastive_margin=0.5))
+        contrastive_margin=0.5, background_keep=1.0, skip_no_cancer=False))
     apply_provicnet(c, preset)
     provicnet_finetuning(c)
+    if preset == "full":
+        provicnet_upstream_training(c)
     return c
+
+
+def provicnet_upstream_training(c: ml_collections.ConfigDict) -> None:
+    """pimed/ProViCNet train.py's defaults: Adam at 1e-3 (backbone x 0.05 = 5e-5) without warm-up, reduced by
+    ReduceLROnPlateau(min, factor 0.9, patience 3, min_lr 1e-6) on the validation loss after every epoch (here:
+    every evaluation; set eval_every to the steps of an epoch), the contrastive term at alpha 0.05, 80 % of the
+    background slices of a case kept in the loss, and batches without a cancer pixel skipped."""
+    c.optimizer.update(dict(lr=1e-3, warmup_steps=0, schedule="plateau", skip_zero_gradient_steps=True))
+    c.optimizer.plateau.update(dict(metric="loss", mode="min", factor=0.9, patience=3, threshold=1e-4, cooldown=0,
+                                    min_lr=1e-6))
+    c.task.update(dict(contrastive_alpha=0.05, background_keep=0.8, skip_no_cancer=True))

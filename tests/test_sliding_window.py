@@ -157,7 +157,7 @@ def test_volume_smaller_than_the_roi_is_padded_and_cropped():
     roi = (4, 8, 4)  # D short by 1 (pad 0 before, 1 after), H short by 3 (pad 1 before, 2 after)
     result = S.sliding_window_inference(_box_sum_3, volume, roi, overlap=0.5, batch_size=2, pad_value=0.25)
     assert result.shape == (3, 5, 8, 1)
-    expected = _numpy_reference(_box_sum_3, volume, roi, 0.5, "gaussian", pad_value=0.25)
+    expected = _numpy_reference(_box_sum_3, volume, roi, 0.5, S.DEFAULT_BLEND_MODE, pad_value=0.25)
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
     # The pad value reached the model: with zero padding the border outputs differ.
     zero_pad = S.sliding_window_inference(_box_sum_3, volume, roi, overlap=0.5, batch_size=2)

@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_map = ""
     c.data.intensity = "zscore_nonzero"  # per-channel z-score over non-zero voxels; "raw": as read (ProViCNet)
     c.data.region_centre = "gland"  # "whole_slices": axes that fit the crop kept whole (ProViCNet: native slices)
+    c.data.sampler = "shuffle"  # "shuffle": every case once per epoch; "class_balanced": upstream's weighted draw
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     # Prepared cases, shared by every run; empty = $TRANSFER_JAX_CACHE_DIR, else $XDG_CACHE_HOME (~/.cache)
     # /transfer_jax/prepared
@@ -84,10 +85,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.allow_random = False  # mode="pretrained" without a checkpoint: True trains from random weights, else error
     c.init.dont_load = ()  # regexes of parameter paths left at initialisation (e.g. a head with other classes)
 
+    # schedule: "cosine" (linear warm-up, half-cycle cosine to min_lr) or "plateau" (warm-up, then constant and
+    # reduced as torch's ReduceLROnPlateau on the evaluation metric `plateau.metric`; one evaluation = one epoch).
+    # no_decay_rule: backbone parameters without weight decay, "names" (1-D, biases, GRN gamma/beta, tokens) or
+    # "ndim" (1-D only, MAE's param_groups_lrd); head parameters follow "names" and decay by head_weight_decay
+    # (None = weight_decay). skip_zero_gradient_steps: a step whose gradients are all zero leaves the optimizer
+    # as it is (a task's way to skip a batch). See docs/recipes.md.
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr=0.0, warmup_steps=20, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
         layer_decay=1.0, layer_decay_scheme="group", freeze_backbone=False, frozen_patterns=(), grad_clip=0.0,
-        lr_scale_patterns=()))  # ((regex, factor), ...): multiplies the lr of matching parameter paths
+        lr_scale_patterns=(),  # ((regex, factor), ...): multiplies the lr of matching parameter paths
+        schedule="cosine", no_decay_rule="names", head_weight_decay=None, skip_zero_gradient_steps=False,
+        plateau=dict(metric="loss", mode="min", factor=0.1, patience=10, threshold=1e-4, cooldown=0, min_lr=0.0)))
 
     # strategy "fsdp" splits parameters (and optimizer moments) of >= fsdp_min_size elements over the fsdp axis
     # num_devices: 0 = every visible device; N = the first N (single-process runs only)
@@ -142,6 +151,31 @@ def apply_full(c: ml_collections.ConfigDict) -> None:
     c.data.workers = 8
 
 
+# Upstream fine-tuning recipes per (task, backbone) for the `full` presets (docs/recipes.md lists the sources):
+# ProFound-Conv's `get_parameter_groups` ("group" ids, weight decay off for 1-D / bias / GRN), ProFound-ViT's
+# `param_groups_lrd` (weight decay off for 1-D only; segmentation omits the argument: ld 0.75), and for
+# classification a head without weight decay and inverse-class-frequency sampling.
+PROFOUND_RECIPES = {
+    ("segmentation", "profound_conv"): dict(layer_decay=0.6, layer_decay_scheme="group", no_decay_rule="names"),
+    ("segmentation", "profound_vit"): dict(layer_decay=0.75, no_decay_rule="ndim"),
+    ("classification", "profound_conv"): dict(layer_decay=0.6, layer_decay_scheme="group", no_decay_rule="names",
+                                              head_weight_decay=0.0),
+    ("classification", "profound_vit"): dict(layer_decay=0.6, no_decay_rule="ndim", head_weight_decay=0.0),
+}
+
+
+def apply_profound_recipe(c: ml_collections.ConfigDict, task: str, backbone: str) -> None:
+    """Upstream's optimiser groups (and, for classification, its class-balanced sampler) for a ProFound backbone;
+    lr 1e-4 / weight decay 0.05 / warm-up + cosine come from `apply_full` and `base_config`."""
+    recipe = PROFOUND_RECIPES.get((task, backbone))
+    if recipe is None:
+        raise ValueError(f"no upstream recipe for task {task!r} with backbone {backbone!r}; "
+                         f"known: {sorted(PROFOUND_RECIPES)}")
+    c.optimizer.update(recipe)
+    if task == "classification":
+        c.data.sampler = "class_balanced"
+
+
 # Backbone sizes per preset for the task configs (through `apply_backbone`). Call after apply_smoke / apply_full
 # (crop size).
 CONV_SIZES = {
@@ -169,6 +203,7 @@ def apply_vit(c: ml_collections.ConfigDict, preset: str) -> None:
         img_size=crop, in_channels=len(c.data.channels), mlp_ratio=4.0, dtype="float32", remat=False,
         remat_policy="nothing_saveable", **VIT_SIZES[preset]))
     c.alignment.sites = ALIGNMENT_SITES["profound_vit"]
+    c.optimizer.no_decay_rule = "ndim"  # param_groups_lrd: only 1-D tensors skip weight decay (the cls token decays)
 
 
 def apply_backbone(c: ml_collections.ConfigDict, backbone: str, preset: str) -> None:

@@ -23,10 +23,18 @@ class AugmentConfig:
     intensity_shift: float = 0.1  # per channel + U(-s, s)
 
 
+def center_start(size: int, roi: int) -> int:
+    """Start of a centred window of `roi` in `size` voxels, as MONAI `CenterSpatialCrop` (`Crop.compute_slices`)
+    places it: centre size // 2, start centre - roi // 2. It differs from floor((size - roi) / 2) when `size` is
+    even and `roi` odd (one voxel later), and from rounding half to even whenever size - roi is odd."""
+    return size // 2 - roi // 2
+
+
 def center_crop(sample: dict, crop_size: tuple[int, int, int]) -> dict:
-    """The deterministic evaluation view: the crop at the centre of the stored (gland-centred) region."""
+    """The deterministic evaluation view: the crop at the centre of the stored (gland-centred) region, placed
+    as MONAI's `CenterSpatialCrop` places it (`center_start`)."""
     region = sample["image"].shape[:3]
-    start = [(r - c) // 2 for r, c in zip(region, crop_size)]
+    start = [center_start(r, c) for r, c in zip(region, crop_size)]
     window = tuple(slice(s, s + c) for s, c in zip(start, crop_size))
     if any(s < 0 for s in start):
         raise ValueError(f"crop {crop_size} is larger than the stored region {region}")

@@ -10,6 +10,7 @@ padded to a fixed size (one compiled eval step).
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from typing import Iterator
 
@@ -111,10 +112,14 @@ class EpochShuffle(grain.MapDataset):
     def __str__(self) -> str:
         return f"EpochShuffle(seed={self._seed})"
 
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's order of the parent's indices."""
+        return rng.permutation(len(self._parent))
+
     def _order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
         if order is None:
-            order = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
+            order = self._draw(np.random.default_rng([self._seed, epoch]))
             self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e > epoch - 2}}
         return order
 
@@ -123,6 +128,54 @@ class EpochShuffle(grain.MapDataset):
             return self.slice(index)
         epoch, position = divmod(index, len(self._parent))
         return self._parent[int(self._order(epoch)[position])]
+
+
+class ClassBalancedDraw(EpochShuffle):
+    """Every epoch, len(parent) cases drawn with replacement, case i with probability proportional to 1 / (the
+    number of cases of its class): upstream's `WeightedRandomSampler(1 / class count, num_samples=len(train set),
+    replacement=True)`, so every class is drawn equally often on average."""
+
+    def __init__(self, parent: grain.MapDataset, classes, *, seed: int):
+        super().__init__(parent, seed=seed)
+        if len(classes) != len(parent):
+            raise ValueError(f"class-balanced sampling: {len(classes)} classes for {len(parent)} cases")
+        self._probs = class_balanced_probabilities(classes)
+
+    def __str__(self) -> str:
+        return f"ClassBalancedDraw(seed={self._seed})"
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(len(self._probs), size=len(self._probs), replace=True, p=self._probs)
+
+
+def class_balanced_probabilities(classes) -> np.ndarray:
+    """Per case, 1 / (cases of its class), normalised to sum to 1."""
+    keys = [str(c) for c in classes]
+    if not keys:
+        raise DataError("class-balanced sampling: the training split is empty")
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    weights = np.asarray([1.0 / counts[k] for k in keys], np.float64)
+    return weights / weights.sum()
+
+
+def case_class(path: str) -> str:
+    """The manifest `label` of a prepared case (read from the case's metadata only), the class a class-balanced
+    sampler balances; numeric labels are compared by value ("1" and "1.0" are one class)."""
+    with np.load(path) as z:
+        label = json.loads(str(z["meta"])).get("label")
+    if label is None or str(label).strip() == "":
+        raise DataError("data.sampler='class_balanced' needs a 'label' for every training case, but the cell is "
+                        "empty", path=path)
+    text = str(label).strip()
+    try:
+        return repr(float(text))
+    except ValueError:
+        return text
+
+
+SAMPLERS = ("shuffle", "class_balanced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,16 +207,24 @@ class _TaskSample(grain.transforms.Map):
 
 def train_dataset(paths: list[str], task, *, crop_size, augment: AugmentConfig, per_process_batch: int,
                   seed: int, workers: int = 0, prefetch: int = 2,
-                  memory_cache_bytes: int = 0) -> grain.IterDataset:
+                  memory_cache_bytes: int = 0, sampler: str = "shuffle") -> grain.IterDataset:
+    """`sampler`: "shuffle" (every case once per epoch) or "class_balanced" (`ClassBalancedDraw` on the cases'
+    manifest labels)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
     process, processes = jax.process_index(), jax.process_count()
     source = grain.MapDataset.source(PreparedCaseSource(paths, memory_cache_bytes))
     if len(source) == 0:
         raise DataError("no training cases: the training split is empty")
+    if sampler == "class_balanced":
+        epochs = ClassBalancedDraw(source, [case_class(p) for p in paths], seed=seed)
+    else:
+        epochs = EpochShuffle(source, seed=seed)
     # One global stream (shuffle, augmentation seeds) for every process count: global batch b is the per-process
     # batches b * processes ... b * processes + processes - 1, and this process reads (and decodes) only its own
     # rows, so the global batch does not depend on how many processes share it.
     ds = (
-        EpochShuffle(source, seed=seed)
+        epochs
         .repeat()
         .random_map(_Augment(tuple(crop_size), augment), seed=seed + 1)
         .map(_TaskSample(task))

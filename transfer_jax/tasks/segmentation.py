@@ -22,8 +22,10 @@ SMOOTH = 1e-5
 
 
 def soft_dice_loss(probs: jax.Array, onehot: jax.Array, *, include_background: bool,
-                   class_weights: jax.Array | None = None) -> jax.Array:
-    """1 - (2 sum(p g) + s) / (sum(p) + sum(g) + s) per (sample, class), weighted mean over classes and batch."""
+                   class_weights: jax.Array | None = None, sample_weights: jax.Array | None = None) -> jax.Array:
+    """1 - (2 sum(p g) + s) / (sum(p) + sum(g) + s) per (sample, class), weighted mean over classes and batch.
+
+    `sample_weights` (B,) of 0 / 1 give the loss of the batch without the zero-weight samples."""
     spatial = tuple(range(1, probs.ndim - 1))
     intersection = jnp.sum(probs * onehot, axis=spatial)
     denominator = jnp.sum(probs, axis=spatial) + jnp.sum(onehot, axis=spatial)
@@ -32,30 +34,36 @@ def soft_dice_loss(probs: jax.Array, onehot: jax.Array, *, include_background: b
         dice = dice * class_weights
     if not include_background:
         dice = dice[:, 1:]
-    return jnp.mean(dice)
+    if sample_weights is None:
+        return jnp.mean(dice)
+    per_sample = jnp.mean(dice, axis=-1)
+    return jnp.sum(sample_weights * per_sample) / jnp.maximum(jnp.sum(sample_weights), 1e-12)
 
 
-def cross_entropy(log_probs: jax.Array, onehot: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:
+def cross_entropy(log_probs: jax.Array, onehot: jax.Array, class_weights: jax.Array | None = None,
+                  sample_weights: jax.Array | None = None) -> jax.Array:
     """Mean voxel CE; with class weights the weighted mean sum(w_y nll) / sum(w_y), as torch does.
 
     The label is picked with the one-hot map, not a gather: XLA:CPU builds the gather's indices and its scatter
     gradient at full resolution, which makes a `take_along_axis` step slower (benchmarks/RESULTS.md §2c).
     """
     nll = -jnp.sum(onehot * log_probs, axis=-1)
-    if class_weights is None:
+    if class_weights is None and sample_weights is None:
         return jnp.mean(nll)
-    w = jnp.sum(onehot * class_weights, axis=-1)
+    w = jnp.ones_like(nll) if class_weights is None else jnp.sum(onehot * class_weights, axis=-1)
+    if sample_weights is not None:
+        w = w * sample_weights.reshape(sample_weights.shape + (1,) * (nll.ndim - 1))
     return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, include_background: bool = False,
-                 class_weights: jax.Array | None = None) -> jax.Array:
+                 class_weights: jax.Array | None = None, sample_weights: jax.Array | None = None) -> jax.Array:
     logits = logits.astype(jnp.float32)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     dice = soft_dice_loss(jnp.exp(log_probs), onehot, include_background=include_background,
-                          class_weights=class_weights)
-    return dice + cross_entropy(log_probs, onehot, class_weights)
+                          class_weights=class_weights, sample_weights=sample_weights)
+    return dice + cross_entropy(log_probs, onehot, class_weights, sample_weights)
 
 
 def dice_counts(pred: jax.Array, labels: jax.Array, num_classes: int) -> dict[str, jax.Array]:

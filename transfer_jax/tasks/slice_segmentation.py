@@ -34,7 +34,10 @@ class) times w[c], averaged over slices and classes, plus CE weighted as torch d
 `task.class_weights` (upstream [0.02, 0.04, 0.5, 0.5]), evaluation `task.eval_class_weights` (upstream
 [0, 0, 0.5, 0.5]). With `task.contrastive_alpha` = a > 0 the training loss is (1 - a) DiceCE + a L_con, the
 label-guided patch contrastive loss (`provicnet_contrastive.py`, upstream a = 0.05) on the final-norm patch tokens
-through `CL_Head` (built only then; upstream never optimises it: `configs/seg.py` freezes it).
+through `CL_Head` (built only then; upstream never optimises it: `configs/seg.py` freezes it). Training only:
+`task.background_keep` < 1 weighs out all but floor(keep * n) of a case's n slices without gland
+(`background_slice_keep`, upstream's `filterBackground` 0.8), and `task.skip_no_cancer` makes the loss 0 for a
+batch without a cancer pixel, which `optimizer.skip_zero_gradient_steps` turns into no optimizer step.
 
 Metrics: Dice per class per case (intersections and sums added over the case's slices, cases with an empty ground
 truth skipped for that class); `dice_mean` (primary) = mean over the foreground classes present in the
@@ -61,6 +64,7 @@ from transfer_jax.tasks.base import Task, require
 from transfer_jax.tasks.segmentation import dice_ce_loss, dice_counts, dice_from_counts
 
 CLASS_NAMES = slice_data.CLASS_NAMES  # background, gland, indolent, csPCa
+CANCER_CLASSES = (2, 3)  # upstream skips a training batch whose labels hold none of them (`Label[:, 2:4]`)
 # Model options that say how to run the model, not what it is (stripped before building ProViCNetConfig).
 RUNTIME_OPTIONS = ("dtype",)
 # Output pixels per patch token along each axis (conv_head8: three x2 up-samplings).
@@ -88,6 +92,23 @@ def build_provicnet(options: dict, rngs: nnx.Rngs, *, num_classes: int, contrast
     """ProViCNet from `model.backbone_options`, computing in their `dtype`."""
     return ProViCNet(provicnet_config(options, num_classes=num_classes, contrastive_head=contrastive_head),
                      dtype=compute_dtype(options), rngs=rngs)
+
+
+def background_slice_keep(key: jax.Array, labels: jax.Array, seeds: jax.Array, keep: float) -> jax.Array:
+    """[B, S] 0 / 1 weights of a batch's slices for the training loss: every slice with gland (or cancer) and, per
+    case, floor(keep * n) of its n background slices drawn at random without replacement (upstream's
+    `filterBackground`, which drops the other background slices from the training set). `seeds` [B] (the
+    samples' `pair_seed`) make each case's draw its own."""
+    background = ~jnp.any(labels > 0, axis=(2, 3))  # [B, S]
+    count = jnp.floor(jnp.sum(background, axis=1) * keep)  # [B]
+
+    def one_case(seed, is_background, n_keep):
+        scores = jax.random.uniform(jax.random.fold_in(key, seed), is_background.shape)
+        order = jnp.argsort(jnp.where(is_background, scores, jnp.inf))
+        rank = jnp.argsort(order)  # rank of each slice among the background slices, by score
+        return (~is_background) | (rank < n_keep)
+
+    return jax.vmap(one_case)(seeds, background, count).astype(jnp.float32)
 
 
 def label_size(image_size: int, patch: int) -> int:
@@ -205,6 +226,13 @@ class SliceSegmentationTask(SliceTask, Task):
         self.alpha = float(task.contrastive_alpha)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"task.contrastive_alpha must be in [0, 1], got {self.alpha}")
+        self.background_keep = float(task.get("background_keep", 1.0))
+        if not 0.0 <= self.background_keep <= 1.0:
+            raise ValueError(f"task.background_keep must be in [0, 1], got {self.background_keep}")
+        self.skip_no_cancer = bool(task.get("skip_no_cancer", False))
+        if self.skip_no_cancer and not config.optimizer.get("skip_zero_gradient_steps", False):
+            raise ValueError("task.skip_no_cancer=True needs optimizer.skip_zero_gradient_steps=True (the skipped "
+                             "batches' zero gradients must leave the optimizer state as it is)")
 
     def _weights(self, values, name):
         if not values:
@@ -261,11 +289,26 @@ class SliceSegmentationTask(SliceTask, Task):
         labels = batch["label"].reshape((-1,) + batch["label"].shape[2:])
         weights = self.class_weights if outputs.training else self.eval_class_weights
         weights = None if weights is None else jnp.asarray(weights, jnp.float32)
-        dice_ce = dice_ce_loss(outputs.logits, labels, include_background=True, class_weights=weights)
-        if outputs.contrastive is None:
-            return dice_ce, {"loss_dice_ce": dice_ce}
-        total = (1.0 - self.alpha) * dice_ce + self.alpha * outputs.contrastive
-        return total, {"loss_dice_ce": dice_ce, "loss_contrastive": outputs.contrastive}
+        keep = None
+        if outputs.training and self.background_keep < 1.0:
+            key = jax.random.key(self.config.seed + 11)
+            keep = background_slice_keep(key, batch["label"], batch["pair_seed"], self.background_keep).reshape(-1)
+        dice_ce = dice_ce_loss(outputs.logits, labels, include_background=True, class_weights=weights,
+                               sample_weights=keep)
+        metrics = {"loss_dice_ce": dice_ce}
+        total = dice_ce
+        if outputs.contrastive is not None:
+            total = (1.0 - self.alpha) * dice_ce + self.alpha * outputs.contrastive
+            metrics["loss_contrastive"] = outputs.contrastive
+        if outputs.training and self.skip_no_cancer:
+            cancer = labels >= CANCER_CLASSES[0]
+            if keep is not None:
+                cancer = cancer & (keep[:, None, None] > 0)
+            has_cancer = jnp.any(cancer)
+            # A zero loss gives zero gradients, which `optimizer.skip_zero_gradient_steps` turns into no step.
+            total = jnp.where(has_cancer, total, 0.0)
+            metrics["skipped"] = 1.0 - has_cancer.astype(jnp.float32)
+        return total, metrics
 
     def eval_stats(self, outputs: SliceOutput, batch):
         pred = jnp.argmax(outputs.logits, axis=-1).reshape(batch["label"].shape)

@@ -20,6 +20,7 @@ from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.chrono import Chrono
 from transfer_jax.train.export import model_arrays, write_pretrained
 from transfer_jax.train.mesh import fetch, global_batch
+from transfer_jax.train.optim import observe_evaluation
 from transfer_jax.train.setup import Run, Steps, compile_steps, config_snapshot, resume, set_up
 from transfer_jax.train.state import TrainState
 from transfer_jax.train.writer import MetricWriter
@@ -81,7 +82,8 @@ def train(run: Run, steps: Steps, state: TrainState, meta: dict, batch: dict) ->
             if step % config.log_every == 0 or step == config.total_steps:
                 _log_window(run, chrono, step, metrics)
             with chrono.paused():
-                if _evaluate_and_save(run, state, step, meta, chrono):
+                state, stop = _evaluate_and_save(run, state, step, meta, chrono)
+                if stop:
                     break
             batch = chrono.fetch(step, metrics, lambda: global_batch(next(run.batches), run.mesh))
         return state, chrono.summary()
@@ -102,17 +104,21 @@ def _log_window(run: Run, chrono: Chrono, step: int, metrics: dict) -> None:
         run.log(hint)
 
 
-def _evaluate_and_save(run: Run, state: TrainState, step: int, meta: dict, chrono: Chrono) -> bool:
-    """Evaluation and checkpoint when due after `step`; True when the run ends here (last step, early stop)."""
+def _evaluate_and_save(run: Run, state: TrainState, step: int, meta: dict,
+                       chrono: Chrono) -> tuple[TrainState, bool]:
+    """Evaluation and checkpoint when due after `step`: the state (an lr-on-plateau schedule reads the evaluation)
+    and True when the run ends here (last step, early stop)."""
     config = run.config
     last = step == config.total_steps
     if step % config.eval_every == 0 or last:
         last = _evaluate(run, state, step, meta, chrono) or last
+        metrics = meta["history"][-1]["metrics"]
+        state = state.replace(opt_state=observe_evaluation(state.opt_state, metrics, config.optimizer))
     if step % config.checkpoint_every == 0 or last:
         run.checkpointer.save(step, state, run.data, meta)
         for callback in run.callbacks:
             callback.after_checkpoint(step, run.checkpointer)
-    return last
+    return state, last
 
 
 def _evaluate(run: Run, state: TrainState, step: int, meta: dict, chrono: Chrono) -> bool:

@@ -114,7 +114,7 @@ def set_up(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Any] 
     data = iter(train_dataset(
         splits.paths["train"], task, crop_size=tuple(config.data.crop_size), augment=augment_config(config.data),
         per_process_batch=per_process_batch, seed=config.seed, workers=config.data.workers,
-        prefetch=config.data.prefetch, memory_cache_bytes=cache_bytes,
+        prefetch=config.data.prefetch, memory_cache_bytes=cache_bytes, sampler=config.data.get("sampler", "shuffle"),
     ))
     batches = data
     for callback in callbacks:
