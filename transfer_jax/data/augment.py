@@ -10,15 +10,23 @@ import dataclasses
 import numpy as np
 
 MASK_KEYS = ("gland", "lesion")
+# "ours": `random_crop` with the fields below; the others: the upstream pipelines of `augment_upstream.py`, which
+# use none of the fields.
+PIPELINES = ("ours", "upstream_profound", "upstream_provicnet")
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
+    pipeline: str = "ours"
     zoom: float = 0.1  # isotropic scale factor drawn from U(1 - zoom, 1 + zoom)
     translate: float = 0.1  # centre shift, as a fraction of the crop size, drawn per axis from U(-t, t)
     flip_axes: tuple[int, ...] = (2,)  # spatial axes (0=D, 1=H, 2=W) flipped with probability 1/2 each
     intensity_scale: float = 0.1  # per channel x (1 + U(-s, s))
     intensity_shift: float = 0.1  # per channel + U(-s, s)
+
+    def __post_init__(self):
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"data.augment.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
 
 
 def center_crop(sample: dict, crop_size: tuple[int, int, int]) -> dict:
