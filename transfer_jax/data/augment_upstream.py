@@ -24,10 +24,12 @@ only where the crop needs it: RandRotate and RandZoom act on every slice alike (
 i.e. the identity), so the crop's slices are picked first, and the rotated image is computed only at the rows and
 columns the zoom reads; the values are those of the full sequential transforms (tests check this).
 
-Known differences from upstream: the crop is taken inside the stored gland-centred region (`region_margin`) rather
-than anywhere in the whole volume; OpenCV quantises sample positions to 1/32 pixel and MONAI resamples in float32
-through a normalised grid, here positions are exact (float64); the random streams differ (torch / numpy /
-Python `random` upstream).
+Sampling follows the libraries, not only their documentation: OpenCV 4's fixed-point positions (1/32 pixel for
+bilinear; OpenCV 5 no longer rounds), MONAI's pixel-centre grids. `tests/fixtures/augment/` holds their outputs
+(scripts/make_augment_fixtures.py). Known differences from upstream: the crop is taken inside the stored
+gland-centred region (`region_margin`) rather than anywhere in the whole volume; MONAI resamples in float32 through
+a normalised grid (here float64 positions: differences ~1e-5); the random streams differ (torch / numpy / Python
+`random` upstream).
 """
 from __future__ import annotations
 
@@ -313,15 +315,21 @@ def remap_plan(map_y: np.ndarray, map_x: np.ndarray, shape: tuple[int, int], ord
     """The taps of OpenCV `remap` (out[r, c] = image[map_y[r, c], map_x[r, c]]) on an image of `shape` (H, W):
     [(flat index, inside or None, weight or None), ...], shared by every image sampled along the same map.
 
-    Bilinear (order 1) positions are rounded to 1/32 pixel (OpenCV's INTER_TAB_SIZE); taps of zero weight are
-    dropped. Nearest (0) rounds half to even. Taps outside the image are reflected (BORDER_REFLECT_101) or 0
-    (BORDER_CONSTANT).
+    Bilinear (order 1) positions are rounded to 1/32 pixel (OpenCV 4's INTER_TAB_SIZE); nearest (0) rounds half
+    to even. Taps outside the image are reflected (BORDER_REFLECT_101) or 0 (BORDER_CONSTANT).
     """
-    height, width = shape
     if order == 0:
-        return [_border_taps(np.rint(map_y).astype(np.int64), np.rint(map_x).astype(np.int64), height, width,
-                             border) + (None,)]
-    qy, qx = np.rint(map_y * 32.0).astype(np.int64), np.rint(map_x * 32.0).astype(np.int64)
+        return _nearest_plan(np.rint(map_y).astype(np.int64), np.rint(map_x).astype(np.int64), shape, border)
+    return _bilinear_plan(np.rint(map_y * 32.0).astype(np.int64), np.rint(map_x * 32.0).astype(np.int64), shape,
+                          border)
+
+
+def _nearest_plan(y: np.ndarray, x: np.ndarray, shape, border: str) -> list:
+    return [_border_taps(y, x, shape[0], shape[1], border) + (None,)]
+
+
+def _bilinear_plan(qy: np.ndarray, qx: np.ndarray, shape, border: str) -> list:
+    """Taps of positions given in 1/32 pixel; taps of zero weight are dropped."""
     y0, x0 = qy >> 5, qx >> 5
     wy, wx = (qy & 31) / 32.0, (qx & 31) / 32.0
     plan = []
@@ -329,8 +337,24 @@ def remap_plan(map_y: np.ndarray, map_x: np.ndarray, shape: tuple[int, int], ord
         for dx, weight_x in ((0, 1 - wx), (1, wx)):
             weight = weight_y * weight_x
             if np.any(weight):
-                plan.append(_border_taps(y0 + dy, x0 + dx, height, width, border) + (weight.astype(np.float32),))
+                plan.append(_border_taps(y0 + dy, x0 + dx, shape[0], shape[1], border) + (weight.astype(np.float32),))
     return plan
+
+
+def warp_affine_plan(shape: tuple[int, int], matrix: np.ndarray, order: int, border: str) -> list:
+    """The taps of OpenCV 4 `warpAffine(matrix)` on an image of `shape` (matrix: 2 x 3, source (x, y) ->
+    destination (x, y), x = column): the inverse map in OpenCV's fixed point (1/1024 pixel per row and column
+    term, rounded half to even, summed, then cut to 1/32 pixel for bilinear or to whole pixels for nearest)."""
+    inverse = np.linalg.inv(np.vstack([matrix, [0.0, 0.0, 1.0]]))
+    rows, cols = np.arange(shape[0], dtype=np.float64)[:, None], np.arange(shape[1], dtype=np.float64)[None, :]
+    delta = 512 if order == 0 else 16
+    x = np.rint((inverse[0, 1] * rows + inverse[0, 2]) * 1024).astype(np.int64) + delta \
+        + np.rint(inverse[0, 0] * cols * 1024).astype(np.int64)
+    y = np.rint((inverse[1, 1] * rows + inverse[1, 2]) * 1024).astype(np.int64) + delta \
+        + np.rint(inverse[1, 0] * cols * 1024).astype(np.int64)
+    if order == 0:
+        return _nearest_plan(y >> 10, x >> 10, shape, border)
+    return _bilinear_plan(y >> 5, x >> 5, shape, border)
 
 
 def apply_plan(image: np.ndarray, plan: list) -> np.ndarray:
@@ -353,17 +377,9 @@ def remap(image: np.ndarray, map_y: np.ndarray, map_x: np.ndarray, order: int, b
     return apply_plan(image, remap_plan(map_y, map_x, image.shape[:2], order, border))
 
 
-def _affine_maps(shape: tuple[int, int], matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Source (map_y, map_x) of OpenCV `warpAffine(matrix)` (matrix: 2 x 3, source (x, y) -> destination)."""
-    inverse = np.linalg.inv(np.vstack([matrix, [0.0, 0.0, 1.0]]))
-    rows, cols = np.meshgrid(np.arange(shape[0], dtype=np.float64), np.arange(shape[1]), indexing="ij")
-    return (inverse[1, 0] * cols + inverse[1, 1] * rows + inverse[1, 2],
-            inverse[0, 0] * cols + inverse[0, 1] * rows + inverse[0, 2])
-
-
 def warp_affine(image: np.ndarray, matrix: np.ndarray, order: int, border: str) -> np.ndarray:
-    """OpenCV `warpAffine(image, matrix)` (matrix: 2 x 3, source (x, y) -> destination (x, y), x = column)."""
-    return remap(image, *_affine_maps(image.shape[:2], matrix), order, border)
+    """OpenCV `warpAffine(image, matrix)` (see `warp_affine_plan`)."""
+    return apply_plan(image, warp_affine_plan(image.shape[:2], matrix, order, border))
 
 
 def affine_from_points(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -393,10 +409,12 @@ def elastic(image: np.ndarray, masks: list[np.ndarray], matrix: np.ndarray, dx: 
     BORDER_REFLECT_101; bilinear for the image, nearest for the masks."""
     shape = image.shape[:2]
     rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    maps = [_affine_maps(shape, matrix), ((rows + dy).astype(np.float32), (cols + dx).astype(np.float32))]
-    for map_y, map_x in maps:
-        image = apply_plan(image, remap_plan(map_y, map_x, shape, 1, BORDER_REFLECT_101))
-        nearest = remap_plan(map_y, map_x, shape, 0, BORDER_REFLECT_101)
+    map_y, map_x = (rows + dy).astype(np.float32), (cols + dx).astype(np.float32)
+    for linear, nearest in ((warp_affine_plan(shape, matrix, 1, BORDER_REFLECT_101),
+                             warp_affine_plan(shape, matrix, 0, BORDER_REFLECT_101)),
+                            (remap_plan(map_y, map_x, shape, 1, BORDER_REFLECT_101),
+                             remap_plan(map_y, map_x, shape, 0, BORDER_REFLECT_101))):
+        image = apply_plan(image, linear)
         masks = [apply_plan(m, nearest) for m in masks]
     return image, masks
 
@@ -450,9 +468,9 @@ def provicnet_slice(image: np.ndarray, masks: list[np.ndarray], rng: np.random.G
         sigma = rng.uniform(*p["noise_var"]) ** 0.5
         image = (image + rng.normal(0.0, sigma, image.shape)).astype(np.float32)
     if rng.random() < p["shear_p"]:
-        maps = _affine_maps((height, width), shear_matrix(height, width, p["shear"]))
-        image = remap(image, *maps, 1, BORDER_CONSTANT)
-        nearest = remap_plan(*maps, (height, width), 0, BORDER_CONSTANT)
+        matrix = shear_matrix(height, width, p["shear"])
+        image = warp_affine(image, matrix, 1, BORDER_CONSTANT)
+        nearest = warp_affine_plan((height, width), matrix, 0, BORDER_CONSTANT)
         masks = [apply_plan(m, nearest) for m in masks]
     if rng.random() < p["blur_p"] and _blur_kernel_size(rng, *p["blur_limit"]) == 3:
         image = blur3(image)
