@@ -1,7 +1,10 @@
 """Write tests/fixtures/augment/upstream_transforms.npz: the upstream augmentation transforms on small inputs.
 
-    /work/torchvenv/bin/python scripts/make_augment_fixtures.py     # a side venv with torch, monai 1.5.0,
-                                                                     # albumentations 1.4.7, opencv, scikit-image
+    PYTHONPATH=/path/to/opencv4 /work/torchvenv/bin/python scripts/make_augment_fixtures.py
+
+in a side venv with torch, monai 1.5.0, albumentations 1.4.7 and scikit-image, and OpenCV 4 (upstream pins
+4.9.0.80; `pip install --target /path/to/opencv4 opencv-python-headless==4.10.0.84`, the first 4.x with numpy 2
+wheels): OpenCV 5 no longer rounds bilinear sample positions to 1/32 pixel, which upstream's results depend on.
 
 Every transform is called with fixed parameters (the random draws are tested in tests/test_augment_upstream.py), so
 the outputs are what `transfer_jax/data/augment_upstream.py` must reproduce:
@@ -55,6 +58,9 @@ def monai_fixtures(rng: np.random.Generator) -> dict:
 
 def albumentations_fixtures(rng: np.random.Generator) -> dict:
     import cv2
+
+    if int(cv2.__version__.split(".")[0]) != 4:
+        raise SystemExit(f"OpenCV {cv2.__version__}: the fixtures need OpenCV 4 (see the docstring)")
     import albumentations as A
     from albumentations.augmentations import functional as F
     from albumentations.augmentations.blur import functional as FB

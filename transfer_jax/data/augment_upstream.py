@@ -285,9 +285,10 @@ def profound_intensity(image: np.ndarray, params: dict) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
-def upstream_profound(sample: dict, crop_size: tuple[int, int, int], rng: np.random.Generator) -> dict:
+def upstream_profound(sample: dict, crop_size: tuple[int, int, int], rng: np.random.Generator,
+                      p: dict = PROFOUND) -> dict:
     """ProFound's fine-tuning augmentation (segmentation train transforms) of a prepared sample."""
-    params = profound_params(sample["image"].shape[:3], tuple(crop_size), rng)
+    params = profound_params(sample["image"].shape[:3], tuple(crop_size), rng, p)
     out = dict(sample)
     out["image"] = profound_intensity(_profound_geometry(sample["image"], params, crop_size, order=1), params)
     for key in MASK_KEYS:
@@ -452,39 +453,56 @@ def _blur_kernel_size(rng: np.random.Generator, low: int, high: int) -> int:
     return (size + 1) % (high + 1) if size != 0 and size % 2 != 1 else size
 
 
-def provicnet_slice(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator,
-                    p: dict = PROVICNET) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The albumentations Compose of ProViCNet's training data on one slice (image (H, W, C), masks (H, W))."""
-    height, width = image.shape[:2]
+def provicnet_params(shape: tuple[int, int], rng: np.random.Generator, p: dict = PROVICNET) -> dict:
+    """Draw every random choice of ProViCNet's Compose for one (H, W) slice, in transform order (None = not
+    applied; blur: the kernel size, 1 being the identity)."""
+    height, width = shape
+    params = dict.fromkeys(("elastic", "contrast", "noise", "shear", "blur"))
     if rng.random() < p["elastic_p"]:
-        matrix = elastic_matrix(height, width, rng.uniform(-p["elastic_affine"], p["elastic_affine"], (3, 2)))
-        dx = elastic_displacement(rng.random((height, width)) * 2 - 1, p["elastic_alpha"], p["elastic_sigma"])
-        dy = elastic_displacement(rng.random((height, width)) * 2 - 1, p["elastic_alpha"], p["elastic_sigma"])
-        image, masks = elastic(image, masks, matrix, dx, dy)
+        jitter = rng.uniform(-p["elastic_affine"], p["elastic_affine"], (3, 2))
+        noise = [rng.random((height, width)) * 2 - 1 for _ in range(2)]
+        params["elastic"] = (elastic_matrix(height, width, jitter),
+                             *(elastic_displacement(n, p["elastic_alpha"], p["elastic_sigma"]) for n in noise))
     if rng.random() < p["contrast_p"]:
-        alpha = 1.0 + rng.uniform(-p["contrast"], p["contrast"])
-        image = brightness_contrast(image, alpha, rng.uniform(-p["brightness"], p["brightness"]))
+        params["contrast"] = (1.0 + rng.uniform(-p["contrast"], p["contrast"]),
+                              rng.uniform(-p["brightness"], p["brightness"]))
     if rng.random() < p["noise_p"]:
-        sigma = rng.uniform(*p["noise_var"]) ** 0.5
-        image = (image + rng.normal(0.0, sigma, image.shape)).astype(np.float32)
+        params["noise"] = rng.uniform(*p["noise_var"]) ** 0.5
     if rng.random() < p["shear_p"]:
-        matrix = shear_matrix(height, width, p["shear"])
-        image = warp_affine(image, matrix, 1, BORDER_CONSTANT)
-        nearest = warp_affine_plan((height, width), matrix, 0, BORDER_CONSTANT)
+        params["shear"] = shear_matrix(height, width, p["shear"])
+    if rng.random() < p["blur_p"]:
+        params["blur"] = _blur_kernel_size(rng, *p["blur_limit"])
+    return params
+
+
+def provicnet_slice(image: np.ndarray, masks: list[np.ndarray], params: dict,
+                    rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Apply drawn `provicnet_params` to one slice (image (H, W, C), masks (H, W)); `rng` draws the noise."""
+    if params["elastic"] is not None:
+        image, masks = elastic(image, masks, *params["elastic"])
+    if params["contrast"] is not None:
+        image = brightness_contrast(image, *params["contrast"])
+    if params["noise"] is not None:
+        image = (image + rng.normal(0.0, params["noise"], image.shape)).astype(np.float32)
+    if params["shear"] is not None:
+        image = warp_affine(image, params["shear"], 1, BORDER_CONSTANT)
+        nearest = warp_affine_plan(image.shape[:2], params["shear"], 0, BORDER_CONSTANT)
         masks = [apply_plan(m, nearest) for m in masks]
-    if rng.random() < p["blur_p"] and _blur_kernel_size(rng, *p["blur_limit"]) == 3:
+    if params["blur"] == 3:
         image = blur3(image)
     return image, masks
 
 
-def upstream_provicnet(sample: dict, crop_size: tuple[int, int, int], rng: np.random.Generator) -> dict:
+def upstream_provicnet(sample: dict, crop_size: tuple[int, int, int], rng: np.random.Generator,
+                       p: dict = PROVICNET) -> dict:
     """ProViCNet's training augmentation: the centre crop, then every axial slice on its own."""
     out = center_crop(sample, tuple(crop_size))
     keys = [k for k in MASK_KEYS if out.get(k) is not None]
     image = out["image"].astype(np.float32, copy=True)
     masks = {k: out[k].copy() for k in keys}
     for d in range(image.shape[0]):
-        image[d], slice_masks = provicnet_slice(image[d], [masks[k][d] for k in keys], rng)
+        params = provicnet_params(image.shape[1:3], rng, p)
+        image[d], slice_masks = provicnet_slice(image[d], [masks[k][d] for k in keys], params, rng)
         for k, m in zip(keys, slice_masks):
             masks[k][d] = m
     out["image"] = image
