@@ -233,6 +233,7 @@ def test_profound_pipeline_without_draws_is_a_window_of_the_region():
     window = tuple(slice(s, s + c) for s, c in zip(params["start"], crop))
     np.testing.assert_array_equal(out["image"], sample["image"][window])
     np.testing.assert_array_equal(out["gland"], sample["gland"][window])
+    assert not any(np.shares_memory(out[k], sample[k]) for k in ("image", "gland", "lesion"))
 
 
 def test_provicnet_pipeline_without_draws_is_the_centre_crop():

@@ -114,13 +114,9 @@ def _gather_plane(volume: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarra
     return out.reshape((volume.shape[0],) + y.shape + volume.shape[3:])
 
 
-def _rotated_grid(volume: np.ndarray, angle: float | None, out_shape, rows: np.ndarray, cols: np.ndarray,
+def _rotated_grid(volume: np.ndarray, angle: float, out_shape, rows: np.ndarray, cols: np.ndarray,
                   order: int) -> np.ndarray:
-    """The MONAI-rotated volume (full output shape `out_shape`) at the grid rows x cols only; `angle=None` reads
-    the volume itself (no rotation)."""
-    if angle is None:
-        return _gather_plane(volume, np.broadcast_to(rows[:, None], (rows.size, cols.size)),
-                             np.broadcast_to(cols[None, :], (rows.size, cols.size)))
+    """The MONAI-rotated volume (full output shape `out_shape`) at the grid rows x cols only."""
     y, x = _rotation_source(volume.shape, out_shape, angle, rows, cols)
     if order == 0:  # grid_sample "nearest" rounds half to even
         return _gather_plane(volume, np.rint(y).astype(np.int64), np.rint(x).astype(np.int64))
@@ -149,11 +145,21 @@ def _zoom_axis(size: int, factor: float, order: int):
     return low[index], high[index], weight[index]
 
 
+def _take(volume: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """np.take, as a view when the indices are a run of step +-1 (crops and flips without resampling)."""
+    if index.size > 1 and abs(index[1] - index[0]) == 1 and np.all(np.diff(index) == index[1] - index[0]):
+        step = int(index[1] - index[0])
+        stop = int(index[-1]) + step
+        window = slice(int(index[0]), None if stop < 0 else stop, step)
+        return volume[(slice(None),) * axis + (window,)]
+    return np.take(volume, index, axis=axis)
+
+
 def _resample_axis(volume: np.ndarray, axis: int, low, high, weight, order: int) -> np.ndarray:
     """Linear (order 1) or nearest (0, reads `low`) resampling along one axis from per-output taps."""
-    out = np.take(volume, low, axis=axis)
     if order == 0 or not np.any(weight):
-        return out
+        return _take(volume, low, axis)
+    out = np.take(volume, low, axis=axis)
     shape = [1] * volume.ndim
     shape[axis] = -1
     weight = weight.astype(np.float32).reshape(shape)
@@ -224,8 +230,6 @@ def profound_params(region: tuple[int, int, int], crop_size: tuple[int, int, int
     factors = (1.0, *rng.uniform(*p["zoom_range"], 2)) if rng.random() < p["zoom_p"] else None
     shape = region if angle is None else rotated_shape(region, angle)
     padded = tuple(max(s, int(round(c * p["pad_factor"]))) for s, c in zip(shape, crop_size))
-    if any(c > s for c, s in zip(crop_size, padded)):
-        raise ValueError(f"crop {crop_size} is larger than the padded region {padded}")
     start = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(padded, crop_size))
     flip = bool(rng.random() < p["flip_p"])
     scale = rng.uniform(-p["scale"], p["scale"]) if rng.random() < p["scale_p"] else None
@@ -254,10 +258,10 @@ def _profound_geometry(volume: np.ndarray, params: dict, crop_size, order: int) 
             low, high, weight = _zoom_axis(shape[axis], factor, order)
             maps.append((valid, low[position], high[position], weight[position]))
     (d_valid, d_index, _, _), h_map, w_map = maps
-    volume = volume[d_index]
+    volume = _take(volume, d_index, 0)
     if params["angle"] is None:  # separable: resample H, then W
         out = _resample_axis(volume, 1, *h_map[1:], order)
-        out = _resample_axis(out, 2, *w_map[1:], order)
+        out = np.array(_resample_axis(out, 2, *w_map[1:], order))  # a copy: never a view of the input
     else:  # the rotated image at the rows and columns the zoom reads, then the zoom
         rows, row_pos = np.unique(np.concatenate([h_map[1], h_map[2]]), return_inverse=True)
         cols, col_pos = np.unique(np.concatenate([w_map[1], w_map[2]]), return_inverse=True)
