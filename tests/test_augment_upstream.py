@@ -236,14 +236,23 @@ def test_profound_pipeline_without_draws_is_a_window_of_the_region():
     assert not any(np.shares_memory(out[k], sample[k]) for k in ("image", "gland", "lesion"))
 
 
-def test_provicnet_pipeline_without_draws_is_the_centre_crop():
+def test_provicnet_pipeline_without_draws_is_the_centre_crop_zscored_in_the_gland():
     rng = np.random.default_rng(4)
     sample = _sample(rng)
+    sample["image"] = sample["image"] * 3.0 + 5.0
     never = {**up.PROVICNET, **{k: 0.0 for k in up.PROVICNET if k.endswith("_p")}}
     out = up.upstream_provicnet(sample, (8, 24, 24), np.random.default_rng(0), never)
     expected = center_crop(sample, (8, 24, 24))
-    for key in ("image", "gland", "lesion"):
+    for key in ("gland", "lesion"):
         np.testing.assert_array_equal(out[key], expected[key])
+    inside = out["image"][expected["gland"] == 1]
+    np.testing.assert_allclose(inside.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(inside.std(axis=0), 1.0, atol=1e-5)
+    scale = expected["image"][expected["gland"] == 1].std(axis=0)
+    np.testing.assert_allclose(np.diff(out["image"], axis=2), np.diff(expected["image"], axis=2) / scale, atol=1e-4)
+    no_gland = {**sample, "gland": None}
+    out = up.upstream_provicnet(no_gland, (8, 24, 24), np.random.default_rng(0), never)
+    np.testing.assert_array_equal(out["image"], center_crop(no_gland, (8, 24, 24))["image"])
 
 
 def test_provicnet_pipeline_acts_on_each_slice_alone():
@@ -251,15 +260,16 @@ def test_provicnet_pipeline_acts_on_each_slice_alone():
     sample = _sample(rng)
     crop = (8, 24, 24)
     always = {**up.PROVICNET, **{k: 1.0 for k in up.PROVICNET if k.endswith("_p")}}
-    changed = {**sample, "image": sample["image"].copy(), "gland": sample["gland"].copy()}
-    changed["image"][5] += 3.0  # region slice 5 = crop slice 4
-    changed["gland"][5] = 1 - changed["gland"][5]
+    # region slice 5 = crop slice 4; outside the gland, so that the gland statistics of the z-score stay
+    changed = {**sample, "image": sample["image"].copy(), "lesion": sample["lesion"].copy()}
+    changed["image"][5][sample["gland"][5] == 0] += 3.0
+    changed["lesion"][5] = 1 - changed["lesion"][5]
     for p in (always, up.PROVICNET):
         a = up.upstream_provicnet(sample, crop, np.random.default_rng(9), p)
         b = up.upstream_provicnet(changed, crop, np.random.default_rng(9), p)
         differs = [not np.array_equal(a["image"][d], b["image"][d]) for d in range(crop[0])]
         assert differs == [d == 4 for d in range(crop[0])]
-        assert [not np.array_equal(a["gland"][d], b["gland"][d]) for d in range(crop[0])] == differs
+        assert [not np.array_equal(a["lesion"][d], b["lesion"][d]) for d in range(crop[0])] == differs
         for key in ("gland", "lesion"):
             assert a[key].dtype == np.uint8 and set(np.unique(a[key])) <= {0, 1}
     centre = center_crop(sample, crop)

@@ -10,8 +10,8 @@
   + U(-0.1, 0.1)) -> RandBiasField (p 0.2, degree 3, coefficients U(0, 0.1)) -> RandGaussianSmooth (p 1.0,
   sigma per axis U(0.25, 1.5), erf kernel, zero padding). Image and masks share the geometry; masks are nearest.
 * `upstream_provicnet`: pimed/ProViCNet (`util_functions/Prostate_DataGenerator.py`, albumentations 1.4.7 with
-  OpenCV), the centre crop (upstream has no random crop: its volumes are prepared prostate-centred) and then, on
-  every axial slice independently: ElasticTransform (p 0.3; alpha 0.2, sigma 15, alpha_affine 15) ->
+  OpenCV), the centre crop (upstream has no random crop: its volumes are prepared prostate-centred), every channel
+  z-scored in the gland (upstream augments after this normalisation) and then, on every axial slice independently: ElasticTransform (p 0.3; alpha 0.2, sigma 15, alpha_affine 15) ->
   RandomBrightnessContrast (p 0.3; x (1 + U(-0.2, 0.2)) + U(-0.2, 0.2), then clipped to [0, 1] as albumentations
   does for float images) -> GaussNoise (p 0.3; variance U(0, 15), per pixel and channel) -> Affine (p 0.3; the
   code passes `shear=2`, which albumentations 1.4.7 turns into a fixed 2° shear on both axes, not a range) ->
@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage, special
 
 from transfer_jax.data.augment import MASK_KEYS, center_crop
+from transfer_jax.data.slices import zscore_in_gland
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1-D sampling rules (torch.nn.functional.interpolate, OpenCV borders)
@@ -497,12 +498,28 @@ def provicnet_slice(image: np.ndarray, masks: list[np.ndarray], params: dict,
     return image, masks
 
 
+def zscore_channels_in_gland(image: np.ndarray, gland: np.ndarray | None) -> np.ndarray:
+    """Every channel z-scored with the mean / std of its gland voxels (upstream's normalisation, which precedes
+    its augmentation); unchanged without gland voxels (or with a constant gland). float32, a new array."""
+    if gland is None or not np.any(gland == 1):
+        return image.astype(np.float32, copy=True)
+    out = np.empty(image.shape, np.float32)
+    for c in range(image.shape[-1]):
+        try:
+            out[..., c] = zscore_in_gland(image[..., c], gland)
+        except ValueError:  # constant inside the gland
+            out[..., c] = image[..., c]
+    return out
+
+
 def upstream_provicnet(sample: dict, crop_size: tuple[int, int, int], rng: np.random.Generator,
                        p: dict = PROVICNET) -> dict:
-    """ProViCNet's training augmentation: the centre crop, then every axial slice on its own."""
+    """ProViCNet's training augmentation: the centre crop, z-scored in the gland as upstream does before it
+    augments (so that the [0, 1] clip and the noise act on the same scale), then every axial slice on its own.
+    A task that z-scores in the gland afterwards (the ProViCNet tasks) re-standardises the augmented volume."""
     out = center_crop(sample, tuple(crop_size))
     keys = [k for k in MASK_KEYS if out.get(k) is not None]
-    image = out["image"].astype(np.float32, copy=True)
+    image = zscore_channels_in_gland(out["image"], out.get("gland"))
     masks = {k: out[k].copy() for k in keys}
     for d in range(image.shape[0]):
         params = provicnet_params(image.shape[1:3], rng, p)
