@@ -11,7 +11,9 @@
   sigma per axis U(0.25, 1.5), erf kernel, zero padding). Image and masks share the geometry; masks are nearest.
 * `upstream_provicnet`: pimed/ProViCNet (`util_functions/Prostate_DataGenerator.py`, albumentations 1.4.7 with
   OpenCV), the centre crop (upstream has no random crop: its volumes are prepared prostate-centred), every channel
-  z-scored in the gland (upstream augments after this normalisation) and then, on every axial slice independently: ElasticTransform (p 0.3; alpha 0.2, sigma 15, alpha_affine 15) ->
+  z-scored in the gland (upstream augments after this normalisation) and then, on every axial slice independently:
+  ElasticTransform (p 0.3; alpha 0.2, sigma 15, alpha_affine 15: a random affine moving three control points by
+  up to 15 pixels, then a displacement field of ~0.005 pixel that OpenCV 4's 1/32-pixel positions round away) ->
   RandomBrightnessContrast (p 0.3; x (1 + U(-0.2, 0.2)) + U(-0.2, 0.2), then clipped to [0, 1] as albumentations
   does for float images) -> GaussNoise (p 0.3; variance U(0, 15), per pixel and channel) -> Affine (p 0.3; the
   code passes `shear=2`, which albumentations 1.4.7 turns into a fixed 2° shear on both axes, not a range) ->
