@@ -297,6 +297,9 @@ def test_augment_config_names_the_pipeline():
     assert augment_config(config.data).pipeline == "upstream_provicnet"
     with pytest.raises(ValueError, match="data.augment.pipeline must be one of"):
         AugmentConfig(pipeline="monai")
+    with pytest.raises(ValueError, match=r"data.augment.zoom, flip_axes set, but pipeline 'upstream_profound'"):
+        AugmentConfig(pipeline="upstream_profound", zoom=0.2, flip_axes=(1, 2))
+    assert AugmentConfig(pipeline="ours", zoom=0.2).zoom == 0.2
 
 
 @pytest.mark.parametrize("pipeline", ["upstream_profound", "upstream_provicnet"])

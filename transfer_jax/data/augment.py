@@ -27,6 +27,12 @@ class AugmentConfig:
     def __post_init__(self):
         if self.pipeline not in PIPELINES:
             raise ValueError(f"data.augment.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.pipeline != "ours":
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name != "pipeline" and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"data.augment.{', '.join(changed)} set, but pipeline {self.pipeline!r} uses none "
+                                 "of the `ours` fields: leave them at their defaults")
 
 
 def center_crop(sample: dict, crop_size: tuple[int, int, int]) -> dict:
