@@ -11,7 +11,7 @@ import numpy as np
 
 MASK_KEYS = ("gland", "lesion")
 # "ours": `random_crop` with the fields below; the others: the upstream pipelines of `augment_upstream.py`, which
-# use none of the fields.
+# use none of the fields (and refuse changed ones).
 PIPELINES = ("ours", "upstream_profound", "upstream_provicnet")
 
 
