@@ -19,7 +19,8 @@ Sections (flags): `--torch` runs scripts/bench_torch.py in the side venv (.venv-
 and crop right after each JAX row, times the JAX step again, and prints JAX / PyTorch ratios against the mean of
 the two JAX timings (machine speed drifts by tens of percent over minutes on shared CPUs); `--data` times
 preprocessing (NIfTI decode + resample + normalise + crop), the random crop's resampling (separable, against
-`ndimage.affine_transform`'s general path in the same process) and the grain training pipeline with 0, 2 and
+`ndimage.affine_transform`'s general path in the same process), each augmentation pipeline
+(`data.augment.pipeline`: ours and upstream's) on one prepared case, and the grain training pipeline with 0, 2 and
 os.cpu_count() workers against the step; `--scaling` runs data-parallel and FSDP steps over 1/2/4/8 fake CPU
 devices (a subprocess with --xla_force_host_platform_device_count=8;
 correctness-only on CPU: the fake devices share the same cores); `--mmd` runs configs/seg.py (default preset) for
@@ -369,8 +370,9 @@ def data_section(args, step_rows):
         task = get_task(config)
         with tempfile.TemporaryDirectory() as cache:
             splits = prepare_splits(config.data, cache, task, log=lambda *_: None)
-            rows += warp_rows(PreparedCaseSource(splits.paths["train"])[0], tuple(config.data.crop_size), preset,
-                              step_vps)
+            case = PreparedCaseSource(splits.paths["train"])[0]
+            rows += warp_rows(case, tuple(config.data.crop_size), preset, step_vps)
+            rows += augment_rows(case, tuple(config.data.crop_size), preset, step_vps, repeats=4 if args.quick else 12)
             cache_bytes = memory_cache_bytes(config.data)
             epoch_batches = -(-len(splits.paths["train"]) // config.batch_size)
             for workers, memory_cache in itertools.product(sorted({0, 2, os.cpu_count() or 1}), (0, cache_bytes)):
@@ -439,6 +441,28 @@ def warp_rows(case: dict, crop_size: tuple[int, int, int], preset: str, step_vps
         rows.append({"section": "data", "what": what, "size": preset, "volumes_per_s": vps,
                      "over_step": vps / step_vps if step_vps else None})
     rows[0]["over_general"] = rows[0]["volumes_per_s"] / rows[1]["volumes_per_s"]
+    return rows
+
+
+def augment_rows(case: dict, crop_size: tuple[int, int, int], preset: str, step_vps: float | None,
+                 repeats: int = 12) -> list[dict]:
+    """Each `data.augment.pipeline` on one prepared case (image + masks), one element per seed, in one process."""
+    import numpy as np
+
+    from transfer_jax.data import augment_upstream
+    from transfer_jax.data.augment import AugmentConfig, random_crop
+
+    pipelines = {"ours": lambda c, crop, rng: random_crop(c, crop, AugmentConfig(), rng),
+                 **augment_upstream.PIPELINES}
+    rows = []
+    for name, fn in pipelines.items():
+        fn(case, crop_size, np.random.default_rng(0))
+        start = time.perf_counter()
+        for seed in range(repeats):
+            fn(case, crop_size, np.random.default_rng(seed))
+        vps = repeats / (time.perf_counter() - start)
+        rows.append({"section": "data", "what": f"augmentation {name}", "size": preset, "volumes_per_s": vps,
+                     "over_step": vps / step_vps if step_vps else None})
     return rows
 
 

@@ -76,8 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.workers = 0  # grain worker processes for augmentation
     c.data.prefetch = 2
     c.data.memory_cache_mb = 1024  # prepared cases kept in memory after their first read, per data process and split
+    # pipeline: "ours" (the fields below) or upstream's training augmentation, "upstream_profound" /
+    # "upstream_provicnet" (data/augment_upstream.py; the fields below then keep their defaults)
     c.data.augment = ml_collections.ConfigDict(dict(
-        zoom=0.1, translate=0.1, flip_axes=(2,), intensity_scale=0.1, intensity_shift=0.1))
+        pipeline="ours", zoom=0.1, translate=0.1, flip_axes=(2,), intensity_scale=0.1, intensity_shift=0.1))
 
     c.init = ml_collections.ConfigDict()
     c.init.mode = "scratch"  # "scratch" or "pretrained"

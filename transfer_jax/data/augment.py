@@ -12,15 +12,29 @@ import dataclasses
 import numpy as np
 
 MASK_KEYS = ("gland", "lesion")
+# "ours": `random_crop` with the fields below; the others: the upstream pipelines of `augment_upstream.py`, which
+# use none of the fields (and refuse changed ones).
+PIPELINES = ("ours", "upstream_profound", "upstream_provicnet")
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
+    pipeline: str = "ours"
     zoom: float = 0.1  # isotropic scale factor drawn from U(1 - zoom, 1 + zoom)
     translate: float = 0.1  # centre shift, as a fraction of the crop size, drawn per axis from U(-t, t)
     flip_axes: tuple[int, ...] = (2,)  # spatial axes (0=D, 1=H, 2=W) flipped with probability 1/2 each
     intensity_scale: float = 0.1  # per channel x (1 + U(-s, s))
     intensity_shift: float = 0.1  # per channel + U(-s, s)
+
+    def __post_init__(self):
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"data.augment.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.pipeline != "ours":
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name != "pipeline" and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"data.augment.{', '.join(changed)} set, but pipeline {self.pipeline!r} uses none "
+                                 "of the `ours` fields: leave them at their defaults")
 
 
 def center_start(size: int, roi: int) -> int:

@@ -1,6 +1,6 @@
 """Grain pipelines from prepared cases to host batches.
 
-Training: source -> deterministic shuffle (new order every epoch) -> repeat -> random crop/zoom/flip/intensity jitter
+Training: source -> deterministic shuffle (new order every epoch) -> repeat -> augmentation (`data.augment.pipeline`)
 (per-element seeds, so resuming reproduces the stream) -> task targets -> batch -> this process's rows of every
 global batch -> optional worker processes. The iterator's state is a small dict saved with every checkpoint.
 
@@ -18,6 +18,7 @@ import grain
 import jax
 import numpy as np
 
+from transfer_jax.data import augment_upstream
 from transfer_jax.data.augment import AugmentConfig, center_crop, random_crop
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.preprocess import PreparedCase
@@ -184,7 +185,9 @@ class _Augment(grain.transforms.RandomMap):
     config: AugmentConfig
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return random_crop(element, self.crop_size, self.config, rng)
+        if self.config.pipeline == "ours":
+            return random_crop(element, self.crop_size, self.config, rng)
+        return augment_upstream.PIPELINES[self.config.pipeline](element, self.crop_size, rng)
 
 
 @dataclasses.dataclass(frozen=True)
