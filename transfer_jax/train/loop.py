@@ -1,4 +1,5 @@
-"""The fine-tuning loop: set-up -> one compiled, donated step per batch -> evaluations, checkpoints -> summary.
+"""The fine-tuning loop: set-up -> one compiled, donated step per batch -> evaluations, checkpoints -> end-of-run
+evaluation -> summary.
 
 Host <-> device traffic is kept to batches in and scalars out: step metrics stay on device and are fetched once
 per `log_every` steps; evaluation statistics are fetched once per evaluation. Set-up and compilation live in
@@ -16,12 +17,14 @@ import jax
 from tqdm import tqdm
 
 from transfer_jax.train import distributed
-from transfer_jax.train.checkpoint import RunCheckpointer
+from transfer_jax.data.pipeline import PreparedCaseSource
+from transfer_jax.train.checkpoint import RunCheckpointer, selection_metrics
+from transfer_jax.train.evaluator import IN_LOOP_VIEW, WHOLE_VOLUME_VIEW
 from transfer_jax.train.chrono import Chrono
 from transfer_jax.train.export import model_arrays, write_pretrained
 from transfer_jax.train.mesh import fetch, global_batch
 from transfer_jax.train.setup import Run, Steps, compile_steps, config_snapshot, resume, set_up
-from transfer_jax.train.state import TrainState
+from transfer_jax.train.state import TrainState, abstract_state
 from transfer_jax.train.writer import MetricWriter
 
 
@@ -59,9 +62,11 @@ def _run(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Callbac
         del initial  # a resumed run keeps only the restored state
         state, figures = train(run, steps, state, meta, batch)
         throughput = {**steps.throughput, **figures}
+    run.checkpointer.wait()
+    evaluation = end_of_run_evaluation(run, state, meta)
     run.checkpointer.close()
     exported = _export(run, state, meta)
-    return _summarize(run, state, meta, throughput, exported)
+    return _summarize(run, state, meta, throughput, exported, evaluation)
 
 
 def train(run: Run, steps: Steps, state: TrainState, meta: dict, batch: dict) -> tuple[TrainState, dict]:
@@ -104,12 +109,18 @@ def _log_window(run: Run, chrono: Chrono, step: int, metrics: dict) -> None:
 
 def _evaluate_and_save(run: Run, state: TrainState, step: int, meta: dict, chrono: Chrono) -> bool:
     """Evaluation and checkpoint when due after `step`; True when the run ends here (last step, early stop)."""
-    config = run.config
+    config, task = run.config, run.task
     last = step == config.total_steps
-    if step % config.eval_every == 0 or last:
+    evaluated = step % config.eval_every == 0 or last
+    if evaluated:
         last = _evaluate(run, state, step, meta, chrono) or last
-    if step % config.checkpoint_every == 0 or last:
-        run.checkpointer.save(step, state, run.data, meta)
+    improved = evaluated and meta["best_step"] == step  # a new best is always saved, so that it can be restored
+    if step % config.checkpoint_every == 0 or last or improved:
+        metrics = None
+        if evaluated:
+            metrics = selection_metrics(task.primary_metric, meta["history"][-1]["metrics"].get(task.primary_metric),
+                                        task.direction)
+        run.checkpointer.save(step, state, run.data, meta, metrics=metrics)
         for callback in run.callbacks:
             callback.after_checkpoint(step, run.checkpointer)
     return last
@@ -162,14 +173,64 @@ def _export(run: Run, state: TrainState, meta: dict) -> Optional[str]:
     return exported
 
 
-def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, exported: Optional[str]) -> dict:
-    """The run summary, written to `workdir/summary.json` (process 0) and closed by the log's `done:` line."""
+def end_of_run_evaluation(run: Run, state: TrainState, meta: dict) -> dict[str, Any]:
+    """The metrics the summary reports: the final state and the best checkpoint on the validation split, and the
+    best checkpoint once on the test split (when the manifest has one).
+
+    Dense 3-D tasks are measured on whole prepared volumes (`WholeVolumeEvaluator`); the others keep the in-loop
+    view, for which the validation numbers are those of the in-loop history. The best checkpoint is the saved step
+    with the best in-loop primary metric (`RunCheckpointer.best_step`), the final state when none records one.
+    """
+    task, paths = run.task, run.splits.paths
+    final_step = int(fetch(state.step))
+    best_step = run.checkpointer.best_step()
+    best_state = state
+    if best_step is not None and best_step != final_step:
+        best_state = run.checkpointer.restore_state(best_step, abstract_state(state, run.shardings))
+    elif best_step is None:
+        best_step = final_step
+    if run.whole_volume is not None:
+        view = WHOLE_VOLUME_VIEW
+        final = run.whole_volume(state.params, state.rest, paths["val"])
+        best = final if best_state is state else run.whole_volume(best_state.params, best_state.rest, paths["val"])
+    else:
+        view = IN_LOOP_VIEW + " (whole-volume evaluation does not apply to this task)"
+        in_loop = {h["step"]: h["metrics"] for h in meta["history"]}
+        final = in_loop.get(final_step) or run.evaluator(state)
+        best = in_loop.get(best_step) or run.evaluator(best_state)
+    test = None
+    if paths["test"]:
+        if run.whole_volume is not None:
+            test = run.whole_volume(best_state.params, best_state.rest, paths["test"])
+        else:
+            test = run.evaluator(best_state, PreparedCaseSource(paths["test"]))
+    run.writer.write(final_step, final, prefix="final/")
+    run.writer.write(best_step, best, prefix="best/")
+    if test is not None:
+        run.writer.write(best_step, test, prefix="test/")
+    return {"view": view, "final": final, "best": best, "best_step": best_step, "test": test,
+            "test_cases": len(paths["test"])}
+
+
+def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, exported: Optional[str],
+               evaluation: dict) -> dict:
+    """The run summary, written to `workdir/summary.json` (process 0) and closed by the log's `done:` line.
+
+    `final`, `best` (the primary metric) and `best_metrics` come from the end-of-run evaluation (whole volumes
+    for the dense tasks, see `evaluation`), `test` from the best checkpoint on the test split; `in_loop` and
+    `history` hold the quick in-loop evaluations (centre crops) that chose the best checkpoint.
+    """
     config, task, splits = run.config, run.task, run.splits
     summary = {
         "task": config.task.name, "backbone": config.model.backbone, "workdir": run.workdir,
         "primary_metric": task.primary_metric, "direction": task.direction,
-        "best": meta["best"], "best_step": meta["best_step"],
-        "final": meta["history"][-1]["metrics"] if meta["history"] else None,
+        "evaluation": {"final_best_test": evaluation["view"], "in_loop": IN_LOOP_VIEW,
+                       "best_checkpoint": "chosen by the in-loop primary metric"},
+        "best": evaluation["best"].get(task.primary_metric), "best_step": evaluation["best_step"],
+        "final": evaluation["final"], "best_metrics": evaluation["best"],
+        "test": evaluation["test"], "test_cases": evaluation["test_cases"],
+        "in_loop": {"best": meta["best"], "best_step": meta["best_step"],
+                    "final": meta["history"][-1]["metrics"] if meta["history"] else None},
         "steps": int(fetch(state.step)), "stopped_early": bool(meta.get("stopped_early", False)),
         "init": run.init_label, "alignment": alignment_summary(meta.get("alignment", {})),
         "history": meta["history"], "throughput": throughput,
@@ -183,10 +244,11 @@ def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, export
             json.dump(summary, f, indent=2, default=str)
     if splits.skipped:
         run.log(f"{len(splits.skipped)} case(s) were skipped:\n" + "\n".join(f"  - {p}" for p in splits.skipped))
-    final = summary["final"] or {}
+    final, test = summary["final"] or {}, summary["test"] or {}
     run.log(f"done: {task.primary_metric} final={final.get(task.primary_metric, float('nan')):.4f} "
             f"best={summary['best'] if summary['best'] is not None else float('nan'):.4f} "
-            f"(step {summary['best_step']}), steps={summary['steps']}, wall={summary['wall_seconds']:.0f}s, "
+            f"(step {summary['best_step']}), test={test.get(task.primary_metric, float('nan')):.4f} "
+            f"({summary['test_cases']} cases), steps={summary['steps']}, wall={summary['wall_seconds']:.0f}s, "
             f"outputs in {run.workdir}")
     return summary
 
