@@ -197,8 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="fraction of the ROI by which neighbouring sliding windows overlap, in [0, 1)")
     parser.add_argument("--batch_size", type=int, default=2, help="sliding windows per model call")
-    parser.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities",
-                        action="store_true",
+    parser.add_argument("--save_probabilities", action="store_true",
                         help="segmentation: also write <case_id>_probabilities.nii.gz (classes on the last axis)")
     args = parser.parse_args(argv)
     result = predict(args.workdir, args.manifest, args.output, checkpoint=args.checkpoint, overlap=args.overlap,
