@@ -187,3 +187,14 @@ def test_score_agrees_with_the_run_on_the_same_predictions(trained, tmp_path):
     assert probabilities.shape == (*REGION_IJK, 3)
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(probabilities.argmax(axis=-1), labels)
+
+
+def test_study_rows_carry_the_test_split():
+    from transfer_jax.study.analysis import build_row
+
+    def summary(best, test):
+        return {"task": "segmentation", "primary_metric": "dice_mean", "direction": "max", "best": best,
+                "test": test, "steps": 4, "steps_to_95pct_best": 2}
+
+    row = build_row("b", "seg", summary(0.8, {"dice_mean": 0.7}), summary(0.6, None))
+    assert (row.pretrained_best, row.pretrained_test, row.scratch_best, row.scratch_test) == (0.8, 0.7, 0.6, None)

@@ -5,7 +5,9 @@ anywhere.
 
 Per row (definitions used throughout the report):
 
-* `pretrained_best`, `scratch_best`: the best validation value of the task's primary metric in each run.
+* `pretrained_best`, `scratch_best`: the best validation value of the task's primary metric in each run (the best
+  checkpoint, measured at the end of the run as the summary reports it); `pretrained_test`, `scratch_test`: the
+  same checkpoint's value on the test split (measured once), when the manifest has one.
 * `absolute_gain` = pretrained - scratch for metrics to maximise, scratch - pretrained for metrics to minimise, so a
   positive gain always means pretraining helped.
 * `relative_gain` = absolute_gain / |scratch_best| (undefined when scratch_best is 0): the "relative performance
@@ -110,6 +112,8 @@ class Row:
     alignment: dict[str, SiteAlignment]  # from the pretrained run
     scratch_alignment: dict[str, SiteAlignment]  # drift from the random init, for the trajectory plots
     notes: list[str]
+    pretrained_test: Optional[float] = None
+    scratch_test: Optional[float] = None
 
     @property
     def label(self) -> str:
@@ -253,7 +257,13 @@ def build_row(backbone: str, task: str, pretrained: Optional[dict], scratch: Opt
         pretrained_steps=_int_or_none((pretrained or {}).get("steps")),
         scratch_steps=_int_or_none((scratch or {}).get("steps")),
         alignment=alignment, scratch_alignment=parse_alignment(scratch), notes=notes,
+        pretrained_test=_test_value(pretrained, metric), scratch_test=_test_value(scratch, metric),
     )
+
+
+def _test_value(summary: Optional[dict], metric: Optional[str]) -> Optional[float]:
+    """The primary metric on the test split (summaries written before the test split was scored have none)."""
+    return _finite(((summary or {}).get("test") or {}).get(metric)) if metric else None
 
 
 def build_rows(runs: Sequence[RunRecord]) -> list[Row]:

@@ -44,6 +44,8 @@ RESULT_COLUMNS = (
     ("pretrained_init", "initialisation the pretrained run reports (a random stand-in is no real pretraining)"),
     ("pretrained_best", "best validation value of the primary metric, pretrained run"),
     ("scratch_best", "best validation value of the primary metric, from-scratch run"),
+    ("pretrained_test", "the pretrained run's best checkpoint on the test split (primary metric, measured once)"),
+    ("scratch_test", "the from-scratch run's best checkpoint on the test split"),
     ("absolute_gain", "pretrained - scratch (max) or scratch - pretrained (min): positive = pretraining helped"),
     ("relative_gain", "absolute_gain / |scratch_best| (0.2 = 20 % better)"),
     ("pretrained_steps_to_95", "first evaluated step within 95 % of the run's best, pretrained run"),
@@ -342,13 +344,14 @@ def _percent(value: Optional[float]) -> str:
 
 
 def _results_table(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
-    header = ["backbone", "task", "metric", "pretrained", "scratch", "relative gain", "steps to 95 % (pre / "
-              "scratch)", "speed-up"] + [f"MMD² {s} (p)" for s in analysis.sites] + ["notes"]
+    header = ["backbone", "task", "metric", "pretrained", "scratch", "relative gain", "test (pre / scratch)",
+              "steps to 95 % (pre / scratch)", "speed-up"] + [f"MMD² {s} (p)" for s in analysis.sites] + ["notes"]
     body = []
     for row in analysis.rows:
         metric = NA if row.primary_metric is None else f"{row.primary_metric} ({row.direction})"
         cells = [row.backbone, row.task, metric, _fmt(row.pretrained_best), _fmt(row.scratch_best),
-                 _percent(row.relative_gain), f"{_fmt(row.pretrained_steps_to_95)} / {_fmt(row.scratch_steps_to_95)}",
+                 _percent(row.relative_gain), f"{_fmt(row.pretrained_test)} / {_fmt(row.scratch_test)}",
+                 f"{_fmt(row.pretrained_steps_to_95)} / {_fmt(row.scratch_steps_to_95)}",
                  _fmt(row.convergence_speedup, 3)]
         for site in analysis.sites:
             entry = row.alignment.get(site)
