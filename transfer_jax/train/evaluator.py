@@ -24,7 +24,7 @@ from transfer_jax.tasks.inference import whole_volume_outputs
 from transfer_jax.train.mesh import fetch, global_batch, replicated
 from transfer_jax.train.step import make_eval_step
 
-IN_LOOP_VIEW = "centre crop of data.crop_size at the centre of each prepared region (in-loop evaluation)"
+IN_LOOP_VIEW = "centre crop of data.crop_size centred on each prepared region (data/augment.py center_crop)"
 WHOLE_VOLUME_VIEW = ("whole prepared region of each case on its prepared grid, sliding window of data.crop_size "
                      "with overlap eval_overlap and Gaussian blending, as predict")
 

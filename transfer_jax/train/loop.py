@@ -181,29 +181,26 @@ def end_of_run_evaluation(run: Run, state: TrainState, meta: dict) -> dict[str, 
     view, for which the validation numbers are those of the in-loop history. The best checkpoint is the saved step
     with the best in-loop primary metric (`RunCheckpointer.best_step`), the final state when none records one.
     """
-    task, paths = run.task, run.splits.paths
-    final_step = int(fetch(state.step))
+    paths, final_step = run.splits.paths, int(fetch(state.step))
     best_step = run.checkpointer.best_step()
-    best_state = state
-    if best_step is not None and best_step != final_step:
-        best_state = run.checkpointer.restore_state(best_step, abstract_state(state, run.shardings))
-    elif best_step is None:
-        best_step = final_step
-    if run.whole_volume is not None:
-        view = WHOLE_VOLUME_VIEW
-        final = run.whole_volume(state.params, state.rest, paths["val"])
-        best = final if best_state is state else run.whole_volume(best_state.params, best_state.rest, paths["val"])
-    else:
-        view = IN_LOOP_VIEW + " (whole-volume evaluation does not apply to this task)"
-        in_loop = {h["step"]: h["metrics"] for h in meta["history"]}
-        final = in_loop.get(final_step) or run.evaluator(state)
-        best = in_loop.get(best_step) or run.evaluator(best_state)
-    test = None
-    if paths["test"]:
+    best_step = final_step if best_step is None else best_step
+    in_loop = {h["step"]: h["metrics"] for h in meta["history"]}
+
+    def measure(weights: TrainState, step: int, split: str) -> dict[str, float]:
         if run.whole_volume is not None:
-            test = run.whole_volume(best_state.params, best_state.rest, paths["test"])
-        else:
-            test = run.evaluator(best_state, PreparedCaseSource(paths["test"]))
+            return run.whole_volume(weights.params, weights.rest, paths[split])
+        if split == "val" and step in in_loop:
+            return in_loop[step]  # the in-loop view, measured already
+        return run.evaluator(weights, PreparedCaseSource(paths[split]))
+
+    final = measure(state, final_step, "val")
+    best_weights = state
+    if best_step != final_step:
+        best_weights = run.checkpointer.restore_state(best_step, abstract_state(state, run.shardings))
+    best = final if best_weights is state else measure(best_weights, best_step, "val")
+    test = measure(best_weights, best_step, "test") if paths["test"] else None
+    view = WHOLE_VOLUME_VIEW if run.whole_volume is not None else (
+        IN_LOOP_VIEW + "; whole-volume evaluation does not apply to this task")
     run.writer.write(final_step, final, prefix="final/")
     run.writer.write(best_step, best, prefix="best/")
     if test is not None:
