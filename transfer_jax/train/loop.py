@@ -16,11 +16,11 @@ from typing import Any, Iterator, Optional, Sequence
 import jax
 from tqdm import tqdm
 
-from transfer_jax.train import distributed
 from transfer_jax.data.pipeline import PreparedCaseSource
+from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer, selection_metrics
-from transfer_jax.train.evaluator import IN_LOOP_VIEW, WHOLE_VOLUME_VIEW
 from transfer_jax.train.chrono import Chrono
+from transfer_jax.train.evaluator import IN_LOOP_VIEW, WHOLE_VOLUME_VIEW
 from transfer_jax.train.export import model_arrays, write_pretrained
 from transfer_jax.train.mesh import fetch, global_batch
 from transfer_jax.train.setup import Run, Steps, compile_steps, config_snapshot, resume, set_up
