@@ -111,3 +111,11 @@ def test_prediction_off_the_t2_grid_is_refused(tmp_path):
         score(str(predictions), manifest, "test")
     with pytest.raises(DataError, match="no case of split 'val'"):
         score(str(predictions), manifest, "val")
+
+
+def test_average_precision_steps_over_distinct_scores():
+    from transfer_jax.tasks.metrics import average_precision
+
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    assert average_precision([0.5, 0.5, 0.1], [1, 0, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)  # a tie enters whole
+    assert np.isnan(average_precision([0.2, 0.4], [0, 0]))
