@@ -1,5 +1,6 @@
 """Set-up of a fine-tuning run, before its first step: config -> mesh, task, data, sharded state, optimizer,
-checkpointer, evaluators (in-loop and whole-volume), alignment probe; then the one place that compiles the run's device code.
+checkpointer, evaluators (in-loop, whole-volume), alignment probe; then the one place that compiles the run's device
+code.
 
 `set_up` builds the pieces and the initial state, `resume` restores the latest checkpoint over them, and
 `compile_steps` traces and compiles every device function the loop calls (the donated train step ahead of time,
@@ -23,10 +24,10 @@ from transfer_jax.data.dataset import augment_config, prepare_splits
 from transfer_jax.data.pipeline import memory_cache_bytes, train_dataset
 from transfer_jax.models.cpu_conv import target_platform
 from transfer_jax.models.registry import compute_dtype as model_compute_dtype
+from transfer_jax.tasks.inference import whole_volume_applies
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.chrono import StepCost
-from transfer_jax.tasks.inference import whole_volume_applies
 from transfer_jax.train.evaluator import Evaluator, WholeVolumeEvaluator
 from transfer_jax.train.flops import device_peak_flops, train_step_flops
 from transfer_jax.train.mesh import check_batch_divisible, create_mesh, mesh_platform
@@ -132,7 +133,8 @@ def set_up(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Any] 
     run = Run(config=config, workdir=workdir, writer=writer, started=started, init_label=init_label, mesh=mesh,
               task=task, splits=splits, compute_dtype=compute_dtype, graph=graph, tx=tx, schedule=schedule,
               shardings=shardings, data=data, batches=batches,
-              checkpointer=checkpointer, evaluator=evaluator, whole_volume=whole_volume, probe=_alignment_probe(config, task, graph, mesh, splits, compute_dtype, log),
+              checkpointer=checkpointer, evaluator=evaluator, whole_volume=whole_volume,
+              probe=_alignment_probe(config, task, graph, mesh, splits, compute_dtype, log),
               callbacks=tuple(callbacks), allocator=allocator)
     return run, state
 
