@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     """ProViCNet (pimed/ProViCNet) fine-tuned on slices of one sequence (tasks/slice_segmentation.py).
 
-    Every slice of a (gland-centred) crop becomes a 3-slice stack resized to `task.image_size`; labels stay at the
+    Every slice of a crop (whole slices in-plane) becomes a 3-slice stack resized to `task.image_size`; labels stay at the
     crop's in-plane size, which must be the output size 8 * image_size / 14. Presets:
     * smoke: ViT width 32, depth 2, 112 px input (8 x 8 patches) -> 64 x 64 labels, 4 slices per case; CPU tests.
     * default: ViT width 128, depth 4, 112 px -> 64 x 64 labels (1 mm), 16 slices (3 mm) per case, batch 2 cases

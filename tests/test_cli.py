@@ -25,6 +25,9 @@ ARGPARSE_COMMANDS = {
                          "python -m transfer_jax.convert profound --checkpoint="),
     "convert provicnet": ("transfer_jax.convert.__main__", ["provicnet"],
                           "python -m transfer_jax.convert provicnet --checkpoint="),
+    "manifest picai": ("transfer_jax.data.manifest", ["picai"], "python -m transfer_jax.data.manifest picai --images"),
+    "manifest prostate158": ("transfer_jax.data.manifest", ["prostate158"],
+                             "python -m transfer_jax.data.manifest prostate158 --root"),
 }
 
 
@@ -89,8 +92,8 @@ def test_jax_flags_reach_jax():
 def test_console_scripts_resolve_to_functions():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert {"transfer-jax-train", "transfer-jax-study", "transfer-jax-predict", "transfer-jax-score", "transfer-jax-extract",
-            "transfer-jax-alignment", "transfer-jax-convert"} <= set(scripts)
+    assert {"transfer-jax-train", "transfer-jax-study", "transfer-jax-predict", "transfer-jax-score",
+            "transfer-jax-extract", "transfer-jax-alignment", "transfer-jax-convert", "transfer-jax-manifest"} <= set(scripts)
     for name, target in scripts.items():
         module, function = target.split(":")
         # Read, not imported: main and study define the same absl flags, so one process imports only one of them.

@@ -139,6 +139,9 @@ def test_crops_and_augmentation_are_deterministic_per_seed():
     same = random_crop(sample, (16, 32, 32), identity, np.random.default_rng(1))
     np.testing.assert_allclose(same["image"], crop["image"], atol=1e-5)
     np.testing.assert_array_equal(same["gland"], crop["gland"])
+    # Where along the region's slices each crop slice was sampled (the slice models' positions).
+    np.testing.assert_array_equal(crop["slice_coordinate"], np.arange(2, 18))
+    np.testing.assert_allclose(same["slice_coordinate"], crop["slice_coordinate"], atol=1e-5)
 
 
 def test_axis_aligned_warp_samples_like_ndimage_affine_transform():

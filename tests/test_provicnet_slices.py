@@ -42,13 +42,18 @@ def test_sample_case_stacks_positions_and_class_counts(t2_stack):
     assert np.array_equal(slices.one_hot(t2_stack.labels).sum(axis=(0, 2, 3)), [1263341, 40790, 0, 6589])
 
 
-def test_clamped_stacks_hold_the_neighbouring_slices(t2_stack, sample_dir):
-    t2, _ = read_image(sample_paths(sample_dir)["t2"])
-    gland, _ = read_image(sample_paths(sample_dir)["mask"])
+def test_stacks_hold_the_neighbouring_slices(t2_stack, sample_dir):
+    paths = sample_paths(sample_dir)
+    t2, _ = read_image(paths["t2"])
+    gland, _ = read_image(paths["mask"])
     resized = slices.resize_bilinear(slices.zscore_in_gland(t2, gland), (448, 448))
+    # Upstream's rule (the default): the end stacks move inside the volume.
+    for stack, first in ((0, 0), (1, 0), (7, 6), (18, 17), (19, 17)):
+        np.testing.assert_array_equal(t2_stack.images[stack], resized[first:first + 3])
+    clamped = slices.load_case_slices(paths["t2"], paths["mask"], edge="clamp")
     for stack, centre in ((0, 0), (7, 7), (19, 19)):
         expected = [resized[min(max(centre + d, 0), 19)] for d in (-1, 0, 1)]
-        np.testing.assert_array_equal(t2_stack.images[stack], np.stack(expected))
+        np.testing.assert_array_equal(clamped.images[stack], np.stack(expected))
 
 
 def test_gland_zscore_matches_the_spec_statistics(sample_dir):
@@ -111,7 +116,8 @@ def test_shift_edge_rule_reproduces_upstream_examples():
     stack = slices.make_slice_stack(volume, gland, num_channels=9, edge="shift", image_size=8)
     z = (np.arange(20) - volume.mean()) / volume.std()
     np.testing.assert_allclose(stack.images[:, :, 0, 0], z[centres9[:, None] + np.arange(-4, 5)], atol=1e-5)
-    np.testing.assert_array_equal(stack.source_slice, centres9)
+    np.testing.assert_array_equal(stack.label_slice, centres9)
+    np.testing.assert_array_equal(stack.source_slice, np.arange(20))
     np.testing.assert_array_equal(stack.slice_position[:, 1], 20)
 
 
@@ -121,7 +127,8 @@ def test_shift_rule_zero_pads_short_volumes_like_upstream():
     stack = slices.make_slice_stack(volume, np.ones_like(volume), np.zeros_like(volume), edge="shift",
                                     image_size=4)
     assert stack.images.shape == (7, 3, 4, 4)
-    np.testing.assert_array_equal(stack.source_slice, [0, 0, 1, 2, 3, 4, 4])
+    np.testing.assert_array_equal(stack.label_slice, [0, 0, 1, 2, 3, 4, 4])
+    np.testing.assert_array_equal(stack.source_slice, np.arange(-1, 6))
     np.testing.assert_array_equal(stack.slice_position[:, 1], 7)
     assert np.all(stack.images[0, 0] == 0), "the padded slice is zero (the gland mean after the z-score)"
 
@@ -197,16 +204,22 @@ def test_probabilities_written_back_as_float(t2_stack, sample_dir, tmp_path):
         slices.write_prediction_nifti(volume[:5], sample_paths(sample_dir)["t2"], tmp_path / "bad.nii.gz")
 
 
-def test_shift_duplicates_are_averaged_and_uncovered_slices_filled():
+def test_predictions_land_on_the_slice_each_stack_was_made_for():
+    # Upstream writes output slot k on slice k: under "shift" the end slots hold the moved stacks' predictions.
     volume = np.zeros((20, 4, 4), np.float32)
-    stack = slices.make_slice_stack(volume + np.arange(20)[:, None, None], np.ones_like(volume), edge="shift",
-                                    image_size=4)
+    stack = slices.make_slice_stack(volume + np.arange(20)[:, None, None], np.ones_like(volume), image_size=4)
     values = np.arange(20, dtype=np.float32)[:, None, None] * np.ones((20, 4, 4), np.float32)
-    back = slices.volume_from_slices(values, stack, fill=-1)
-    assert np.all(back[0] == -1) and np.all(back[19] == -1), "edge slices have no stack of their own"
-    assert np.all(back[1] == 0.5), "slice 1 is the centre of stacks 0 and 1"
-    assert np.all(back[18] == 18.5)
-    np.testing.assert_array_equal(back[2:18, 0, 0], np.arange(2, 18))
+    np.testing.assert_array_equal(slices.volume_from_slices(values, stack), values)
+    # The padding slots of a short volume are left out; dropped background slices get `fill`.
+    short = slices.make_slice_stack(volume[:4] + np.arange(4)[:, None, None], np.ones_like(volume[:4]), image_size=4)
+    back = slices.volume_from_slices(np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 4, 4)), short)
+    np.testing.assert_array_equal(back[:, 0, 0], [1, 2, 3, 4])
+    gland = np.zeros((20, 4, 4), np.uint8)
+    gland[5:8] = 1
+    kept = slices.make_slice_stack(volume + np.arange(20)[:, None, None], gland, image_size=4,
+                                   keep_background_fraction=0.0, rng=np.random.default_rng(0))
+    back = slices.volume_from_slices(np.ones((3, 4, 4), np.float32), kept, fill=-1)
+    np.testing.assert_array_equal(back[:, 0, 0], [-1] * 5 + [1] * 3 + [-1] * 12)
     # Predictions at another in-plane size are resized to the volume grid.
     small = slices.volume_from_slices(np.ones((20, 2, 2), np.float32), stack)
     assert small.shape == (20, 4, 4)

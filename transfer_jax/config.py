@@ -56,6 +56,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_size = (32, 64, 64)  # (D, H, W); ProFound: (64, 224, 224)
     c.data.region_margin = 1.25
     c.data.channels = ("t2", "dwi", "adc")
+    # Mask label maps: the mask values that mean the structure; 0 and *_background_labels are background, any other
+    # value fails the pre-flight check. Zonal masks: gland_labels=(1, 2); ISUP-graded lesions counted from grade 3:
+    # lesion_labels=(3, 4, 5), lesion_background_labels=(2,).
+    c.data.gland_labels = (1,)
+    c.data.gland_background_labels = ()
+    c.data.lesion_labels = (1, 2, 3, 4, 5)
+    c.data.lesion_background_labels = ()
+    # The case label: the manifest column read as it and, for classification, how its values map to classes
+    # ("" = PI-RADS - 2 in 'label'; a name in tasks/classification.py LABEL_MAPS such as "isup_cspca", or
+    # "value:class,..."). The map's classes set the task's: 2 = binary (csPCa), 4 = PI-RADS.
+    c.data.label_column = "label"
+    c.data.label_map = ""
+    c.data.intensity = "zscore_nonzero"  # per-channel z-score over non-zero voxels; "raw": as read (ProViCNet)
+    c.data.region_centre = "gland"  # "whole_slices": axes that fit the crop kept whole (ProViCNet: native slices)
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     c.data.cache_dir = ""  # prepared cases; empty = <workdir>/preprocessed
     c.data.preprocess_workers = 0
@@ -201,6 +215,7 @@ def restoration_defaults(c: ml_collections.ConfigDict, backbone: str, preset: st
     if backbone == "provicnet":
         # A ProViCNet artifact's last head conv has 4 class channels, these heads one per target channel.
         c.init.dont_load = (r"^head\.segmentation_conv\.9\.",)
+        c.task.edge = "clamp"  # one stack centred on every slice, so the predictions form the volume
         if preset == "smoke":  # 4-slice crops: the 3-D SSIM window must fit along D
             c.task.ssim_window = 3
 
@@ -250,10 +265,14 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
     """The ProViCNet slice model, its slice geometry (task.sequence / image_size / edge), crop and spacing.
 
     Sets `c.model` and the slicing fields of `c.task` (create `c.task` first); `data.crop_size`'s in-plane size is
-    the model's output size 8 * image_size / 14, labels are never resized. Call after apply_smoke / apply_full.
+    the model's output size 8 * image_size / 14, labels are never resized; `data.intensity` "raw" (the slice tasks
+    z-score inside the gland); `data.region_centre` "whole_slices"; `task.edge` upstream's "shift" where crops have
+    >= 6 slices. Call after apply_smoke / apply_full.
     """
     sizes = PROVICNET_SIZES[preset]
-    c.task.update(dict(sequence="t2", image_size=sizes["image_size"], edge="clamp"))
+    # Upstream's edge rule ("shift") needs 6 slices per crop; the smoke preset's 4-slice crops clamp instead.
+    edge = "clamp" if sizes["crop"][0] < 6 else "shift"
+    c.task.update(dict(sequence="t2", image_size=sizes["image_size"], edge=edge))
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "provicnet"
     # ProViCNetConfig fields, nested as in a converted artifact's config (init.checkpoint adopts them).
@@ -265,6 +284,10 @@ def provicnet_model(c: ml_collections.ConfigDict, preset: str) -> None:
     c.alignment.sites = ("cls", "mean_patch")
     c.data.crop_size = sizes["crop"]
     c.data.spacing = sizes["spacing"]
+    c.data.intensity = "raw"  # the task z-scores the raw intensities inside the gland, as upstream
+    # Whole slices (and volumes) where they fit the crop, as upstream feeds its prepared 256 x 256 data; "gland"
+    # re-centres the crop on the gland instead.
+    c.data.region_centre = "whole_slices"
 
 
 def provicnet_batches(c: ml_collections.ConfigDict, preset: str) -> None:

@@ -4,6 +4,8 @@
         --output=features.npz
     python -m transfer_jax.extract --model=profound_vit --params=artifacts/profound_vit --manifest=manifest.csv \\
         --split=test --crop 64 256 256 --output=features.npz
+    python -m transfer_jax.extract --model=provicnet --params=artifacts/provicnet_t2 --manifest=manifest.csv \\
+        --split=test --output=features.npz
 
 `--params` is an artifact written by `python -m transfer_jax.convert`. What each model writes is documented by its
 extractor (`transfer_jax.features.profound` for ProFound, `transfer_jax.features.provicnet` for ProViCNet).
@@ -28,8 +30,9 @@ EXTRACTORS: dict[str, Union[str, Callable[..., dict]]] = {
     "profound_vit": "transfer_jax.features.profound:extract_profound_vit",
     "provicnet": "transfer_jax.features.provicnet:extract_features",
 }
-# Extractors that also read a dataset manifest (3-D volumes through the data pipeline's preprocessing).
-MANIFEST_MODELS = ("profound_conv", "profound_vit")
+# Extractors that also read a dataset manifest (ProFound: 3-D volumes through the data pipeline's preprocessing;
+# ProViCNet: whole native slices through upstream's slice path, as predict).
+MANIFEST_MODELS = ("profound_conv", "profound_vit", "provicnet")
 
 
 def get_extractor(model: str) -> Callable[..., dict]:
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", help="with --manifest: only cases of this split (train/val/test)")
     parser.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="with --manifest: centre-crop size (default: the ViT's img_size; required for conv)")
+    parser.add_argument("--sequence", choices=("t2", "adc", "dwi"),
+                        help="with --manifest and --model provicnet: the sequence the model reads (default t2)")
     parser.add_argument("--output", required=True, help="output .npz")
     parser.add_argument("--batch_size", type=int, default=2, help="inputs per model call")
     args = parser.parse_args(argv)
@@ -65,10 +70,14 @@ def main(argv=None) -> int:
         if args.model not in MANIFEST_MODELS:
             parser.error(f"--manifest is not supported for --model {args.model}; pass --input")
         options.update(split=args.split, crop_size=args.crop)
+        if args.sequence is not None:
+            if args.model != "provicnet":
+                parser.error("--sequence only applies to --model provicnet")
+            options["sequence"] = args.sequence
         source_path = args.manifest
     else:
-        if args.split is not None or args.crop is not None:
-            parser.error("--split and --crop only apply with --manifest")
+        if args.split is not None or args.crop is not None or args.sequence is not None:
+            parser.error("--split, --crop and --sequence only apply with --manifest")
         source_path = args.input
     shapes = extractor(args.params, source_path, args.output, **options)
     for name, shape in shapes.items():

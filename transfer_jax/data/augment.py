@@ -1,7 +1,9 @@
 """Crops and augmentations on prepared cases (numpy, per sample, run inside grain workers).
 
 A sample is a dict: `image` (D, H, W, C) float32 plus optional `gland` / `lesion` (D, H, W) uint8 masks and
-scalar fields. Spatial transforms move the image and the masks together (linear for images, nearest for masks).
+scalar fields. Spatial transforms move the image and the masks together (linear for images, nearest for masks)
+and record in `slice_coordinate` (D,) float32 where along the stored region's slices each output slice was sampled
+(the slice models' position inputs count from the volume's first slice: `data/slices.py:crop_positions`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def center_crop(sample: dict, crop_size: tuple[int, int, int]) -> dict:
         raise ValueError(f"crop {crop_size} is larger than the stored region {region}")
     out = dict(sample)
     out["image"] = np.ascontiguousarray(sample["image"][window])
+    out["slice_coordinate"] = np.arange(start[0], start[0] + crop_size[0], dtype=np.float32)
     for key in MASK_KEYS:
         if sample.get(key) is not None:
             out[key] = np.ascontiguousarray(sample[key][window])
@@ -100,6 +103,7 @@ def random_crop(sample: dict, crop_size: tuple[int, int, int], config: AugmentCo
     gain = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, channels)
     bias = rng.uniform(-config.intensity_shift, config.intensity_shift, channels)
     out = dict(sample)
+    out["slice_coordinate"] = (offset[0] + direction[0] * np.arange(crop_size[0])).astype(np.float32)
     image *= gain.astype(np.float32)
     image += bias.astype(np.float32)
     out["image"] = image

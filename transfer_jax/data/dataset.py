@@ -8,7 +8,7 @@ from transfer_jax.data.augment import AugmentConfig
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.manifest import Case, read_manifest
 from transfer_jax.data.phantom import PhantomConfig, default_phantom_manifest
-from transfer_jax.data.preprocess import PreparedCase, PreprocessConfig, preprocess_cases
+from transfer_jax.data.preprocess import PreparedCase, PreprocessConfig, label_map_problems, preprocess_cases
 
 
 @dataclasses.dataclass
@@ -20,10 +20,18 @@ class PreparedSplits:
 
 
 def preprocess_config(data_config) -> PreprocessConfig:
+    # .get: a run config saved before the label maps existed keeps the defaults it was trained with
+    maps = {key: tuple(data_config.get(key, getattr(PreprocessConfig, key)))
+            for key in ("gland_labels", "gland_background_labels", "lesion_labels", "lesion_background_labels")}
+    problems = [p for name in ("gland", "lesion")
+                for p in label_map_problems(name, maps[f"{name}_labels"], maps[f"{name}_background_labels"])]
+    if problems:
+        raise DataError("; ".join(problems))
     return PreprocessConfig(
         spacing=None if data_config.spacing is None else tuple(data_config.spacing),
         crop_size=tuple(data_config.crop_size), region_margin=data_config.region_margin,
-        channels=tuple(data_config.channels),
+        channels=tuple(data_config.channels), **maps, intensity=data_config.get("intensity", "zscore_nonzero"),
+        region_centre=data_config.get("region_centre", "gland"),
     )
 
 
@@ -40,7 +48,7 @@ def resolve_manifest(data_config) -> str:
 
 def prepare_splits(data_config, cache_dir: str, task, log=print) -> PreparedSplits:
     manifest = resolve_manifest(data_config)
-    cases: list[Case] = read_manifest(manifest)
+    cases: list[Case] = read_manifest(manifest, label_column=data_config.get("label_column", "label"))
 
     def validate(case: Case, path: str) -> None:
         task.validate_case(case, PreparedCase.load(path))

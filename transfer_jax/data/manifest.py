@@ -8,10 +8,11 @@ Columns (header required, order free):
 | `t2`          | yes      | T2-weighted image; defines the reference grid                            |
 | `adc`         | yes      | ADC map (resampled onto the T2 grid if its grid differs)                 |
 | `dwi`         | yes      | high-b DWI (likewise)                                                    |
-| `gland_mask`  | no       | prostate mask (values 0/1), used for cropping and segmentation          |
-| `lesion_mask` | no       | lesion mask (integer labels, > 0 = lesion)                               |
-| `label`       | no       | case-level integer label (e.g. PI-RADS - 2) for classification           |
+| `gland_mask`  | no       | prostate mask (values per `data.gland_labels`), cropping, segmentation   |
+| `lesion_mask` | no       | lesion mask (values per `data.lesion_labels`, e.g. ISUP grades)          |
+| `label`       | no       | case-level label (PI-RADS - 2) for classification; `data.label_column`   |
 | `split`       | yes      | `train`, `val` or `test`                                                 |
+| anything else | no       | kept with the case (`Case.extra`); a task may read its label from one    |
 
 Image columns take NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mha`, `.mhd`; PI-CAI ships `.mha`), NRRD (`.nrrd`,
 `.nhdr`) or a folder holding one DICOM series; formats may be mixed within a case. All but NIfTI need SimpleITK
@@ -19,6 +20,11 @@ Image columns take NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mha`, `.mhd`; PI-CAI 
 converted), so sequences line up across formats (`readers`).
 
 Paths are relative to the manifest's folder (absolute paths are kept as they are). Empty cells mean "absent".
+Mask values are read through the `data.*_labels` label maps (preprocess.PreprocessConfig); the case label may come
+from another column (`read_manifest(label_column=...)`, mapped to classes by `data.label_map`).
+
+`python -m transfer_jax.data.manifest {picai,prostate158} ...` writes the manifest of a public cohort from its
+release layout (`cohorts`).
 """
 from __future__ import annotations
 
@@ -45,13 +51,17 @@ class Case:
     gland_mask: Optional[str] = None
     lesion_mask: Optional[str] = None
     label: Optional[str] = None  # kept as text: tasks decide how to parse and validate it
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)  # the manifest's other columns, verbatim
 
     def path(self, role: str) -> Optional[str]:
         return getattr(self, role)
 
 
-def read_manifest(path: str) -> list[Case]:
-    """Parse and validate a manifest; every problem found is reported in one DataError."""
+def read_manifest(path: str, label_column: str = "label") -> list[Case]:
+    """Parse and validate a manifest; every problem found is reported in one DataError.
+
+    `label_column` is the column read as `Case.label` (e.g. a cohort's `isup`); a task maps its text to a class.
+    """
     if not os.path.isfile(path):
         raise DataError("manifest not found", path=path)
     base = os.path.dirname(os.path.abspath(path))
@@ -65,7 +75,11 @@ def read_manifest(path: str) -> list[Case]:
                 f"{list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}",
                 path=path,
             )
+        if label_column not in header and label_column != "label":
+            raise DataError(f"manifest has no column {label_column!r} to read labels from; it has {header}",
+                            path=path)
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    standard = set(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
 
     problems, cases, seen = [], [], set()
     for line, row in enumerate(rows, start=2):
@@ -93,7 +107,8 @@ def read_manifest(path: str) -> list[Case]:
 
         cases.append(Case(
             case_id=case_id, t2=resolve("t2"), adc=resolve("adc"), dwi=resolve("dwi"), split=row["split"],
-            gland_mask=resolve("gland_mask"), lesion_mask=resolve("lesion_mask"), label=row.get("label") or None,
+            gland_mask=resolve("gland_mask"), lesion_mask=resolve("lesion_mask"),
+            label=row.get(label_column) or None, extra={k: v for k, v in row.items() if k and k not in standard},
         ))
     if problems:
         raise DataError("invalid manifest:\n  " + "\n  ".join(problems), path=path)
@@ -106,11 +121,12 @@ def write_manifest(path: str, cases: list[Case]) -> None:
     """Write cases with paths relative to the manifest's folder (the inverse of read_manifest)."""
     base = os.path.dirname(os.path.abspath(path))
     columns = list(REQUIRED_COLUMNS[:1]) + list(SEQUENCES) + ["gland_mask", "lesion_mask", "label", "split"]
+    extra = sorted({k for case in cases for k in case.extra} - set(columns))
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns + extra)
         writer.writeheader()
         for case in cases:
-            row = {}
+            row = {column: case.extra.get(column, "") for column in extra}
             for column in columns:
                 value = getattr(case, column)
                 if value is not None and column in SEQUENCES + ("gland_mask", "lesion_mask"):
@@ -121,3 +137,14 @@ def write_manifest(path: str, cases: list[Case]) -> None:
 
 def cases_in_split(cases: list[Case], split: str) -> list[Case]:
     return [c for c in cases if c.split == split]
+
+
+def main(argv=None) -> None:
+    """`python -m transfer_jax.data.manifest`: build a public cohort's manifest (see transfer_jax.data.cohorts)."""
+    from transfer_jax.data.cohorts import main as cohorts_main
+
+    cohorts_main(argv)
+
+
+if __name__ == "__main__":
+    main()

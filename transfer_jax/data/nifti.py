@@ -150,8 +150,7 @@ def _edge_points(matrix: np.ndarray, source_shape, target_shape) -> np.ndarray:
 
 
 def write_like(array_dhw: np.ndarray, grid: Grid, path: str, *, reference: str | None = None) -> None:
-    """Write a (D, H, W) array (or (D, H, W, K), K kept last) as NIfTI on `grid`; a NIfTI reference lends its
-    header (units, descriptions).
+    """Write a (D, H, W) array as NIfTI on `grid`; a NIfTI reference lends its header (units, descriptions).
 
     The geometry is `grid`'s in every case, so a reference in another format (MetaImage, a DICOM folder) only
     means there is no NIfTI header to copy.
@@ -160,8 +159,7 @@ def write_like(array_dhw: np.ndarray, grid: Grid, path: str, *, reference: str |
     if reference is not None and format_of(reference) == NIFTI:
         header = nib.load(reference).header.copy()
         header.set_data_dtype(array_dhw.dtype)
-    array = np.asarray(array_dhw)  # trailing axes (e.g. classes) stay last
-    image = nib.Nifti1Image(array.transpose(2, 1, 0, *range(3, array.ndim)), grid.affine, header=header)
+    image = nib.Nifti1Image(np.asarray(array_dhw).transpose(2, 1, 0), grid.affine, header=header)
     image.set_qform(grid.affine, code=1)
     image.set_sform(grid.affine, code=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

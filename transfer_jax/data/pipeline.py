@@ -20,6 +20,7 @@ import numpy as np
 from transfer_jax.data.augment import AugmentConfig, center_crop, random_crop
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.preprocess import PreparedCase
+from transfer_jax.data.slices import slice_origin
 
 
 def memory_cache_bytes(data_config) -> int:
@@ -77,7 +78,7 @@ class PreparedCaseSource:
     def _read(self, index: int) -> dict:
         case = PreparedCase.load(self.paths[index])
         return {"image": case.image, "gland": case.gland, "lesion": case.lesion, "label": case.label,
-                "case_index": np.int32(index)}
+                "case_index": np.int32(index), **slice_origin(case.region_grid, case.source_grid)}
 
     def _keep(self, index: int, element: dict) -> None:
         arrays = [v for v in element.values() if isinstance(v, np.ndarray)]

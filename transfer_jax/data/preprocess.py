@@ -4,9 +4,13 @@ Steps (ProFound's conventions, `profound.md` §1.1):
 1. the T2 grid, resampled to the target spacing (same origin and direction), is the reference grid;
 2. DWI, ADC and the masks are sampled from their own grids onto it in one affine-aware interpolation
    (trilinear for images, nearest for masks), so sequences acquired on other grids line up;
-3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero);
+3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero), unless `intensity` is
+   "raw" (ProViCNet normalises the raw intensities itself, inside the gland: `data/slices.py`);
 4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
-   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre.
+   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre. With
+   `region_centre="whole_slices"` an axis no longer than the crop is kept whole, centred so that the evaluation
+   crop holds all of it (ProViCNet: upstream feeds whole 256 x 256 slices of the whole volume), and only a longer
+   one is cut around the gland.
 
 Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
@@ -26,6 +31,8 @@ from transfer_jax.data.manifest import Case
 from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
 from transfer_jax.data.readers import source_files
 
+INTENSITY_MODES = ("zscore_nonzero", "raw")
+REGION_CENTRES = ("gland", "whole_slices")
 CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
 
 
@@ -35,9 +42,15 @@ class PreprocessConfig:
     crop_size: tuple[int, int, int] = (64, 224, 224)  # (D, H, W) voxels fed to the model
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
+    intensity: str = "zscore_nonzero"  # or "raw": the resampled intensities as read
+    region_centre: str = "gland"  # or "whole_slices": axes that fit the crop whole, longer ones around the gland
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
-    gland_mask_values: tuple[int, ...] = (0, 1)
-    lesion_mask_values: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    # Label maps (`data.*_labels`): the mask values that mean the structure; 0 and the *_background_labels values
+    # are background; any other value is an error. Masks are binarised through them before resampling.
+    gland_labels: tuple[int, ...] = (1,)
+    gland_background_labels: tuple[int, ...] = ()
+    lesion_labels: tuple[int, ...] = (1, 2, 3, 4, 5)
+    lesion_background_labels: tuple[int, ...] = ()
 
     @property
     def region_size(self) -> tuple[int, int, int]:
@@ -93,16 +106,32 @@ def zscore_nonzero(channel: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_mask(volume: Volume, allowed: tuple[int, ...], case_id: str, role: str) -> None:
+def label_map_problems(name: str, labels, background) -> list[str]:
+    """What is wrong with one mask's label map (`data.<name>_labels` / `data.<name>_background_labels`)."""
+    values = list(labels) + list(background)
+    if not list(labels):
+        return [f"data.{name}_labels is empty: name the mask value(s) that mean {name}"]
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in values):
+        return [f"data.{name}_labels {tuple(labels)} / data.{name}_background_labels {tuple(background)} must be "
+                "positive integers (0 is always background)"]
+    both = sorted(set(labels) & set(background))
+    return [f"value(s) {both} are in both data.{name}_labels and data.{name}_background_labels"] if both else []
+
+
+def _binarise_mask(volume: Volume, labels: tuple[int, ...], background: tuple[int, ...], case_id: str,
+                   role: str) -> Volume:
+    """The mask as 0/1 through its label map; a value the map does not name is an error, not background."""
     values = np.unique(volume.array)
     non_integer = values[values != np.round(values)]
     if non_integer.size:
         raise DataError(f"{role} must hold integer labels, found values like {non_integer[:5].tolist()}",
                         case_id=case_id, path=volume.path)
-    unexpected = sorted(set(values.astype(int).tolist()) - set(allowed))
+    name = role.removesuffix("_mask")
+    unexpected = sorted(set(values.astype(int).tolist()) - {0, *labels, *background})
     if unexpected:
-        raise DataError(f"{role} has unexpected label value(s) {unexpected}; allowed: {list(allowed)}",
-                        case_id=case_id, path=volume.path)
+        raise DataError(f"{role} has unexpected label value(s) {unexpected}; data.{name}_labels = {list(labels)}, "
+                        f"background: {[0, *background]}", case_id=case_id, path=volume.path)
+    return dataclasses.replace(volume, array=np.isin(volume.array, labels).astype(np.float32))
 
 
 def _on_reference(volume: Volume, target: Grid, reference: Grid, config: PreprocessConfig, case_id: str,
@@ -145,25 +174,36 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     unknown = [c for c in config.channels if c not in channels]
     if unknown:
         raise DataError(f"unknown channel(s) {unknown} in data.channels; available: {sorted(channels)}")
-    image = np.stack([zscore_nonzero(channels[c]) for c in config.channels], axis=-1)
+    if config.intensity not in INTENSITY_MODES:
+        raise ValueError(f"data.intensity must be one of {INTENSITY_MODES}, got {config.intensity!r}")
+    normalise = zscore_nonzero if config.intensity == "zscore_nonzero" else np.asarray
+    image = np.stack([normalise(channels[c]) for c in config.channels], axis=-1)
 
     masks = {}
-    for role, allowed in (("gland_mask", config.gland_mask_values), ("lesion_mask", config.lesion_mask_values)):
+    for role, labels, background in (
+            ("gland_mask", config.gland_labels, config.gland_background_labels),
+            ("lesion_mask", config.lesion_labels, config.lesion_background_labels)):
         path = case.path(role)
         if path is None:
             masks[role] = None
             continue
-        volume = read_volume(path, case_id=case.case_id, role=role)
-        _check_mask(volume, allowed, case.case_id, role)
+        volume = _binarise_mask(read_volume(path, case_id=case.case_id, role=role), labels, background,
+                                case.case_id, role)
         masks[role] = (_on_reference(volume, target, t2.grid, config, case.case_id, role, order=0) > 0)
 
     gland = masks["gland_mask"]
+    if config.region_centre not in REGION_CENTRES:
+        raise ValueError(f"data.region_centre must be one of {REGION_CENTRES}, got {config.region_centre!r}")
     if gland is not None and gland.any():
         center = np.argwhere(gland).mean(axis=0)
     else:
         center = (np.asarray(target.shape) - 1) / 2.0
     region = config.region_size
     start = _region_start(center, region)
+    if config.region_centre == "whole_slices":
+        # The evaluation crop starts (region - crop) // 2 into the region: this start puts the axis inside it.
+        start = tuple(-((r - n) // 2) if n <= c else s
+                      for s, r, n, c in zip(start, region, target.shape, config.crop_size))
     as_region = lambda a: None if a is None else crop_or_pad(a.astype(np.uint8), start, region)  # noqa: E731
     return PreparedCase(
         case_id=case.case_id, image=crop_or_pad(image, start, region), gland=as_region(gland),

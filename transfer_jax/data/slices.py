@@ -14,18 +14,18 @@ in this order, and what this module reproduces:
 4. Stack each kept slice with its neighbours into ``C`` channels (3 for MRI, 9 for TRUS), channel ``c`` holding
    slice ``centre - C//2 + c``. Edge rule (``edge=``):
 
-   * ``"clamp"`` (default): neighbours outside the volume repeat the first / last slice; every slice is the
-     centre of exactly one stack, so predictions map one-to-one back onto the volume.
-   * ``"shift"``: upstream's behaviour. Volumes with fewer than ``2 C`` slices are first zero-padded by ``C//2``
-     slices at both ends (images *and* labels); then a centre too close to an end is *moved* by ``C//2`` into
-     the volume (``i - C//2 < 0 -> i + C//2``, ``i + C//2 >= Z -> i - C//2``), and the label follows the moved
-     centre. For Z = 20 the stacks are centred on ``[1, 1, 2, ..., 18, 18]`` (C = 3) and
-     ``[4, 5, 6, 7, 4, 5, ..., 15, 12, 13, 14, 15]`` (C = 9): edge slices get no stack of their own and interior
-     ones get two.
+   * ``"shift"`` (default): upstream's behaviour. Volumes with fewer than ``2 C`` slices are first zero-padded by
+     ``C//2`` slices at both ends (images *and* labels); then a centre too close to an end is *moved* by ``C//2``
+     into the volume (``i - C//2 < 0 -> i + C//2``, ``i + C//2 >= Z -> i - C//2``), and the label follows the
+     moved centre. For Z = 20 the stacks are centred on ``[1, 1, 2, ..., 18, 18]`` (C = 3) and
+     ``[4, 5, 6, 7, 4, 5, ..., 15, 12, 13, 14, 15]`` (C = 9).
+   * ``"clamp"``: neighbours outside the volume repeat the first / last slice, so every stack is centred on the
+     slice it is made for (the image-to-image slice tasks need that).
 5. Keep every slice (``keep_background_fraction=1.0``: MRI inference / validation), or all slices containing
    gland plus a random fraction of the others (upstream TRUS default 0.2, MRI training 0.8).
 6. Slice-position input per stack: ``(j, n)`` with ``j = 0..n-1`` the running index over the *kept* stacks and
-   ``n`` their number, raw floats.
+   ``n`` their number, raw floats (for a whole MRI volume: the slice index and the volume's slice count). A crop
+   of the volume keeps the volume's numbers (:func:`crop_positions`).
 7. Labels: cancer values ``> 2`` are clamped to 2 (the sample stores csPCa as 3); optionally 1 -> 2 (upstream does
    this when the path contains "PICAI": PI-CAI lesions are csPCa only). Four classes per pixel: 0 background,
    1 gland without cancer (gland zeroed where cancer > 0), 2 indolent (cancer == 1), 3 csPCa (cancer == 2); cancer
@@ -35,10 +35,15 @@ Layouts: images ``[S, C, 448, 448]`` float32 (upstream NCHW; the Flax model want
 ``np.transpose(images, (0, 2, 3, 1))``), labels ``[S, Y, X]`` uint8 class indices (``one_hot`` gives
 ``[S, 4, Y, X]``), positions ``[S, 2]`` float32.
 
-Back to the volume: :func:`volume_from_slices` puts per-stack predictions at their centre slices (averaging
-duplicates of the ``"shift"`` rule) and :func:`write_prediction_nifti` writes them as NIfTI with the reference
-image's affine (and header, for a NIfTI reference), array ``[Z, Y, X]`` <-> NIfTI ``(X, Y, Z)``, so the file
-overlays the input in 3D Slicer / ITK-SNAP.
+Back to the volume: :func:`volume_from_slices` puts each stack's prediction on the slice it was made for, as
+upstream's inference writes output slot k on slice k (with ``"shift"`` the first and last slots hold the
+predictions of the moved stacks), and :func:`write_prediction_nifti` writes them as NIfTI with the reference
+image's affine (and header, for a NIfTI reference), array ``[Z, Y, X, ...]`` <-> NIfTI ``(X, Y, Z, ...)``, so the
+file overlays the input in 3D Slicer / ITK-SNAP.
+
+:func:`case_slices` builds a manifest case's stacks from its files for ``predict`` and ``extract``; training and
+evaluation build theirs from the prepared crops with the same steps (``tasks/slice_segmentation.py``), their
+positions counted from the volume by :func:`crop_positions`.
 """
 
 from __future__ import annotations
@@ -50,13 +55,14 @@ import nibabel as nib
 import numpy as np
 
 from transfer_jax.data.errors import DataError
+from transfer_jax.data.nifti import Grid, read_volume, resample
 from transfer_jax.data.readers import NIFTI, format_of, read_image
 
 MODEL_IMAGE_SIZE = 448
 MRI_CHANNELS = 3
 TRUS_CHANNELS = 9
 CLASS_NAMES = ("background", "gland", "indolent", "csPCa")
-EDGE_RULES = ("clamp", "shift")
+EDGE_RULES = ("shift", "clamp")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ def resize_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def stack_layout(
-    num_slices: int, centres: np.ndarray | list[int], num_channels: int, edge: str = "clamp"
+    num_slices: int, centres: np.ndarray | list[int], num_channels: int, edge: str = "shift"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which slices make each stack: ``(channel_slices [S, C], label_slice [S])`` for requested ``centres``.
 
@@ -215,16 +221,21 @@ class SliceStack:
     """One case (one sequence) ready for a slice model.
 
     ``images`` [S, C, size, size] float32 (NCHW, upstream layout); ``labels`` [S, Y, X] uint8 class indices or
-    ``None``; ``slice_position`` [S, 2] float32 raw ``(j, n)``; ``source_slice`` [S] index into the *original*
-    volume of the slice each stack's label / prediction belongs to; ``volume_shape`` the original ``(Z, Y, X)``.
+    ``None``; ``slice_position`` [S, 2] float32 raw ``(j, n)``; ``source_slice`` [S] the slice of the *original*
+    volume each stack was made for, where its prediction is written (outside ``[0, Z)`` for the padding slices of
+    a short volume); ``label_slice`` [S] the slice whose label it learns (the moved centre under ``"shift"``);
+    ``volume_shape`` the original ``(Z, Y, X)``; ``grid`` the volume's world grid (:class:`Grid`) when it was read
+    from files (:func:`case_slices`).
     """
 
     images: np.ndarray
     labels: np.ndarray | None
     slice_position: np.ndarray
     source_slice: np.ndarray
+    label_slice: np.ndarray
     volume_shape: tuple[int, int, int]
     edge: str
+    grid: Grid | None = None
 
     @property
     def num_stacks(self) -> int:
@@ -241,7 +252,7 @@ def make_slice_stack(
     cancer: np.ndarray | None = None,
     *,
     num_channels: int = MRI_CHANNELS,
-    edge: str = "clamp",
+    edge: str = "shift",
     image_size: int = MODEL_IMAGE_SIZE,
     keep_background_fraction: float = 1.0,
     rng: np.random.Generator | None = None,
@@ -279,7 +290,8 @@ def make_slice_stack(
         images=resized[channels],
         labels=None if labels is None else labels[label_slice],
         slice_position=position,
-        source_slice=label_slice - padding,
+        source_slice=kept - padding,
+        label_slice=label_slice - padding,
         volume_shape=tuple(int(s) for s in volume.shape),
         edge=edge,
     )
@@ -310,6 +322,59 @@ def load_case_slices(
         raise DataError(str(error), path=os.fspath(image_path)) from None
 
 
+def crop_positions(sample: dict, count: int) -> np.ndarray:
+    """``(j, n)`` [count, 2] float32 of a prepared crop's slices: j the volume slice each one was sampled at
+    (``slice_origin`` + ``slice_coordinate``, rounded), n the volume's slice count (``num_slices``), so positions
+    count from the volume's first slice whatever the crop (fields of :func:`slice_origin` and the crops of
+    :mod:`transfer_jax.data.augment`). A sample without them (a bare array) is its own volume: (j, count)."""
+    if "num_slices" not in sample:
+        return np.stack([np.arange(count, dtype=np.float32), np.full(count, count, np.float32)], axis=1)
+    coordinate = np.asarray(sample.get("slice_coordinate", np.arange(count)), np.float64)
+    if coordinate.shape != (count,):
+        raise ValueError(f"expected {count} slice coordinates, got shape {coordinate.shape}")
+    index = np.rint(float(sample["slice_origin"]) + coordinate).astype(np.float32)
+    return np.stack([index, np.full(count, float(sample["num_slices"]), np.float32)], axis=1)
+
+
+def slice_origin(region_grid, source_grid) -> dict[str, np.ndarray]:
+    """Where a prepared region (:class:`transfer_jax.data.nifti.Grid`) lies along the slices of its volume.
+
+    The volume is the source (T2) grid at the region's spacing (the grid the region was cut from). Returns the
+    sample fields ``slice_origin`` (float32: the volume slice of the region's slice 0; negative when the region
+    starts before the volume) and ``num_slices`` (int32: the volume's slice count).
+    """
+    volume = source_grid.with_spacing(region_grid.spacing)
+    origin = np.linalg.solve(volume.affine_dhw, region_grid.affine_dhw[:, 3])
+    return {"slice_origin": np.float32(origin[0]), "num_slices": np.int32(volume.shape[0])}
+
+
+def case_slices(case, sequence: str = "t2", *, spacing: tuple[float, float, float] | None = None,
+                **options) -> SliceStack:
+    """A manifest case (:class:`transfer_jax.data.manifest.Case`) -> the :class:`SliceStack` of one sequence.
+
+    Upstream's path on the T2 file's own grid: whole native slices, no crop, no resampling when the sequence and
+    the masks share that grid (upstream's assumption; others are sampled onto it, trilinear / nearest). With
+    ``spacing`` (mm along (D, H, W), a run's ``data.spacing``) that grid is first resampled to it, same origin and
+    extent, as the run's training data was. The gland mask is required (the z-score); no labels are built.
+    ``options`` go to :func:`make_slice_stack`.
+    """
+    if case.path(sequence) is None:
+        raise DataError(f"the manifest's {sequence!r} cell is empty", case_id=case.case_id)
+    if case.gland_mask is None:
+        raise DataError("ProViCNet inputs are z-scored inside the gland, but the manifest's 'gland_mask' cell is "
+                        "empty", case_id=case.case_id)
+    t2 = read_volume(case.t2, case_id=case.case_id, role="t2")
+    grid = t2.grid if spacing is None else t2.grid.with_spacing(tuple(spacing))
+    volume = t2 if sequence == "t2" else read_volume(case.path(sequence), case_id=case.case_id, role=sequence)
+    gland = read_volume(case.gland_mask, case_id=case.case_id, role="gland_mask")
+    try:
+        stack = make_slice_stack(resample(volume, grid, order=1), np.rint(resample(gland, grid, order=0)),
+                                 name=case.path(sequence), **options)
+    except ValueError as error:
+        raise DataError(str(error), case_id=case.case_id, path=case.path(sequence)) from None
+    return dataclasses.replace(stack, grid=grid)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Back onto the volume
 # --------------------------------------------------------------------------------------------------------------
@@ -320,11 +385,10 @@ def volume_from_slices(
 ) -> np.ndarray:
     """Per-stack maps ``[S, h, w, ...]`` -> volume ``[Z, Y, X, ...]`` on the original slice grid.
 
-    Each stack lands on its ``source_slice``. Slices without a stack (dropped background slices, ``"shift"``
-    edges) get ``fill``. Float maps of a slice covered twice (``"shift"``) are averaged; integer maps keep the
-    first stack's value (average probabilities, then take labels, for the ``"shift"`` rule). Maps whose in-plane
-    size differs from the volume's ``(Y, X)`` are resized: bilinear (half-pixel, as the input) for floats, nearest
-    for integer labels.
+    Each stack lands on its ``source_slice`` (upstream: output slot k on slice k); stacks made for padding slices
+    are left out, and slices without a stack (dropped background slices) get ``fill``. Maps whose in-plane size
+    differs from the volume's ``(Y, X)`` are resized: bilinear (half-pixel, as the input) for floats, nearest for
+    integer labels.
     """
     values = np.asarray(values)
     if values.shape[0] != stack.num_stacks:
@@ -333,33 +397,24 @@ def volume_from_slices(
     if values.shape[1:3] != (height, width):
         if np.issubdtype(values.dtype, np.floating):
             moved = np.moveaxis(values, (1, 2), (-2, -1))
-            values = np.moveaxis(resize_bilinear(moved, (height, width)), (-2, -1), (1, 2))
+            values = np.moveaxis(resize_bilinear(moved, (height, width)), (-2, -1), (1, 2)).astype(values.dtype)
         else:
             rows = np.floor((np.arange(height) + 0.5) * values.shape[1] / height).astype(np.int64)
             cols = np.floor((np.arange(width) + 0.5) * values.shape[2] / width).astype(np.int64)
             values = values[:, rows][:, :, cols]
     out = np.full((depth, height, width) + values.shape[3:], fill, dtype=values.dtype)
-    if np.issubdtype(values.dtype, np.floating):
-        total = np.zeros(out.shape, np.float64)
-        counts = np.zeros(depth, np.int64)
-        np.add.at(total, stack.source_slice, values)
-        np.add.at(counts, stack.source_slice, 1)
-        covered = counts > 0
-        shape = (-1,) + (1,) * (total.ndim - 1)
-        out[covered] = (total[covered] / counts[covered].reshape(shape)).astype(values.dtype)
-    else:
-        # Reverse order so that the first stack of a duplicated slice is written last and wins.
-        for index in range(stack.num_stacks - 1, -1, -1):
-            out[stack.source_slice[index]] = values[index]
+    inside = (stack.source_slice >= 0) & (stack.source_slice < depth)
+    out[stack.source_slice[inside]] = values[inside]
     return out
 
 
 def write_prediction_nifti(
     volume_zyx: np.ndarray, reference: str | os.PathLike | nib.Nifti1Image, output_path: str | os.PathLike
 ) -> str:
-    """Write a ``[Z, Y, X]`` array as NIfTI on the reference image's geometry.
+    """Write a ``[Z, Y, X]`` (or ``[Z, Y, X, K]``, e.g. class probabilities) array as NIfTI on the reference
+    image's geometry.
 
-    The array is transposed to ``(X, Y, Z)`` with no reorientation, so it overlays the reference (the T2 or TRUS
+    The array is transposed to ``(X, Y, Z[, K])`` with no reorientation, so it overlays the reference (the T2 or TRUS
     input) voxel for voxel. A NIfTI reference lends its whole header (qform/sform and codes); one in another format
     (MetaImage, NRRD, a DICOM folder) lends its affine, converted to RAS like every reader's. The data type is the
     array's (uint8 labels, float32 probabilities); intensity scaling is switched off. Returns the written path.
@@ -376,7 +431,12 @@ def write_prediction_nifti(
     volume_zyx = np.asarray(volume_zyx)
     if volume_zyx.shape[:3] != shape[::-1]:
         raise ValueError(f"prediction [Z, Y, X] {volume_zyx.shape} does not match the reference's {shape[::-1]}")
-    image = nib.Nifti1Image(np.ascontiguousarray(volume_zyx.transpose(2, 1, 0)), affine, header=header)
+    if volume_zyx.ndim not in (3, 4):
+        raise ValueError(f"prediction must be [Z, Y, X] or [Z, Y, X, K], got shape {volume_zyx.shape}")
+    axes = (2, 1, 0) + tuple(range(3, volume_zyx.ndim))
+    if header is not None:
+        header.set_data_shape(tuple(volume_zyx.shape[i] for i in axes))
+    image = nib.Nifti1Image(np.ascontiguousarray(volume_zyx.transpose(axes)), affine, header=header)
     image.set_data_dtype(volume_zyx.dtype)
     image.set_qform(*qform)
     image.set_sform(*sform)

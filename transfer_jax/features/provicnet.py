@@ -6,10 +6,16 @@ the feature extractor.
   stack.slice_position)``), eval mode, returning any of ``logits`` [S, 256, 256, 4], ``patch_tokens``
   [S, 1024, 384], ``cls`` [S, 384] (final-norm tokens).
 * :func:`predict_fusion` -- the mpMRI fusion head over the three sequences' patch tokens.
+* :func:`predict_case` / :func:`write_case_prediction` -- a manifest case through upstream's data path
+  (:func:`transfer_jax.data.slices.case_slices`) and a segmentation model to class probabilities on the case's T2
+  grid, and their NIfTI files (``python -m transfer_jax.predict``).
 * :func:`extract_features` -- ``python -m transfer_jax.extract --model provicnet --params DIR --input IN.npz
   --output OUT.npz``: IN holds ``image`` float32 [N, C, 448, 448] (upstream NCHW), ``slice_index`` [N] and
   ``num_slices`` [N] (raw values, as upstream's position input); OUT gets float32 ``patch_tokens`` [N, 1024, 384]
   and ``cls`` [N, 384] after the final norm, and ``seg_logits`` [N, 256, 256, 4] (channels last, eval mode).
+  ``--manifest M.csv [--split S] [--sequence adc]`` instead builds every case's slices with upstream's data path
+  (:func:`transfer_jax.data.slices.case_slices`, as ``predict``) and adds ``case_id`` [N] and ``slice_position``
+  [N, 2] (raw (j, n)) to OUT.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
+from transfer_jax.data import slices as slice_data
+from transfer_jax.data.manifest import cases_in_split, read_manifest
+from transfer_jax.data.nifti import Volume, read_volume, resample
 from transfer_jax.features.common import batch_size_for, make_data_mesh, run_in_batches, save_features
 from transfer_jax.models.provicnet import FUSION_SEQUENCES, FusionModalities, ProViCNet
 
@@ -120,6 +129,54 @@ def predict_fusion(
     return run_in_batches(fn, inputs, batch_size=batch_size_for(mesh, batch_size), mesh=mesh)["logits"]
 
 
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Float32 softmax (max-shifted)."""
+    shifted = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return (shifted / shifted.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def predict_case(
+    model: ProViCNet,
+    case,
+    *,
+    sequence: str = "t2",
+    image_size: int = slice_data.MODEL_IMAGE_SIZE,
+    edge: str = "shift",
+    spacing: Sequence[float] | None = None,
+    batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> np.ndarray:
+    """Class probabilities [Z, Y, X, classes] float32 of a segmentation model on a manifest case's T2 grid.
+
+    Upstream's inference: the whole native slices of ``sequence`` (gland z-score, resize to ``image_size``,
+    3-slice stacks with the ``edge`` rule, positions (j, Z)), softmax over the classes, output slot k on slice k,
+    resized back to the slice's in-plane size when that differs from the model's output. With ``spacing`` (a
+    run's ``data.spacing``) the slices are cut from the T2 grid resampled to it and the probabilities are sampled
+    back onto the T2 file's grid (trilinear).
+    """
+    stack = slice_data.case_slices(case, sequence, spacing=spacing, edge=edge, image_size=image_size,
+                                   num_channels=model.config.input_channels)
+    logits = predict_slices(model, stack.images, stack.slice_position, batch_size=batch_size, mesh=mesh)["logits"]
+    probabilities = slice_data.volume_from_slices(softmax(logits), stack)
+    if spacing is None:
+        return probabilities
+    native = read_volume(case.t2, case_id=case.case_id, role="t2").grid
+    return np.stack([resample(Volume(probabilities[..., k], stack.grid, case.t2), native, order=1)
+                     for k in range(probabilities.shape[-1])], axis=-1).astype(np.float32)
+
+
+def write_case_prediction(probabilities: np.ndarray, case, output: str | os.PathLike, *,
+                          save_probabilities: bool = False) -> list[str]:
+    """``<case_id>_seg.nii.gz`` (argmax class, uint8) and, with ``save_probabilities``,
+    ``<case_id>_probabilities.nii.gz`` (float32, classes on the last axis), both on the case's T2 grid."""
+    labels = probabilities.argmax(axis=-1).astype(np.uint8)
+    paths = [slice_data.write_prediction_nifti(labels, case.t2, os.path.join(output, f"{case.case_id}_seg.nii.gz"))]
+    if save_probabilities:
+        paths.append(slice_data.write_prediction_nifti(
+            probabilities.astype(np.float32), case.t2, os.path.join(output, f"{case.case_id}_probabilities.nii.gz")))
+    return paths
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Feature extraction (registered as "provicnet" in transfer_jax.extract.EXTRACTORS)
 # --------------------------------------------------------------------------------------------------------------
@@ -154,21 +211,50 @@ def read_extraction_input(path: str | os.PathLike, in_channels: int) -> tuple[np
     return images.astype(np.float32), np.stack([fields["slice_index"], fields["num_slices"]], axis=1)
 
 
+def read_manifest_slices(manifest: str | os.PathLike, in_channels: int, *, split: str | None = None,
+                         sequence: str = "t2") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every case of a manifest (optionally one split) through upstream's slice path -> (images NCHW, slice_position
+    [N, 2], case_id [N]), the cases' slices one after the other in manifest order."""
+    cases = read_manifest(os.fspath(manifest))
+    if split is not None:
+        cases = cases_in_split(cases, split)
+    if not cases:
+        raise ValueError(f"{os.fspath(manifest)}: no cases" + (f" in split {split!r}" if split else ""))
+    stacks = [slice_data.case_slices(case, sequence, num_channels=in_channels) for case in cases]
+    case_ids = np.concatenate([np.full(s.num_stacks, c.case_id) for c, s in zip(cases, stacks)])
+    return (np.concatenate([s.images for s in stacks]), np.concatenate([s.slice_position for s in stacks]),
+            case_ids)
+
+
 def extract_features(
     params: str | os.PathLike,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     *,
     batch_size: int = 8,
+    split: str | None = None,
+    crop_size: Sequence[int] | None = None,
+    sequence: str = "t2",
     mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Write ``patch_tokens``, ``cls`` and ``seg_logits`` of a converted ProViCNet slice model; returns shapes."""
+    """Write ``patch_tokens``, ``cls`` and ``seg_logits`` of a converted ProViCNet slice model; returns shapes.
+
+    ``input_path`` is an ``.npz`` of prepared slices or a manifest ``.csv`` (whole native slices, no crop)."""
     model = load_provicnet(params, expect=SLICE_MODEL_NAME)
-    images, position = read_extraction_input(input_path, model.config.input_channels)
+    extra = {}
+    if os.fspath(input_path).endswith(".csv"):
+        if crop_size is not None:
+            raise ValueError("--crop does not apply to ProViCNet: its inputs are the whole native slices")
+        images, position, extra["case_id"] = read_manifest_slices(
+            input_path, model.config.input_channels, split=split, sequence=sequence)
+        extra["slice_position"] = position
+    else:
+        images, position = read_extraction_input(input_path, model.config.input_channels)
     result = predict_slices(model, images, position, outputs=SLICE_OUTPUTS, batch_size=batch_size, mesh=mesh)
     arrays = {
         "patch_tokens": result["patch_tokens"].astype(np.float32),
         "cls": result["cls"].astype(np.float32),
         "seg_logits": result["logits"].astype(np.float32),
+        **extra,
     }
     return save_features(output_path, arrays)

@@ -2,8 +2,11 @@
 
 Target: the manifest's `label` column, an integer 0..3 = PI-RADS - 2 (upstream's target). With `task.binary=True`
 (`configs/cls.py:...,binary`) the target is csPCa-positive = PI-RADS >= 4, i.e. `label >= 2 -> 1`, else 0.
-Rows without a label, or with a non-integer / out-of-range one, fail the pre-flight check naming the case and the
-`label` column.
+Another column may be the target through a declared mapping: `data.label_column` names it and `data.label_map` maps
+its values to classes, either a name in `LABEL_MAPS` (`isup_cspca`: ISUP grade group >= 2 -> 1, PI-CAI's csPCa) or
+`"value:class,..."` (e.g. `"NO:0,YES:1"`). A map's classes set the task's: two = binary (csPCa), four = PI-RADS
+2-5. Rows without a label, or with a value the encoding does not know, fail the pre-flight check naming the case and
+the column.
 
 Model: `Classifier` = backbone + ProFound's MLP head (Linear -> BatchNorm1d -> ReLU -> Linear) on the pooled
 feature (ProFound-Conv) or the cls token (ProFound-ViT). Loss: cross-entropy (upstream `nn.CrossEntropyLoss`).
@@ -24,6 +27,38 @@ from transfer_jax.tasks.dense import build_classifier
 from transfer_jax.tasks.metrics import PIRADS_NUM_CLASSES, binary_metrics, pirads_metrics
 
 BINARY_THRESHOLD = 2  # label (PI-RADS - 2) >= 2  <=>  PI-RADS >= 4: csPCa-positive
+LABEL_MAPS = {
+    "isup_cspca": "0:0,1:0,2:1,3:1,4:1,5:1",  # ISUP grade group -> csPCa (ISUP >= 2), PI-CAI's reference standard
+    "pirads_cspca": "0:0,1:0,2:1,3:1",  # PI-RADS - 2 -> PI-RADS >= 4, the `binary` target as a map
+}
+
+
+def _value_key(text) -> str:
+    """A cell as a map key: numbers by value ("2.0" is "2"), other text as written."""
+    text = str(text).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else text
+
+
+def parse_label_map(spec: str) -> dict[str, int]:
+    """`data.label_map` (a `LABEL_MAPS` name or "value:class,...") as {value: class}; the classes must be 0..1
+    (binary) or 0..3 (PI-RADS), each one used."""
+    text = LABEL_MAPS.get(spec, spec)
+    mapping = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        value, sep, cls = item.rpartition(":")
+        if not sep or not value.strip() or not cls.strip().isdigit():
+            raise ValueError(f"data.label_map {spec!r}: entry {item!r} is not 'value:class'; give a name from "
+                             f"{sorted(LABEL_MAPS)} or 'value:class,...'")
+        mapping[_value_key(value)] = int(cls)
+    classes = sorted(set(mapping.values()))
+    if classes not in ([0, 1], list(range(PIRADS_NUM_CLASSES))):
+        raise ValueError(f"data.label_map {spec!r} maps to classes {classes}; classification takes classes 0, 1 "
+                         f"(binary) or 0..{PIRADS_NUM_CLASSES - 1} (PI-RADS 2-5)")
+    return mapping
 
 
 def parse_label(text, case_id: str | None = None) -> int:
@@ -53,17 +88,37 @@ class ClassificationTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
+        self.label_column = config.data.get("label_column", "label") or "label"
+        spec = config.data.get("label_map", "")
+        if self.label_column != "label" and not spec:
+            raise ValueError(f"data.label_column={self.label_column!r} needs a data.label_map (the default encoding "
+                             "is PI-RADS - 2 in the 'label' column), e.g. data.label_map=isup_cspca")
+        self.label_map = parse_label_map(spec) if spec else None
         self.binary = bool(config.task.get("binary", False))
+        if self.label_map is not None:
+            mapped_binary = max(self.label_map.values()) == 1
+            if self.binary and not mapped_binary:
+                raise ValueError(f"task.binary needs a two-class data.label_map; {spec!r} has four classes")
+            self.binary = mapped_binary
         self.num_classes = 2 if self.binary else PIRADS_NUM_CLASSES
         self.primary_metric = "auroc" if self.binary else "auroc_macro"
 
+    def target(self, text, case_id: str | None = None) -> int:
+        """The class index of a case's label cell, or a DataError naming the case and the column."""
+        if self.label_map is None:
+            label = parse_label(text, case_id)
+            return int(binary_target(label)) if self.binary else label
+        key = None if text is None else _value_key(text)
+        if key not in self.label_map:
+            raise DataError(f"the {self.label_column!r} column holds {text!r}, which data.label_map does not map; "
+                            f"it maps {sorted(self.label_map)}", case_id=case_id)
+        return self.label_map[key]
+
     def validate_case(self, case, prepared) -> None:
-        parse_label(case.label, case.case_id)
+        self.target(case.label, case.case_id)
 
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
-        label = parse_label(sample.get("label"))
-        target = int(binary_target(label)) if self.binary else label
-        return {"image": sample["image"], "label": np.int32(target)}
+        return {"image": sample["image"], "label": np.int32(self.target(sample.get("label")))}
 
     def build_model(self, rngs: nnx.Rngs):
         return build_classifier(self.config.model, self.num_classes, rngs,

@@ -1,7 +1,7 @@
 """Case-level PI-RADS classification with ProViCNet (`configs/cls.py:provicnet`, task `provicnet_classification`).
 
-Slices as in `slice_segmentation.py`: every slice of the (gland-centred) crop becomes a 3-slice stack of
-`task.sequence` z-scored in the gland, with its slice-position tokens (j, D). The model (`SliceClassifier`) runs
+Slices as in `slice_segmentation.py`: every slice of the crop (whole slices in-plane) becomes a 3-slice stack of
+`task.sequence` z-scored in the gland, with its slice-position tokens (j, n) of the volume. The model (`SliceClassifier`) runs
 ProViCNet's ViT on the case's S slices, averages their final-norm cls tokens over the slices and applies ProFound's
 MLP head (`models/classifier.py::ClassifierHead`, as for the 3-D backbones). Upstream ProViCNet has no
 classification head: the slice average is this port's choice (every slice of the crop counts, gland or not).
@@ -20,8 +20,8 @@ from transfer_jax.models.classifier import ClassifierHead
 from transfer_jax.models.provicnet import ProViCNet, ProViCNetConfig
 from transfer_jax.tasks.classification import ClassificationTask
 from transfer_jax.models.registry import compute_dtype
-from transfer_jax.tasks.slice_segmentation import (SliceTask, normalise_in_gland, provicnet_config, slice_positions,
-                                                   slice_stacks)
+from transfer_jax.data.slices import crop_positions
+from transfer_jax.tasks.slice_segmentation import SliceTask, normalise_in_gland, provicnet_config, slice_stacks
 
 
 class SliceClassifier(ProViCNet):
@@ -55,7 +55,7 @@ class SliceClassificationTask(SliceTask, ClassificationTask):
         out = super().make_sample(sample)
         volume = normalise_in_gland(sample["image"][..., self.channel], sample["gland"])
         stacks = slice_stacks(volume, self.image_size, self.edge)[0]
-        return {**out, "image": stacks, "slice_position": slice_positions(stacks.shape[0])}
+        return {**out, "image": stacks, "slice_position": crop_positions(sample, stacks.shape[0])}
 
     def build_model(self, rngs: nnx.Rngs) -> SliceClassifier:
         options = self.config.model.backbone_options.to_dict()

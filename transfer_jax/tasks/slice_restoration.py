@@ -5,10 +5,12 @@ One batch element is one case's S = D slices, as in `slice_segmentation.py`. Eac
 the gland-weighted L1 (`task.gland_loss_weight`), the metrics (`psnr` primary, `ssim`, `mae` in the gland,
 `psnr_volume`, the `_input` baselines) and their reduction are the 3-D task's code. What differs:
 
-* Normalisation: every channel of the clean crop is z-scored with its gland statistics (`normalise_in_gland`,
-  ProViCNet's preprocessing; crops without gland voxels fall back to the whole crop) *before* `degrade`, so
-  inputs, targets and metrics share one scale (the 3-D tasks use the cohort-level z-score of the data pipeline).
-* Inputs per slice j ([D, s, s, 3], resized to `task.image_size`), slice-position tokens (j, D) as upstream:
+* Normalisation: every channel of the clean crop (raw intensities, `data.intensity = "raw"`) is z-scored with its
+  gland statistics (`normalise_in_gland`, ProViCNet's preprocessing; crops without gland voxels fall back to the
+  whole crop) *before* `degrade`, so inputs, targets and metrics share one scale (the 3-D tasks use the per-case
+  non-zero z-score of the data pipeline).
+* Inputs per slice j ([D, s, s, 3], resized to `task.image_size`), slice-position tokens (j, n) of the volume as
+  upstream (`slices.crop_positions`):
   - `provicnet_super_resolution`: the 3-slice stack (j-1, j, j+1) of `task.sequence` (default T2) of the
     thick-slice volume; target = that sequence's clean slice j (one sequence, unlike the 3-D task's all-channel
     target). ProViCNet's only through-plane context is this +-1 neighbour stack: with `sr_factor` f the network
@@ -36,7 +38,7 @@ from transfer_jax.data import slices as slice_data
 from transfer_jax.models.provicnet import ProViCNet
 from transfer_jax.models.upernet import SegmentationOutput
 from transfer_jax.tasks.restoration import DistortionTask, SuperResolutionTask, SynthesisTask, zero_layer
-from transfer_jax.tasks.slice_segmentation import SliceTask, normalise_in_gland, slice_positions
+from transfer_jax.tasks.slice_segmentation import SliceTask, normalise_in_gland
 
 
 def channel_slices(volume: np.ndarray, image_size: int) -> np.ndarray:
@@ -64,8 +66,12 @@ class SliceRestoration(SliceTask):
         gland = np.zeros(image.shape[:3], np.uint8) if gland is None else np.asarray(gland)
         return np.stack([normalise_in_gland(image[..., c], gland) for c in range(image.shape[-1])], axis=-1)
 
+    def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
+        out = super().make_sample(sample)
+        return {**out, "slice_position": slice_data.crop_positions(sample, out["image"].shape[0])}
+
     def network_inputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        out = {"image": self.slice_inputs(inputs), "slice_position": slice_positions(inputs.shape[0])}
+        out = {"image": self.slice_inputs(inputs)}  # slice positions: make_sample
         if self.residual:
             out["degraded"] = np.ascontiguousarray(inputs[..., self.target_index], np.float32)
         return out

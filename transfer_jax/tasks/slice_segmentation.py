@@ -3,19 +3,27 @@
 Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. The prepared cases' lesion masks are
 taken as csPCa (class 3); class 2 stays empty unless a dataset provides indolent lesions (none does yet).
 
-One batch element is one prepared (cropped, gland-centred) case: every axial slice of the crop becomes a 3-slice
-stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per sequence,
-fusion is not trained here). `make_sample` (numpy, data workers), on the augmented training crop or the
+One batch element is one prepared case: every axial slice of a window of `data.crop_size[0]` slices becomes a
+3-slice stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per
+sequence, fusion is not trained here). With `data.region_centre="whole_slices"` the evaluation crop is the whole
+slice (and the whole volume) where it fits the crop: upstream's prepared data (0.5 x 0.5 x 3 mm, 256 x 256, 20
+slices in the `full` preset) goes in whole; larger data is resampled and cut around the gland, as upstream's
+offline preparation (`region_centre="gland"` centres every axis on the gland instead). `predict` and `extract` run upstream's
+inference on the files as they are (`data/slices.py:case_slices`). `make_sample` (numpy, data workers), on the augmented training crop or the
 deterministic evaluation centre crop alike:
 
-1. take the sequence's channel [D, H, W] and z-score it with the mean / std of the gland voxels (`zscore_in_gland`,
-   upstream §3.2; crops without a gland voxel fall back to the whole crop's statistics);
+1. take the sequence's channel [D, H, W] of raw intensities (`data.intensity = "raw"`: no z-score before this one)
+   and z-score it with the mean / std of the gland voxels (`zscore_in_gland`, upstream §3.2), so a voxel that is 0
+   in the source (air in ADC / DWI, padding) ends at -mean / std as upstream's; crops without a gland voxel fall
+   back to the whole crop's statistics;
 2. resize every slice, image only, from the native H x W to `task.image_size` (cv2-style bilinear);
-3. stack each slice with its neighbours (`task.edge`: "clamp" = every slice is the centre of one stack, the
-   default, so per-case Dice covers every slice exactly once; "shift" = upstream's rule);
-4. labels stay at the native grid, which must be the model's output size 8 * image_size / 14 (448 -> 256);
-5. slice positions (j, n): j = 0..D-1 within the crop, n = D, raw floats as upstream (the crop is the gland-
-   centred volume; the `full` preset's 20 slices at 3 mm match upstream's 20-slice MRI volumes).
+3. stack each slice with its neighbours (`task.edge`: "shift" = upstream's rule, the default; "clamp" = every
+   slice is the centre of its own stack, needed by crops shorter than 6 slices and the image-to-image tasks);
+4. labels stay at the native grid, which must be the model's output size 8 * image_size / 14 (448 -> 256); under
+   "shift" a stack's label is its moved centre's, as upstream;
+5. slice positions (j, n), raw floats as upstream: j the slice of the *volume* each crop slice was sampled at (its
+   index counted from the volume's first slice) and n the volume's slice count (`slices.crop_positions`), so a
+   20-slice volume gives (j, 20) whatever the crop, as in `predict`.
 
 Sample arrays: `image` [S, s, s, 3] float32 (S = D stacks), `label` [S, L, L] int32, `slice_position` [S, 2]
 float32, `pair_seed` int32 (a hash of the sample, seeds the contrastive pair draw). The model sees the S slices of
@@ -107,8 +115,8 @@ def slice_stacks(volume: np.ndarray, image_size: int, edge: str) -> tuple[np.nda
 
 
 def slice_positions(count: int) -> np.ndarray:
-    """[count, 2] raw (j, n) floats, j = 0..count-1, n = count."""
-    return np.stack([np.arange(count, dtype=np.float32), np.full(count, count, np.float32)], axis=1)
+    """[count, 2] raw (j, n) floats, j = 0..count-1, n = count: a crop that is its own volume (probe crops)."""
+    return slice_data.crop_positions({}, count)
 
 
 class SliceTask:
@@ -221,7 +229,7 @@ class SliceSegmentationTask(SliceTask, Task):
         cancer = np.zeros(volume.shape, np.uint8) if lesion is None else np.where(lesion > 0, 2, 0).astype(np.uint8)
         labels = slice_data.four_class_labels(gland, cancer)[label_slice].astype(np.int32)
         seed = zlib.crc32(np.ascontiguousarray(images[:, ::7, ::7]).tobytes()) & 0x7FFFFFFF
-        return {"image": images, "label": labels, "slice_position": slice_positions(len(label_slice)),
+        return {"image": images, "label": labels, "slice_position": slice_data.crop_positions(sample, depth),
                 "pair_seed": np.int32(seed)}
 
     # -- model --------------------------------------------------------------------------------------------------
