@@ -6,6 +6,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Generated phantom datasets go to a per-machine temp folder, not the user's cache.
 os.environ.setdefault("TRANSFER_JAX_DATA_DIR", os.path.join(tempfile.gettempdir(), "transfer_jax_test_data"))
+# Prepared cases too (the default cache is the user's; tests that count preparations use a folder of their own).
+os.environ.setdefault("TRANSFER_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "transfer_jax_test_prepared"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

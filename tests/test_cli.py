@@ -89,6 +89,16 @@ def test_jax_flags_reach_jax():
     assert done.returncode != 0 and "Unable to initialize backend 'bogus'" in done.stderr
 
 
+def test_jax_flags_are_accepted_and_a_pretrained_run_needs_a_checkpoint(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    done = subprocess.run([sys.executable, "-m", "transfer_jax.main", "--config=configs/seg.py:smoke",
+                           f"--workdir={tmp_path / 'run'}", "--jax_platforms=cpu", "--config.init.mode=pretrained"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: init.mode='pretrained' needs init.checkpoint")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_console_scripts_resolve_to_functions():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]

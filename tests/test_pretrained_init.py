@@ -57,9 +57,16 @@ def test_shape_mismatch_lists_paths_and_suggests_dont_load(tmp_path):
     assert summary["steps"] == 2
 
 
-def test_pretrained_without_checkpoint_is_a_loud_stand_in(tmp_path, capsys):
-    config = smoke_config(**{"init.mode": "pretrained", "total_steps": 1, "eval_every": 1, "log_every": 1,
-                             "checkpoint_every": 1, "logging.tensorboard": False, "alignment.enabled": False})
+def test_pretrained_without_checkpoint_is_an_error(tmp_path):
+    config = smoke_config(**{"init.mode": "pretrained", "logging.tensorboard": False})
+    with pytest.raises(ValueError, match=r"init.mode='pretrained' needs init.checkpoint .* init.allow_random=True"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_pretrained_without_checkpoint_is_a_loud_stand_in_when_allowed(tmp_path, capsys):
+    config = smoke_config(**{"init.mode": "pretrained", "init.allow_random": True, "total_steps": 1,
+                             "eval_every": 1, "log_every": 1, "checkpoint_every": 1, "logging.tensorboard": False,
+                             "alignment.enabled": False})
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["init"] == "pretrained-random-standin"
     assert "RANDOM" in capsys.readouterr().out

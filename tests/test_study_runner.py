@@ -137,7 +137,7 @@ def test_pretraining_runs_first_and_initialises_the_pretrained_runs(tmp_path, fa
     assert calls[0]["task"]["name"] == "pretrain_fcmae" and calls[0]["total_steps"] == 3
     assert calls[0]["model"]["backbone_options"]["dims"] == [8, 16, 16, 32]  # the study's smoke preset
     artifact = str(study_dir / "pretraining" / "profound_conv" / "pretrained")
-    assert calls[1]["init"] == {"mode": "pretrained", "checkpoint": artifact, "dont_load": []}
+    assert calls[1]["init"] == {"mode": "pretrained", "checkpoint": artifact, "allow_random": False, "dont_load": []}
     assert calls[2]["init"]["checkpoint"] == ""
     runs = json.load(open(result.outputs["runs.json"]))
     assert runs[0]["task"] == "pretraining" and runs[0]["status"] == "trained"

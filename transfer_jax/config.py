@@ -71,8 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.intensity = "zscore_nonzero"  # per-channel z-score over non-zero voxels; "raw": as read (ProViCNet)
     c.data.region_centre = "gland"  # "whole_slices": axes that fit the crop kept whole (ProViCNet: native slices)
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
-    c.data.cache_dir = ""  # prepared cases; empty = <workdir>/preprocessed
-    c.data.preprocess_workers = 0
+    # Prepared cases, shared by every run; empty = $TRANSFER_JAX_CACHE_DIR, else $XDG_CACHE_HOME (~/.cache)
+    # /transfer_jax/prepared
+    c.data.cache_dir = ""
+    c.data.preprocess_workers = -1  # processes preparing cases; -1 = CPU cores - 1 (at most 8), 0 = this process
     c.data.workers = 0  # grain worker processes for augmentation
     c.data.prefetch = 2
     c.data.memory_cache_mb = 1024  # prepared cases kept in memory after their first read, per data process and split
@@ -82,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.mode = "scratch"  # "scratch" or "pretrained"
     c.init.checkpoint = ""  # converted artifact folder (python -m transfer_jax.convert) for mode="pretrained"
+    c.init.allow_random = False  # mode="pretrained" without a checkpoint: True trains from random weights, else error
     c.init.dont_load = ()  # regexes of parameter paths left at initialisation (e.g. a head with other classes)
 
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -11,6 +11,7 @@ from its latest checkpoint. The last line of a run starts with "done:".
 import ast
 import os
 import re
+import sys
 import textwrap
 
 from absl import app, flags
@@ -67,7 +68,12 @@ def main(argv):
         run_study_command(config, _WORKDIR.value)
         return
     from transfer_jax.train.loop import train_and_evaluate
+    from transfer_jax.train.pretrained import check_init
 
+    try:
+        check_init(config.init)  # before a workdir is made
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     workdir = _WORKDIR.value or os.path.join("runs", f"{config.task.name}-{config.model.backbone}")
     train_and_evaluate(config, workdir)
 

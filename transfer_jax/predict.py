@@ -179,6 +179,7 @@ def predict(workdir: str, manifest: str, output: str, *, checkpoint: str = "best
                     batch = {"image": jnp.asarray(center_crop({"image": prepared.image}, roi)["image"][None])}
                 probs = np.asarray(jax.nn.softmax(forward(batch).astype(jnp.float32)))[0]
                 writer.writerow([case.case_id, *[f"{p:.6f}" for p in probs], int(probs.argmax())])
+                print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
         written["probabilities"] = path
         return written
 
@@ -218,6 +219,7 @@ def predict(workdir: str, manifest: str, output: str, *, checkpoint: str = "best
             written["files"].append(path)
             if save_probabilities:
                 written["files"].append(_write_probabilities(out, prepared, case, output))
+        print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
     return written
 
 

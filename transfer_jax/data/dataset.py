@@ -8,7 +8,8 @@ from transfer_jax.data.augment import AugmentConfig
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.manifest import Case, read_manifest
 from transfer_jax.data.phantom import PhantomConfig, default_phantom_manifest
-from transfer_jax.data.preprocess import PreparedCase, PreprocessConfig, label_map_problems, preprocess_cases
+from transfer_jax.data.preprocess import (PreparedCase, PreprocessConfig, default_cache_dir, label_map_problems,
+                                         preprocess_cases)
 
 
 @dataclasses.dataclass
@@ -46,7 +47,13 @@ def resolve_manifest(data_config) -> str:
     return default_phantom_manifest(PhantomConfig(**data_config.phantom.to_dict()))
 
 
-def prepare_splits(data_config, cache_dir: str, task, log=print) -> PreparedSplits:
+def prepared_cache_dir(data_config) -> str:
+    """The prepared-case cache every run shares: `data.cache_dir`, else `preprocess.default_cache_dir()`."""
+    return os.path.abspath(os.path.expanduser(data_config.cache_dir or default_cache_dir()))
+
+
+def prepare_splits(data_config, cache_dir: str, task, log=print, progress: bool = False) -> PreparedSplits:
+    """Every case of the manifest prepared into `cache_dir` (those already there are reused) and checked."""
     manifest = resolve_manifest(data_config)
     cases: list[Case] = read_manifest(manifest, label_column=data_config.get("label_column", "label"))
 
@@ -54,7 +61,9 @@ def prepare_splits(data_config, cache_dir: str, task, log=print) -> PreparedSpli
         task.validate_case(case, PreparedCase.load(path))
 
     report = preprocess_cases(cases, preprocess_config(data_config), cache_dir, on_bad_case=data_config.on_bad_case,
-                              workers=data_config.preprocess_workers, validate=validate)
+                              workers=data_config.preprocess_workers, validate=validate, progress=progress)
+    log(f"prepared cases: {len(cases) - report.prepared} from the cache, {report.prepared} prepared now "
+        f"({report.seconds:.1f}s), in {cache_dir}")
     for problem in report.problems:
         log(f"skipping bad case: {problem}")
     paths, ids = {}, {}

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from transfer_jax.data.manifest import Case, write_manifest
+from transfer_jax.data.preprocess import user_cache_dir
 
 PHANTOM_VERSION = 1
 
@@ -200,7 +201,7 @@ def generate_phantom_dataset(directory: str, config: PhantomConfig = PhantomConf
 
 
 def default_data_root() -> str:
-    return os.environ.get("TRANSFER_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "transfer_jax"))
+    return os.environ.get("TRANSFER_JAX_DATA_DIR") or user_cache_dir()
 
 
 def default_phantom_manifest(config: PhantomConfig = PhantomConfig(), root: str | None = None) -> str:

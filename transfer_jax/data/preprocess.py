@@ -13,18 +13,29 @@ Steps (ProFound's conventions, `profound.md` §1.1):
    one is cut around the gland.
 
 Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
+
+Prepared cases live in one cache shared by every run (`data.cache_dir`, default `default_cache_dir()`), one file
+per case named by `cache_key`: a hash of the source files' identity and every preprocessing setting, so runs with
+the same data and settings prepare each case once, and a changed file or setting makes a new entry. A file is
+written under a temporary name and renamed into place, so processes preparing the same case at once each leave a
+complete file and a reader never sees half of one.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import numbers
 import os
-from concurrent.futures import ProcessPoolExecutor
-from typing import Optional
+import re
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from transfer_jax.data.errors import BadCasesError, DataError
 from transfer_jax.data.manifest import Case
@@ -33,7 +44,13 @@ from transfer_jax.data.readers import source_files
 
 INTENSITY_MODES = ("zscore_nonzero", "raw")
 REGION_CENTRES = ("gland", "whole_slices")
-CACHE_VERSION = 2  # 2: resampling keeps target planes lying on the source border (nifti.resample)
+# 2: resampling keeps target planes lying on the source border (nifti.resample); 3: zero voxels left out of the
+# stored arrays, file headers in the key
+CACHE_VERSION = 3
+CACHE_DIR_ENV = "TRANSFER_JAX_CACHE_DIR"
+HEADER_BYTES = 4096  # of every source file, hashed into the cache key
+MAX_AUTO_WORKERS = 8
+ARRAYS = ("image", "gland", "lesion")  # the arrays of a PreparedCase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,30 +85,56 @@ class PreparedCase:
     label: Optional[str]
 
     def save(self, path: str) -> None:
-        arrays = {"image": self.image}
-        if self.gland is not None:
-            arrays["gland"] = self.gland
-        if self.lesion is not None:
-            arrays["lesion"] = self.lesion
+        """Atomically: a complete file at `path` or none, whoever else writes the same path meanwhile."""
+        stored = {name: getattr(self, name) for name in ARRAYS if getattr(self, name) is not None}
+        arrays = {}
+        for name, array in stored.items():
+            arrays[f"{name}_nonzero"], arrays[f"{name}_values"] = pack_nonzero(array)
         meta = {
             "case_id": self.case_id, "label": self.label,
+            "shapes": {name: list(array.shape) for name, array in stored.items()},
             "region_shape": list(self.region_grid.shape), "region_affine": self.region_grid.affine.tolist(),
             "source_shape": list(self.source_grid.shape), "source_affine": self.source_grid.affine.tolist(),
         }
-        tmp = path + ".partial.npz"
-        np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
+        folder, name = os.path.split(os.path.abspath(path))
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str) -> "PreparedCase":
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
-            return cls(
-                case_id=meta["case_id"], image=z["image"], gland=z["gland"] if "gland" in z else None,
-                lesion=z["lesion"] if "lesion" in z else None, label=meta["label"],
-                region_grid=Grid(tuple(meta["region_shape"]), np.asarray(meta["region_affine"])),
-                source_grid=Grid(tuple(meta["source_shape"]), np.asarray(meta["source_affine"])),
-            )
+            arrays = {name: unpack_nonzero(z[f"{name}_nonzero"], z[f"{name}_values"], shape)
+                      for name, shape in meta["shapes"].items()}
+        return cls(
+            case_id=meta["case_id"], image=arrays["image"], gland=arrays.get("gland"), lesion=arrays.get("lesion"),
+            label=meta["label"],
+            region_grid=Grid(tuple(meta["region_shape"]), np.asarray(meta["region_affine"])),
+            source_grid=Grid(tuple(meta["source_shape"]), np.asarray(meta["source_affine"])),
+        )
+
+
+def pack_nonzero(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bitmap of the non-zero elements, their values): lossless, and the zero padding around a volume (often half
+    of a prepared region) costs one bit per element. An element counts as zero only if all its bits are (-0.0 is
+    kept as a value)."""
+    bits = np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}") != 0
+    return np.packbits(bits, axis=None), array[bits]
+
+
+def unpack_nonzero(bitmap: np.ndarray, values: np.ndarray, shape) -> np.ndarray:
+    """The array `pack_nonzero` packed (a new, writeable array)."""
+    shape = tuple(shape)
+    nonzero = np.unpackbits(bitmap, count=int(np.prod(shape))).view(bool).reshape(shape)
+    out = np.zeros(shape, values.dtype)
+    out[nonzero] = values
+    return out
 
 
 def zscore_nonzero(channel: np.ndarray) -> np.ndarray:
@@ -212,8 +255,30 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     )
 
 
+def user_cache_dir() -> str:
+    """The user's cache folder for transfer_jax: $XDG_CACHE_HOME/transfer_jax, else ~/.cache/transfer_jax."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "transfer_jax")
+
+
+def default_cache_dir() -> str:
+    """The prepared-case cache when `data.cache_dir` is empty: $TRANSFER_JAX_CACHE_DIR, else
+    `user_cache_dir()/prepared`."""
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join(user_cache_dir(), "prepared")
+
+
+def _file_identity(name: str) -> list:
+    """Absolute path, size, modification time and a hash of the first bytes (the header) of a source file: a file
+    replaced by another of the same size and modification time (a copy that kept its time) still changes the key
+    when its header differs."""
+    stat = os.stat(name)
+    with open(name, "rb") as f:
+        header = hashlib.sha1(f.read(HEADER_BYTES)).hexdigest()
+    return [os.path.abspath(name), stat.st_size, stat.st_mtime_ns, header]
+
+
 def cache_key(case: Case, config: PreprocessConfig) -> str:
-    """Changes when the preprocessing settings or any input file (path, size, mtime) change.
+    """Changes when any preprocessing setting, the case's id or label, or any input file changes.
 
     An image spread over several files (a DICOM folder, a detached .mhd/.nhdr header) counts every one of them.
     """
@@ -221,61 +286,102 @@ def cache_key(case: Case, config: PreprocessConfig) -> str:
     for role in ("t2", "adc", "dwi", "gland_mask", "lesion_mask"):
         path = case.path(role)
         if path is not None and os.path.exists(path):
-            for name in source_files(path):
-                st = os.stat(name)
-                files.append([role, os.path.abspath(name), st.st_size, st.st_mtime_ns])
+            files += [[role, *_file_identity(name)] for name in source_files(path)]
         else:
             files.append([role, path])
     blob = json.dumps([CACHE_VERSION, dataclasses.asdict(config), case.case_id, case.label, files], default=list)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def cache_path(cache_dir: str, case: Case, config: PreprocessConfig) -> str:
+    """The case's entry in `cache_dir`: `<case id, filename-safe>-<cache_key>.npz`."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", case.case_id)[:80]
+    return os.path.join(cache_dir, f"{name}-{cache_key(case, config)}.npz")
+
+
+def preprocess_workers(workers: int) -> int:
+    """Processes that prepare cases for `data.preprocess_workers`: -1 = one fewer than this process's CPU cores, at
+    most MAX_AUTO_WORKERS (a 2-core machine prepares in the main process and keeps a core free); 0 or 1 = the main
+    process; N = N worker processes."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+        raise ValueError(f"config.data.preprocess_workers must be -1 (automatic), 0 (in this process) or a number of "
+                         f"processes, got {workers!r}")
+    if workers == -1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(MAX_AUTO_WORKERS, cores - 1))
+    return max(workers, 1)
+
+
 @dataclasses.dataclass
 class PreprocessReport:
     paths: dict[str, str]  # case_id -> cached npz of the prepared case
     problems: list[DataError]
+    prepared: int = 0  # cases prepared by this call (the others were in the cache already)
+    seconds: float = 0.0
 
 
-def _prepare_to_cache(args) -> tuple[str, Optional[str], Optional[DataError]]:
-    case, config, path = args
-    if os.path.exists(path):
-        return case.case_id, path, None
+def _prepare_to(case: Case, config: PreprocessConfig, path: str) -> Optional[DataError]:
     try:
         prepare_case(case, config).save(path)
-        return case.case_id, path, None
     except DataError as exc:
-        return case.case_id, None, exc
+        return exc
+    return None
+
+
+def _prepare_missing(cases: list[Case], config: PreprocessConfig, paths: dict[str, str], workers: int,
+                     done: Callable[[], None]) -> dict[str, Optional[DataError]]:
+    """case_id -> the problem (or None) of preparing each case into `paths`, in `workers` processes; `done()` after
+    each case. Worker processes are spawned, not forked: the parent may already run JAX's threads."""
+    if workers <= 1 or len(cases) <= 1:
+        problems = {}
+        for case in cases:
+            problems[case.case_id] = _prepare_to(case, config, paths[case.case_id])
+            done()
+        return problems
+    pool = ProcessPoolExecutor(min(workers, len(cases)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(_prepare_to, c, config, paths[c.case_id]): c.case_id for c in cases}
+        problems = {}
+        for future in as_completed(futures):
+            problems[futures[future]] = future.result()
+            done()
+        return problems
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def preprocess_cases(cases: list[Case], config: PreprocessConfig, cache_dir: str, *, on_bad_case: str = "error",
-                     workers: int = 0, validate=None) -> PreprocessReport:
-    """Prepare every case once into `cache_dir` (a pre-flight check: nothing reaches training unchecked).
+                     workers: int = 1, validate=None, progress: bool = False) -> PreprocessReport:
+    """Prepare every case not yet in `cache_dir` (a pre-flight check: nothing reaches training unchecked).
 
-    `validate(case, prepared_path)` may raise DataError for task-specific problems (e.g. a missing mask).
+    `workers` as `data.preprocess_workers` (`preprocess_workers`); `progress` shows a progress bar (with ETA) on
+    stderr. `validate(case, prepared_path)` may raise DataError for task-specific problems (e.g. a missing mask).
     With on_bad_case='error' all problems are raised together before any training starts; with 'skip' the bad
     cases are left out and returned in the report.
     """
     if on_bad_case not in ("error", "skip"):
         raise ValueError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
+    workers = preprocess_workers(workers)
+    start = time.perf_counter()
     os.makedirs(cache_dir, exist_ok=True)
-    jobs = [(c, config, os.path.join(cache_dir, f"{c.case_id}-{cache_key(c, config)}.npz")) for c in cases]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_prepare_to_cache, jobs))
-    else:
-        results = [_prepare_to_cache(job) for job in jobs]
-    paths, problems = {}, []
-    by_id = {c.case_id: c for c in cases}
-    for case_id, path, problem in results:
+    paths = {c.case_id: cache_path(cache_dir, c, config) for c in cases}
+    missing = [c for c in cases if not os.path.exists(paths[c.case_id])]
+    with tqdm(total=len(cases), initial=len(cases) - len(missing), desc="prepare", unit="case", dynamic_ncols=True,
+              disable=not progress) as bar:
+        problems = _prepare_missing(missing, config, paths, workers, bar.update)
+    report = PreprocessReport(paths={}, problems=[], prepared=len(missing))
+    for case in tqdm(cases, desc="check", unit="case", dynamic_ncols=True, disable=not progress or validate is None):
+        problem = problems.get(case.case_id)
         if problem is None and validate is not None:
             try:
-                validate(by_id[case_id], path)
+                validate(case, paths[case.case_id])
             except DataError as exc:
                 problem = exc
         if problem is not None:
-            problems.append(problem)
+            report.problems.append(problem)
         else:
-            paths[case_id] = path
-    if problems and on_bad_case == "error":
-        raise BadCasesError(problems)
-    return PreprocessReport(paths=paths, problems=problems)
+            report.paths[case.case_id] = paths[case.case_id]
+    report.seconds = time.perf_counter() - start
+    if report.problems and on_bad_case == "error":
+        raise BadCasesError(report.problems)
+    return report

@@ -289,6 +289,8 @@ def plan_study(spec: StudySpec, study_dir: str) -> tuple[dict[str, PlannedPretra
     for run in plan:
         if run.config is not None and run.init == "pretrained" and run.backbone in pretraining:
             run.config.init.checkpoint = pretraining[run.backbone].artifact
+        if run.config is not None and run.init == "pretrained" and not run.config.init.checkpoint:
+            run.config.init.allow_random = True  # the stand-in this docstring describes, flagged in the report
     # Fail before training anything when a pretrained run would need weights that are not there.
     needed = {run.backbone for run in plan if run.config is not None and run.init == "pretrained"}
     for backbone in sorted(needed & set(spec.pretrained_checkpoints)):

@@ -118,7 +118,8 @@ class Chrono:
         if not self.warmed_up(step) or figures["data_wait_fraction"] <= DATA_WAIT_HINT_FRACTION:
             return None
         return (f"hint: the devices sat idle waiting for the next batch {figures['data_wait_fraction']:.0%} of the "
-                "time; raise data.workers or data.memory_cache_mb, or cache preprocessed cases on faster storage")
+                "time; raise data.workers or data.memory_cache_mb, or move data.cache_dir (the prepared cases) to "
+                "faster storage")
 
     def summary(self) -> dict[str, float]:
         """The session's side-work shares and, once a window is past the warm-up, its steady figures."""

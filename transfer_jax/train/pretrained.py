@@ -26,6 +26,21 @@ class PretrainedMismatch(ValueError):
     pass
 
 
+def check_init(init) -> str:
+    """How the `init` block starts the backbone: "scratch", "pretrained" (from `init.checkpoint`), or
+    "pretrained-random-standin" (mode "pretrained" without a checkpoint, only with `init.allow_random=True`: a
+    pretrained run that silently trains from random weights would be reported as a transfer result)."""
+    if init.mode not in ("scratch", "pretrained"):
+        raise ValueError(f"init.mode must be 'scratch' or 'pretrained', got {init.mode!r}")
+    if init.mode == "scratch" or init.checkpoint:
+        return init.mode
+    if not init.get("allow_random", False):
+        raise ValueError("init.mode='pretrained' needs init.checkpoint (a converted or pretrained artifact folder: "
+                         "python -m transfer_jax.convert, configs/pretrain_*.py); set init.allow_random=True to "
+                         "train from random weights instead")
+    return "pretrained-random-standin"
+
+
 @dataclasses.dataclass
 class LoadReport:
     directory: str

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from transfer_jax.allocator import active_allocator, host_memory_hint
-from transfer_jax.data.dataset import augment_config, prepare_splits
+from transfer_jax.data.dataset import augment_config, prepare_splits, prepared_cache_dir
 from transfer_jax.data.pipeline import memory_cache_bytes, train_dataset
 from transfer_jax.models.cpu_conv import target_platform
 from transfer_jax.models.registry import compute_dtype as model_compute_dtype
@@ -32,7 +32,7 @@ from transfer_jax.train.evaluator import Evaluator, WholeVolumeEvaluator
 from transfer_jax.train.flops import device_peak_flops, train_step_flops
 from transfer_jax.train.mesh import check_batch_divisible, create_mesh, mesh_platform
 from transfer_jax.train.optim import make_run_optimizer
-from transfer_jax.train.pretrained import adopt_architecture, load_into
+from transfer_jax.train.pretrained import adopt_architecture, check_init, load_into
 from transfer_jax.train.probe import AlignmentProbe, probe_images
 from transfer_jax.train.state import ModelGraph, TrainState, abstract_state, count_params, init_state, model_graph
 from transfer_jax.train.step import compiled_flops, describe_memory, jit_train_step, make_train_step
@@ -96,8 +96,8 @@ def set_up(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Any] 
     cache_bytes = memory_cache_bytes(config.data)
     compute_dtype = model_compute_dtype(config.model.backbone_options)
 
-    splits = prepare_splits(config.data, config.data.cache_dir or os.path.join(workdir, "preprocessed"), task,
-                            log=log)
+    splits = prepare_splits(config.data, prepared_cache_dir(config.data), task, log=log,
+                            progress=config.logging.progress_bar and jax.process_index() == 0)
     log(f"data: {splits.manifest}: train {len(splits.paths['train'])}, val {len(splits.paths['val'])}, "
         f"test {len(splits.paths['test'])} cases, {len(splits.skipped)} skipped")
 
@@ -148,18 +148,15 @@ def _overlap(config) -> float:
 
 
 def _init_label(config, log) -> str:
-    """Checks `init.mode` and adopts the architecture of `init.checkpoint`; how the backbone starts."""
-    if config.init.mode not in ("scratch", "pretrained"):
-        raise ValueError(f"init.mode must be 'scratch' or 'pretrained', got {config.init.mode!r}")
-    if config.init.mode == "pretrained" and config.init.checkpoint:
+    """Checks `init` and adopts the architecture of `init.checkpoint`; how the backbone starts."""
+    label = check_init(config.init)
+    if label == "pretrained":
         for change in adopt_architecture(config):
             log(f"architecture from {config.init.checkpoint}: {change}")
-    elif config.init.mode == "pretrained":
-        log("WARNING: init.mode='pretrained' but no init.checkpoint is given: the backbone starts from a RANDOM "
-            "stand-in. Point init.checkpoint at a converted or pretrained artifact (python -m transfer_jax.convert, "
-            "configs/pretrain_*.py) for a real transfer measurement.")
-        return "pretrained-random-standin"
-    return config.init.mode
+    elif label == "pretrained-random-standin":
+        log("WARNING: init.mode='pretrained' without init.checkpoint and init.allow_random=True: the backbone "
+            "starts from a RANDOM stand-in, which measures no transfer.")
+    return label
 
 
 def _alignment_probe(config, task, graph, mesh, splits, compute_dtype, log) -> Optional[AlignmentProbe]:

@@ -1,4 +1,5 @@
-"""Metrics to stdout, a JSONL file and TensorBoard event files; only process 0 writes."""
+"""Metrics to stdout, a JSONL file and TensorBoard event files, the run log to stdout and `<workdir>/log.txt`;
+only process 0 writes."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import time
 from typing import Mapping
 
 import jax
+from tqdm import tqdm
 
 
 def _finite_or_none(value):
@@ -21,11 +23,13 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         self.stream = stream or sys.stdout
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self._jsonl = None
+        self.log_path = os.path.join(workdir, "log.txt")
+        self._jsonl = self._log_file = None
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(self.jsonl_path, "a", buffering=1, encoding="utf-8")
+            self._log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -45,11 +49,17 @@ class MetricWriter:
         self.log(f"step {step}: {shown}")
 
     def log(self, message: str) -> None:
+        """One line of the run log; an active progress bar is cleared first and redrawn below it."""
         if self.enabled:
-            print(message, file=self.stream, flush=True)
+            tqdm.write(message, file=self.stream)
+            self.stream.flush()
+            if self._log_file is not None:
+                self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for f in (self._jsonl, self._log_file):
+            if f is not None:
+                f.close()
+        self._jsonl = self._log_file = None
         if self._tb is not None:
             self._tb.close()
