@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (module whose main() parses, argv before --help, the example the help must show)
 ARGPARSE_COMMANDS = {
     "predict": ("transfer_jax.predict", [], "python -m transfer_jax.predict --workdir="),
+    "score": ("transfer_jax.score", [], "python -m transfer_jax.score --predictions="),
     "extract": ("transfer_jax.extract", [], "python -m transfer_jax.extract --model="),
     "alignment": ("transfer_jax.alignment.__main__", [], "python -m transfer_jax.alignment before.npy"),
     "convert": ("transfer_jax.convert.__main__", [], "python -m transfer_jax.convert profound --checkpoint="),
@@ -101,8 +102,8 @@ def test_jax_flags_are_accepted_and_a_pretrained_run_needs_a_checkpoint(tmp_path
 def test_console_scripts_resolve_to_functions():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert {"transfer-jax-train", "transfer-jax-study", "transfer-jax-predict", "transfer-jax-extract",
-            "transfer-jax-alignment", "transfer-jax-convert", "transfer-jax-manifest"} <= set(scripts)
+    assert {"transfer-jax-train", "transfer-jax-study", "transfer-jax-predict", "transfer-jax-score",
+            "transfer-jax-extract", "transfer-jax-alignment", "transfer-jax-convert", "transfer-jax-manifest"} <= set(scripts)
     for name, target in scripts.items():
         module, function = target.split(":")
         # Read, not imported: main and study define the same absl flags, so one process imports only one of them.

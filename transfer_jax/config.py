@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 25
     c.eval_every = 50
     c.checkpoint_every = 100
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # latest checkpoints kept for resuming; the best one (primary metric) is kept as well
+    # End of run: the final and the best checkpoint's metrics on whole validation volumes (and the test split, once),
+    # by the sliding window of `predict`, its windows overlapping by this fraction.
+    c.eval_overlap = 0.5
     c.early_stopping_patience = 0  # evaluations without improvement before stopping; 0 = off
 
     c.data = ml_collections.ConfigDict()

@@ -1,17 +1,20 @@
 """Predictions of a trained run on the cases of a manifest.
 
     python -m transfer_jax.predict --workdir=runs/seg --manifest=cases.csv --output=preds/
-    python -m transfer_jax.predict --workdir=runs/cls --manifest=cases.csv --output=preds/ --step=200
+    python -m transfer_jax.predict --workdir=runs/cls --manifest=cases.csv --output=preds/ --checkpoint=200
     python -m transfer_jax.predict --params=artifacts/T2 --manifest=cases.csv --output=preds/ --save_probabilities
 
-Restores the run's config (saved in every checkpoint's metadata) and its latest (or `--step`) parameters, prepares
+Restores the run's config (saved in every checkpoint's metadata) and the parameters of its best checkpoint by the
+task's primary metric (`--checkpoint best`, the default; `latest`, or a step number), prepares
 each manifest row exactly as training did (`data.*`: spacing, gland-centred region of `crop_size * region_margin`
 voxels, per-channel z-score), and then, per task:
 
-* segmentation: MONAI-style sliding-window inference (`tasks/sliding_window.py`, ROI = `data.crop_size`,
-  `--overlap`, Gaussian blending) over the whole prepared region; the argmax label map (0 background, 1 gland,
-  2 lesion) is written as `<case_id>_seg.nii.gz` on the T2 file's own grid (nearest-neighbour; voxels outside the
-  prepared region are background);
+* segmentation: MONAI-style sliding-window inference (`tasks/inference.py`, the end-of-run evaluation's own
+  function: ROI = `data.crop_size`, `--overlap`, Gaussian blending) over the whole prepared region; the argmax label
+  map (0 background, 1 gland, 2 lesion) is written as `<case_id>_seg.nii.gz` on the T2 file's own grid
+  (nearest-neighbour; voxels outside the prepared region are background); with `--save_probabilities` also the
+  softmax class probabilities as `<case_id>_probabilities.nii.gz` on the T2 grid, classes on the last axis
+  (trilinear; background probability 1 outside the prepared region);
 * classification: the centre crop (as in evaluation); class probabilities go to `<output>/probabilities.csv`
   (`case_id, prob_0..prob_{K-1}, pred`);
 * super-resolution / distortion / synthesis: the task's input is built from the prepared region as in evaluation
@@ -38,13 +41,11 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from transfer_jax.cli import ArgumentParser
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
@@ -53,34 +54,32 @@ from transfer_jax.data.dataset import preprocess_config
 from transfer_jax.data.manifest import read_manifest
 from transfer_jax.data.nifti import Volume, resample, write_like
 from transfer_jax.data.preprocess import prepare_case
-from transfer_jax.data.slices import MODEL_IMAGE_SIZE, slice_origin
+from transfer_jax.data.slices import MODEL_IMAGE_SIZE, slice_origin, write_prediction_nifti
 from transfer_jax.features.provicnet import predict_case, write_case_prediction
 from transfer_jax.tasks.classification import ClassificationTask
 from transfer_jax.models.registry import compute_dtype as model_compute_dtype
+from transfer_jax.tasks.inference import network_input, whole_volume_outputs
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.tasks.slice_segmentation import SliceTask
-from transfer_jax.tasks.sliding_window import sliding_window_inference
+from transfer_jax.train.checkpoint import RunCheckpointer, select_step
 from transfer_jax.train.mesh import create_mesh
 from transfer_jax.train.optim import make_run_optimizer
 from transfer_jax.train.state import abstract_state, init_state, model_graph, state_shardings
 
-ITEMS = ("state", "data", "meta")
 
-
-def _manager(workdir: str) -> ocp.CheckpointManager:
+def _checkpointer(workdir: str) -> RunCheckpointer:
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {directory}: is {workdir!r} a training run's workdir?")
-    return ocp.CheckpointManager(directory, item_names=ITEMS)
+    return RunCheckpointer(directory, asynchronous=False, read_only=True)
 
 
-def load_run(workdir: str, step: Optional[int] = None):
-    """(config, task, graph, params, rest, step) of a run's checkpoint (latest by default), on one device."""
-    manager = _manager(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no completed checkpoint in {workdir}/checkpoints")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+def load_run(workdir: str, checkpoint: str = "best"):
+    """(config, task, graph, params, rest, step, chosen) of a run's checkpoint on one device: `checkpoint` is
+    "best" (by the task's primary metric), "latest" or a step number; `chosen` says which was taken."""
+    checkpointer = _checkpointer(workdir)
+    step, chosen = select_step(checkpointer, str(checkpoint))
+    meta = checkpointer.restore_meta(step)
     if "config" not in meta:
         raise ValueError(f"checkpoint {step} of {workdir} carries no run config (written by an older version)")
     config = ml_collections.ConfigDict(meta["config"])
@@ -92,22 +91,32 @@ def load_run(workdir: str, step: Optional[int] = None):
     tx, _, _ = make_run_optimizer(config, abstract_params, task.backbone_prefix)
     state, graph, shardings = init_state(task.build_model, tx, jax.random.key(0), mesh, "replicate")
     target = abstract_state(state, state_shardings(state, mesh, "replicate"))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    manager.close()
-    return config, task, graph, restored.params, restored.rest, step
+    restored = checkpointer.restore_state(step, target)
+    checkpointer.close()
+    return config, task, graph, restored.params, restored.rest, step, chosen
 
 
 def _dense_predictor(task, graph, params, rest, roi, overlap: float, batch_size: int, compute_dtype):
     @jax.jit
     def predict(volume):
         model = graph.merge(params, rest, training=False)
-
-        def apply(x):
-            return task.forward(model, {"image": x}, compute_dtype).logits.astype(jnp.float32)
-
-        return sliding_window_inference(apply, volume, roi=roi, overlap=overlap, batch_size=batch_size)
+        return whole_volume_outputs(task, model, volume, roi=roi, overlap=overlap, batch_size=batch_size,
+                                    compute_dtype=compute_dtype)
 
     return predict
+
+
+def _write_probabilities(logits: np.ndarray, prepared, case, output: str) -> str:
+    """Softmax class probabilities on the T2 grid, classes on the last axis, written as the ProViCNet path writes
+    them; outside the prepared region: background."""
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    inside = resample(Volume(np.ones(probs.shape[:3], np.float32), prepared.region_grid, ""), prepared.source_grid,
+                      order=1)
+    channels = [resample(Volume(probs[..., k], prepared.region_grid, ""), prepared.source_grid, order=1)
+                for k in range(probs.shape[-1])]
+    channels[0] = channels[0] + (1.0 - inside)  # the region's border blends into background outside it
+    path = os.path.join(output, f"{case.case_id}_probabilities.nii.gz")
+    return write_prediction_nifti(np.stack(channels, axis=-1).astype(np.float32), case.t2, path)
 
 
 def _slice_window(task, prepared, case, index: int) -> tuple[dict, tuple[slice, ...]]:
@@ -143,18 +152,18 @@ def predict_params(params: str, manifest: str, output: str, *, sequence: str = "
     return written
 
 
-def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = None, overlap: float = 0.5,
+def predict(workdir: str, manifest: str, output: str, *, checkpoint: str = "best", overlap: float = 0.5,
             batch_size: int = 2, save_probabilities: bool = False) -> dict:
-    config, task, graph, params, rest, step = load_run(workdir, step)
+    config, task, graph, params, rest, step, chosen = load_run(workdir, checkpoint)
     os.makedirs(output, exist_ok=True)
     compute_dtype = model_compute_dtype(config.model.backbone_options)
     roi = tuple(int(s) for s in config.data.crop_size)
     prep = preprocess_config(config.data)
     cases = read_manifest(manifest)
-    written: dict = {"step": step, "files": [], "probabilities": None}
+    written: dict = {"step": step, "checkpoint": chosen, "files": [], "probabilities": None}
     slices = isinstance(task, SliceTask)
-    if save_probabilities and task.name != "provicnet_segmentation":
-        raise ValueError(f"--save_probabilities applies to ProViCNet segmentation runs and artifacts; {workdir!r} is "
+    if save_probabilities and task.name not in ("segmentation", "provicnet_segmentation"):
+        raise ValueError(f"--save_probabilities applies to segmentation runs and ProViCNet artifacts; {workdir!r} is "
                          f"a {task.name!r} run")
     forward = jax.jit(lambda batch: task.forward(graph.merge(params, rest, training=False), batch, compute_dtype))
     if isinstance(task, ClassificationTask):
@@ -193,11 +202,9 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
             if task.name.endswith("segmentation"):
                 out[..., 0] = 1.0  # background outside the window
             out[window] = logits.reshape(out[window].shape)
-        elif task.name == "segmentation" or not hasattr(task, "degrade"):
-            out = np.asarray(predictor(jnp.asarray(prepared.image)))
         else:
             sample = {"image": prepared.image, "gland": prepared.gland, "case_index": np.int32(index)}
-            out = np.asarray(predictor(jnp.asarray(task.make_sample(sample)["image"])))
+            out = np.asarray(predictor(jnp.asarray(network_input(task, sample))))
         if hasattr(task, "target_channels") and not task.name.endswith("segmentation"):
             for c, name in enumerate(task.target_channels):
                 on_source = resample(Volume(out[..., c], prepared.region_grid, ""), prepared.source_grid, order=1)
@@ -210,6 +217,8 @@ def predict(workdir: str, manifest: str, output: str, *, step: Optional[int] = N
             path = os.path.join(output, f"{case.case_id}_seg.nii.gz")
             write_like(np.rint(on_source).astype(np.uint8), prepared.source_grid, path, reference=case.t2)
             written["files"].append(path)
+            if save_probabilities:
+                written["files"].append(_write_probabilities(out, prepared, case, output))
         print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
     return written
 
@@ -224,14 +233,15 @@ def main(argv=None) -> None:
     parser.add_argument("--manifest", required=True,
                         help="CSV of the cases to predict (the training manifest format; labels not needed)")
     parser.add_argument("--output", required=True, help="folder for the NIfTI predictions / probabilities.csv")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--checkpoint", default="best",
+                        help="'best' (by the task's primary metric; the default), 'latest' or a step number")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="fraction of the ROI by which neighbouring sliding windows overlap, in [0, 1)")
     parser.add_argument("--batch_size", type=int, default=2, help="sliding windows (ProViCNet: slices) per model call")
     parser.add_argument("--sequence", choices=("t2", "adc", "dwi"),
                         help="with --params: the manifest column the model reads (default t2; ADC_best.pth: adc)")
     parser.add_argument("--save_probabilities", action="store_true",
-                        help="ProViCNet segmentation: also write <case_id>_probabilities.nii.gz (classes last)")
+                        help="segmentation: also write <case_id>_probabilities.nii.gz (classes on the last axis)")
     args = parser.parse_args(argv)
     if args.params is not None:
         result = predict_params(args.params, args.manifest, args.output, sequence=args.sequence or "t2",
@@ -239,10 +249,11 @@ def main(argv=None) -> None:
     elif args.sequence is not None:
         parser.error("--sequence applies to --params; a training run predicts with its own task.sequence")
     else:
-        result = predict(args.workdir, args.manifest, args.output, step=args.step, overlap=args.overlap,
+        result = predict(args.workdir, args.manifest, args.output, checkpoint=args.checkpoint, overlap=args.overlap,
                          batch_size=args.batch_size, save_probabilities=args.save_probabilities)
     where = result["probabilities"] or f"{len(result['files'])} file(s) in {args.output}"
-    origin = f"checkpoint step {result['step']}" if result["step"] is not None else f"artifact {args.params}"
+    origin = (f"checkpoint step {result['step']} ({result['checkpoint']})" if result["step"] is not None
+              else f"artifact {args.params}")
     print(f"predicted with {origin}: {where}")
 
 

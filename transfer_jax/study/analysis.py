@@ -6,8 +6,10 @@ anywhere.
 A row aggregates the seeds of a backbone x task cell (`study.seeds`: seed s of the pretrained run is paired with
 seed s of the scratch run, they share data order, augmentation and head initialisation):
 
-* `pretrained`, `scratch`, `probe`: the best validation value of the task's primary metric per seed, as an
-  `Estimate` (mean over seeds and a two-sided Student-t interval; no interval with one seed).
+* `pretrained`, `scratch`, `probe`: the best validation value of the task's primary metric per seed (the best
+  checkpoint, measured at the end of the run as the summary reports it), as an `Estimate` (mean over seeds and a
+  two-sided Student-t interval; no interval with one seed); `pretrained_test`, `scratch_test`: the same
+  checkpoints on the test split (measured once), when the manifest has one.
 * absolute gain per seed = pretrained - scratch for metrics to maximise, scratch - pretrained for metrics to
   minimise, so a positive gain always means pretraining helped; relative gain = absolute / |scratch| (the paper's
   "relative performance gain", as a fraction). Their estimates are over the per-seed differences, i.e. the paired
@@ -221,6 +223,7 @@ class RunOutcome:
     steps_to_95: Optional[int]
     steps: Optional[int]
     alignment: dict[str, SiteAlignment]
+    test: Optional[float] = None  # the best checkpoint's primary metric on the test split, measured once
 
     @property
     def learned(self) -> bool:
@@ -235,7 +238,14 @@ class RunOutcome:
 def run_outcome(seed: int, summary: dict) -> RunOutcome:
     return RunOutcome(seed=seed, best=_finite(summary.get("best")), best_step=_int_or_none(summary.get("best_step")),
                       steps_to_95=_int_or_none(summary.get("steps_to_95pct_best")),
-                      steps=_int_or_none(summary.get("steps")), alignment=parse_alignment(summary))
+                      steps=_int_or_none(summary.get("steps")), alignment=parse_alignment(summary),
+                      test=_test_value(summary))
+
+
+def _test_value(summary: dict) -> Optional[float]:
+    """The primary metric on the test split (summaries written before the test split was scored have none)."""
+    metric = summary.get("primary_metric")
+    return _finite((summary.get("test") or {}).get(metric)) if metric else None
 
 
 @dataclasses.dataclass
@@ -249,6 +259,8 @@ class Row:
     pretrained: Optional[Estimate]  # best value over seeds
     scratch: Optional[Estimate]
     probe: Optional[Estimate]  # frozen pretrained backbone (the probe arm)
+    pretrained_test: Optional[Estimate]  # the best checkpoints on the test split, over seeds (None: no test split)
+    scratch_test: Optional[Estimate]
     gain: Optional[Estimate]  # relative gain over the seed pairs that learned
     absolute: Optional[Estimate]
     speedup: Optional[Estimate]
@@ -387,6 +399,8 @@ def build_row(backbone: str, task: str, pretrained: dict[int, dict], scratch: di
         pretrained_init=init,
         pretrained=estimate(o.best for o in pre.values()), scratch=estimate(o.best for o in scr.values()),
         probe=estimate(o.best for o in prb.values()),
+        pretrained_test=estimate(o.test for o in pre.values() if o.test is not None),
+        scratch_test=estimate(o.test for o in scr.values() if o.test is not None),
         gain=estimate(relative), absolute=estimate(absolute), speedup=estimate(speedups), probe_gap=estimate(gaps),
         steps_to_95={label: tuple(runs[s].convergence_step for s in sorted(runs)) for label, runs in outcomes.items()
                      if runs},

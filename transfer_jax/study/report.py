@@ -49,6 +49,8 @@ RESULT_COLUMNS = (
     ("pretrained_low", ""), ("pretrained_high", ""),
     ("scratch_best", "the same for the from-scratch runs"),
     ("scratch_low", ""), ("scratch_high", ""),
+    ("pretrained_test", "the pretrained runs' best checkpoints on the test split (primary metric, measured once), mean"),
+    ("scratch_test", "the same for the from-scratch runs"),
     ("absolute_gain", "pretrained - scratch (max) or scratch - pretrained (min), mean over seed pairs: positive = "
                       "pretraining helped"),
     ("relative_gain", "per seed pair absolute gain / |scratch|, mean (0.2 = 20 % better)"),
@@ -99,6 +101,8 @@ def _row_values(row: Row, sites) -> dict[str, Any]:
                         ("convergence_speedup", row.speedup), ("probe_gap", row.probe_gap)):
         values.update(_interval_values(name, value))
     values["probe_gap"] = row.probe_gap.mean if row.probe_gap else None
+    values["pretrained_test"] = _mean_of(row.pretrained_test)
+    values["scratch_test"] = _mean_of(row.scratch_test)
     values["steps_to_95_per_seed"] = _steps_cell(row)
     for site in sites:
         entry, spread = row.alignment.get(site), row.mmd2_by_site.get(site)
@@ -422,6 +426,10 @@ def _gain_cell(row: Row) -> str:
     return _value(row.gain, 100.0, 3, " %", signed=True) + ("*" if row.gain.contains_zero else "")
 
 
+def _mean_of(value: Optional[Estimate]) -> Optional[float]:
+    return None if value is None else value.mean
+
+
 def _steps_cell(row: Row) -> str:
     per_seed = lambda init: ", ".join(_fmt(s) for s in row.steps_to_95.get(init, ())) or NA  # noqa: E731
     return f"{per_seed('pretrained')} vs {per_seed('scratch')}"
@@ -431,13 +439,14 @@ def _results_table(analysis: StudyAnalysis) -> tuple[list[str], list[list[str]]]
     """The paper's table: one row per backbone x task."""
     probe = any(row.probe is not None for row in analysis.rows)
     header = (["backbone", "task", "metric", "seeds", "pretrained", "scratch", "relative gain",
-               "steps to 95 % per seed (pre vs scratch)", "convergence ratio (scratch / pre)"]
+               "test (pre / scratch)", "steps to 95 % per seed (pre vs scratch)", "convergence ratio (scratch / pre)"]
               + [f"MMD² {s}" for s in analysis.sites] + (["probe", "probe gap"] if probe else []) + ["notes"])
     body = []
     for row in analysis.rows:
         metric = NA if row.primary_metric is None else f"{row.primary_metric} ({row.direction})"
         cells = [row.backbone, row.task, metric, str(row.seeds), _value(row.pretrained), _value(row.scratch),
-                 _gain_cell(row), _steps_cell(row), _value(row.speedup, digits=3)]
+                 _gain_cell(row), f"{_value(row.pretrained_test)} / {_value(row.scratch_test)}", _steps_cell(row),
+                 _value(row.speedup, digits=3)]
         cells += [_value(row.mmd2_by_site.get(site)) for site in analysis.sites]
         if probe:
             cells += [_value(row.probe), _value(row.probe_gap, 100.0, 3, " %", signed=True)]

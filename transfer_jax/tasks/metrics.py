@@ -272,6 +272,28 @@ def auroc_binary(scores, labels) -> float:
     return float(u_statistic / (num_positive * num_negative))
 
 
+def average_precision(scores, labels) -> float:
+    """Average precision of ``scores`` for ``labels`` in {0, 1}: ``sum_n (R_n - R_(n-1)) P_n`` over the thresholds
+    ``score >= t`` at every distinct score, from the highest down (recall ``R``, precision ``P``; tied scores enter
+    together) - ``sklearn.metrics.average_precision_score``. ``nan`` without a positive label, for an empty set or
+    a ``nan`` score.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = _as_class_vector(labels, "labels", 2)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be a 1-D vector, got shape {scores.shape}")
+    _same_length(scores, labels, "scores", "labels")
+    if labels.sum() == 0 or np.isnan(scores).any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    run_ends = np.r_[np.flatnonzero(np.diff(sorted_scores) != 0), sorted_scores.size - 1]
+    true_positive = np.cumsum(sorted_labels)[run_ends]
+    precision = true_positive / (run_ends + 1.0)
+    recall = true_positive / labels.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def _as_probabilities(probs, name: str = "probs") -> np.ndarray:
     array = np.asarray(probs, dtype=np.float64)
     if array.ndim != 2 or array.shape[1] < 2:

@@ -115,10 +115,8 @@ class SegmentationTask(Task):
                 "the gland mask is empty inside the cropped region", case, case.gland_mask)
 
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
-        label = np.zeros(sample["image"].shape[:3], np.int32)
-        for index, cls in enumerate(self.config.task.classes, start=1):
-            label[sample[cls] > 0] = index
-        return {"image": sample["image"], "label": label}
+        return {"image": sample["image"],
+                "label": label_map(sample, self.config.task.classes, sample["image"].shape[:3])}
 
     def build_model(self, rngs: nnx.Rngs) -> UPerNet:
         # ProFound-Conv stage maps, or ProFound-ViT token levels through the ViT adapter (tasks/dense.py).
@@ -149,28 +147,51 @@ class SegmentationTask(Task):
     def hd95_per_case(self, stats) -> np.ndarray:
         """(cases, K - 1) HD95 in mm per foreground class (tasks/metrics.py::hausdorff95_per_class): NaN where a
         class is absent from both maps (skipped in means); a class present in only one map (HD95 = inf) counts as
-        the crop diagonal, the largest distance the crop allows, so that means stay finite."""
+        the diagonal of the evaluated volume (`case_hd95`)."""
         spacing = tuple(float(s) for s in self.config.data.spacing)
         pred, target = np.asarray(stats["pred_labels"]), np.asarray(stats["target_labels"])
-        values = np.stack([hausdorff95_per_class(p.astype(np.int64), t.astype(np.int64), self.num_classes, spacing)
-                           for p, t in zip(pred, target)]) if len(pred) else np.zeros((0, self.num_classes - 1))
-        diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape[1:], spacing))))
-        return np.where(np.isinf(values), diagonal, values)
+        if not len(pred):
+            return np.zeros((0, self.num_classes - 1))
+        return np.stack([case_hd95(p, t, self.num_classes, spacing) for p, t in zip(pred, target)])
 
     def summarize(self, stats):
-        dice = dice_from_counts(stats)
-        metrics = {}
-        per_class = []
-        for k, name in enumerate(self.class_names[1:], start=1):
-            column = dice[:, k]
-            value = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-            metrics[f"dice/{name}"] = value
-            per_class.append(value)
-        finite = [v for v in per_class if np.isfinite(v)]
-        metrics["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
-        if "pred_labels" in stats:
-            hd95 = self.hd95_per_case(stats)
-            for k, name in enumerate(self.class_names[1:]):
-                column = hd95[:, k]
-                metrics[f"hd95/{name}"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-        return metrics
+        hd95 = self.hd95_per_case(stats) if "pred_labels" in stats else None
+        return summarize_cases(dice_from_counts(stats), hd95, self.class_names)
+
+
+def label_map(masks: dict, classes, shape) -> np.ndarray:
+    """The int32 label map of `shape` from masks by class name: class `k` (1-based position in `classes`) where
+    `masks[classes[k - 1]]` is set, later classes winning where masks overlap; 0 elsewhere."""
+    label = np.zeros(tuple(shape), np.int32)
+    for index, cls in enumerate(classes, start=1):
+        label[np.asarray(masks[cls]) > 0] = index
+    return label
+
+
+def case_hd95(pred_labels, target_labels, num_classes: int, spacing) -> np.ndarray:
+    """(K - 1,) HD95 in mm per foreground class of one case (tasks/metrics.py::hausdorff95_per_class): NaN where a
+    class is absent from both maps; a class present in only one map (HD95 = inf) counts as the volume's diagonal,
+    the largest distance it allows, so that means stay finite."""
+    pred, target = np.asarray(pred_labels).astype(np.int64), np.asarray(target_labels).astype(np.int64)
+    values = hausdorff95_per_class(pred, target, num_classes, spacing)
+    diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
+    return np.where(np.isinf(values), diagonal, values)
+
+
+def summarize_cases(dice: np.ndarray, hd95, class_names) -> dict[str, float]:
+    """Per-case Dice (cases, K) and HD95 (cases, K - 1) or None -> `dice/<class>`, `dice_mean` (over the classes
+    with a value) and `hd95/<class>`: means over the cases where the value is defined."""
+    metrics = {}
+    per_class = []
+    for k, name in enumerate(class_names[1:], start=1):
+        column = dice[:, k]
+        value = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
+        metrics[f"dice/{name}"] = value
+        per_class.append(value)
+    finite = [v for v in per_class if np.isfinite(v)]
+    metrics["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
+    if hd95 is not None:
+        for k, name in enumerate(class_names[1:]):
+            column = hd95[:, k]
+            metrics[f"hd95/{name}"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
+    return metrics

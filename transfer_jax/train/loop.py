@@ -1,4 +1,5 @@
-"""The fine-tuning loop: set-up -> one compiled, donated step per batch -> evaluations, checkpoints -> summary.
+"""The fine-tuning loop: set-up -> one compiled, donated step per batch -> evaluations, checkpoints -> end-of-run
+evaluation -> summary.
 
 Host <-> device traffic is kept to batches in and scalars out: step metrics stay on device and are fetched once
 per `log_every` steps; evaluation statistics are fetched once per evaluation. Set-up and compilation live in
@@ -15,14 +16,16 @@ from typing import Any, Iterator, Optional, Sequence
 import jax
 from tqdm import tqdm
 
+from transfer_jax.data.pipeline import PreparedCaseSource
 from transfer_jax.train import distributed
-from transfer_jax.train.checkpoint import RunCheckpointer
+from transfer_jax.train.checkpoint import RunCheckpointer, selection_metrics
 from transfer_jax.train.chrono import Chrono
+from transfer_jax.train.evaluator import IN_LOOP_VIEW, WHOLE_VOLUME_VIEW
 from transfer_jax.train.export import model_arrays, write_pretrained
 from transfer_jax.train.mesh import fetch, global_batch
 from transfer_jax.train.optim import observe_evaluation
 from transfer_jax.train.setup import Run, Steps, compile_steps, config_snapshot, resume, set_up
-from transfer_jax.train.state import TrainState
+from transfer_jax.train.state import TrainState, abstract_state
 from transfer_jax.train.writer import MetricWriter
 
 
@@ -60,9 +63,11 @@ def _run(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Callbac
         del initial  # a resumed run keeps only the restored state
         state, figures = train(run, steps, state, meta, batch)
         throughput = {**steps.throughput, **figures}
+    run.checkpointer.wait()
+    evaluation = end_of_run_evaluation(run, state, meta)
     run.checkpointer.close()
     exported = _export(run, state, meta)
-    return _summarize(run, state, meta, throughput, exported)
+    return _summarize(run, state, meta, throughput, exported, evaluation)
 
 
 def train(run: Run, steps: Steps, state: TrainState, meta: dict, batch: dict) -> tuple[TrainState, dict]:
@@ -108,14 +113,20 @@ def _evaluate_and_save(run: Run, state: TrainState, step: int, meta: dict,
                        chrono: Chrono) -> tuple[TrainState, bool]:
     """Evaluation and checkpoint when due after `step`: the state (an lr-on-plateau schedule reads the evaluation)
     and True when the run ends here (last step, early stop)."""
-    config = run.config
+    config, task = run.config, run.task
     last = step == config.total_steps
-    if step % config.eval_every == 0 or last:
+    evaluated = step % config.eval_every == 0 or last
+    if evaluated:
         last = _evaluate(run, state, step, meta, chrono) or last
         metrics = meta["history"][-1]["metrics"]
         state = state.replace(opt_state=observe_evaluation(state.opt_state, metrics, config.optimizer))
-    if step % config.checkpoint_every == 0 or last:
-        run.checkpointer.save(step, state, run.data, meta)
+    improved = evaluated and meta["best_step"] == step  # a new best is always saved, so that it can be restored
+    if step % config.checkpoint_every == 0 or last or improved:
+        selection = None
+        if evaluated:
+            selection = selection_metrics(task.primary_metric, meta["history"][-1]["metrics"].get(task.primary_metric),
+                                          task.direction)
+        run.checkpointer.save(step, state, run.data, meta, metrics=selection)
         for callback in run.callbacks:
             callback.after_checkpoint(step, run.checkpointer)
     return state, last
@@ -168,14 +179,61 @@ def _export(run: Run, state: TrainState, meta: dict) -> Optional[str]:
     return exported
 
 
-def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, exported: Optional[str]) -> dict:
-    """The run summary, written to `workdir/summary.json` (process 0) and closed by the log's `done:` line."""
+def end_of_run_evaluation(run: Run, state: TrainState, meta: dict) -> dict[str, Any]:
+    """The metrics the summary reports: the final state and the best checkpoint on the validation split, and the
+    best checkpoint once on the test split (when the manifest has one).
+
+    Dense 3-D tasks are measured on whole prepared volumes (`WholeVolumeEvaluator`); the others keep the in-loop
+    view, for which the validation numbers are those of the in-loop history. The best checkpoint is the saved step
+    with the best in-loop primary metric (`RunCheckpointer.best_step`), the final state when none records one.
+    """
+    paths, final_step = run.splits.paths, int(fetch(state.step))
+    best_step = run.checkpointer.best_step()
+    best_step = final_step if best_step is None else best_step
+    in_loop = {h["step"]: h["metrics"] for h in meta["history"]}
+
+    def measure(weights: TrainState, step: int, split: str) -> dict[str, float]:
+        if run.whole_volume is not None:
+            return run.whole_volume(weights.params, weights.rest, paths[split])
+        if split == "val" and step in in_loop:
+            return in_loop[step]  # the in-loop view, measured already
+        return run.evaluator(weights, PreparedCaseSource(paths[split]))
+
+    final = measure(state, final_step, "val")
+    best_weights = state
+    if best_step != final_step:
+        best_weights = run.checkpointer.restore_state(best_step, abstract_state(state, run.shardings))
+    best = final if best_weights is state else measure(best_weights, best_step, "val")
+    test = measure(best_weights, best_step, "test") if paths["test"] else None
+    view = WHOLE_VOLUME_VIEW if run.whole_volume is not None else (
+        IN_LOOP_VIEW + "; whole-volume evaluation does not apply to this task")
+    run.writer.write(final_step, final, prefix="final/")
+    run.writer.write(best_step, best, prefix="best/")
+    if test is not None:
+        run.writer.write(best_step, test, prefix="test/")
+    return {"view": view, "final": final, "best": best, "best_step": best_step, "test": test,
+            "test_cases": len(paths["test"])}
+
+
+def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, exported: Optional[str],
+               evaluation: dict) -> dict:
+    """The run summary, written to `workdir/summary.json` (process 0) and closed by the log's `done:` line.
+
+    `final`, `best` (the primary metric) and `best_metrics` come from the end-of-run evaluation (whole volumes
+    for the dense tasks, see `evaluation`), `test` from the best checkpoint on the test split; `in_loop` and
+    `history` hold the quick in-loop evaluations (centre crops) that chose the best checkpoint.
+    """
     config, task, splits = run.config, run.task, run.splits
     summary = {
         "task": config.task.name, "backbone": config.model.backbone, "workdir": run.workdir,
         "primary_metric": task.primary_metric, "direction": task.direction,
-        "best": meta["best"], "best_step": meta["best_step"],
-        "final": meta["history"][-1]["metrics"] if meta["history"] else None,
+        "evaluation": {"final_best_test": evaluation["view"], "in_loop": IN_LOOP_VIEW,
+                       "best_checkpoint": "chosen by the in-loop primary metric"},
+        "best": evaluation["best"].get(task.primary_metric), "best_step": evaluation["best_step"],
+        "final": evaluation["final"], "best_metrics": evaluation["best"],
+        "test": evaluation["test"], "test_cases": evaluation["test_cases"],
+        "in_loop": {"best": meta["best"], "best_step": meta["best_step"],
+                    "final": meta["history"][-1]["metrics"] if meta["history"] else None},
         "steps": int(fetch(state.step)), "stopped_early": bool(meta.get("stopped_early", False)),
         "init": run.init_label, "alignment": alignment_summary(meta.get("alignment", {})),
         "history": meta["history"], "throughput": throughput,
@@ -189,10 +247,11 @@ def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, export
             json.dump(summary, f, indent=2, default=str)
     if splits.skipped:
         run.log(f"{len(splits.skipped)} case(s) were skipped:\n" + "\n".join(f"  - {p}" for p in splits.skipped))
-    final = summary["final"] or {}
+    final, test = summary["final"] or {}, summary["test"] or {}
     run.log(f"done: {task.primary_metric} final={final.get(task.primary_metric, float('nan')):.4f} "
             f"best={summary['best'] if summary['best'] is not None else float('nan'):.4f} "
-            f"(step {summary['best_step']}), steps={summary['steps']}, wall={summary['wall_seconds']:.0f}s, "
+            f"(step {summary['best_step']}), test={test.get(task.primary_metric, float('nan')):.4f} "
+            f"({summary['test_cases']} cases), steps={summary['steps']}, wall={summary['wall_seconds']:.0f}s, "
             f"outputs in {run.workdir}")
     return summary
 

@@ -1,5 +1,6 @@
 """Set-up of a fine-tuning run, before its first step: config -> mesh, task, data, sharded state, optimizer,
-checkpointer, evaluator, alignment probe; then the one place that compiles the run's device code.
+checkpointer, evaluators (in-loop, whole-volume), alignment probe; then the one place that compiles the run's device
+code.
 
 `set_up` builds the pieces and the initial state, `resume` restores the latest checkpoint over them, and
 `compile_steps` traces and compiles every device function the loop calls (the donated train step ahead of time,
@@ -23,10 +24,11 @@ from transfer_jax.data.dataset import augment_config, prepare_splits, prepared_c
 from transfer_jax.data.pipeline import memory_cache_bytes, train_dataset
 from transfer_jax.models.cpu_conv import target_platform
 from transfer_jax.models.registry import compute_dtype as model_compute_dtype
+from transfer_jax.tasks.inference import whole_volume_applies
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.chrono import StepCost
-from transfer_jax.train.evaluator import Evaluator
+from transfer_jax.train.evaluator import Evaluator, WholeVolumeEvaluator
 from transfer_jax.train.flops import device_peak_flops, train_step_flops
 from transfer_jax.train.mesh import check_batch_divisible, create_mesh, mesh_platform
 from transfer_jax.train.optim import make_run_optimizer
@@ -56,7 +58,8 @@ class Run:
     data: Any  # the training data iterator, whose position the checkpoints hold
     batches: Iterator[dict]  # the host batches the loop trains on: `data`, through the callbacks' `batches`
     checkpointer: RunCheckpointer
-    evaluator: Evaluator
+    evaluator: Evaluator  # in-loop, centre crops
+    whole_volume: Optional[WholeVolumeEvaluator]  # end of run; None for tasks it does not apply to
     probe: Optional[AlignmentProbe]
     callbacks: Sequence[Any]  # loop.Callback
     allocator: str
@@ -121,13 +124,27 @@ def set_up(config, workdir: str, writer: MetricWriter, callbacks: Sequence[Any] 
         batches = callback.batches(batches)
     evaluator = Evaluator(task, graph, splits.paths["val"], tuple(config.data.crop_size), eval_per_process, mesh,
                           compute_dtype, cache_bytes)
+    whole_volume = None
+    if whole_volume_applies(task):
+        whole_volume = WholeVolumeEvaluator(task, graph, roi=tuple(config.data.crop_size),
+                                            overlap=_overlap(config), window_batch=config.eval_batch_size,
+                                            mesh=mesh, compute_dtype=compute_dtype)
+    checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     run = Run(config=config, workdir=workdir, writer=writer, started=started, init_label=init_label, mesh=mesh,
               task=task, splits=splits, compute_dtype=compute_dtype, graph=graph, tx=tx, schedule=schedule,
               shardings=shardings, data=data, batches=batches,
-              checkpointer=RunCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints),
-              evaluator=evaluator, probe=_alignment_probe(config, task, graph, mesh, splits, compute_dtype, log),
+              checkpointer=checkpointer, evaluator=evaluator, whole_volume=whole_volume,
+              probe=_alignment_probe(config, task, graph, mesh, splits, compute_dtype, log),
               callbacks=tuple(callbacks), allocator=allocator)
     return run, state
+
+
+def _overlap(config) -> float:
+    overlap = config.eval_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
+        raise ValueError(f"config.eval_overlap must be a fraction in [0, 1) (sliding-window overlap of the "
+                         f"end-of-run evaluation), got {overlap!r}")
+    return float(overlap)
 
 
 def _init_label(config, log) -> str:
