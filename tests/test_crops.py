@@ -96,3 +96,24 @@ def test_extraction_crops_as_upstream_validation(tmp_path):
     expected = _upstream_view(zscore_nonzero(volume), np.asarray(fixture["numbers"]))
     for channel in range(3):
         np.testing.assert_allclose(images[0, ..., channel], expected, rtol=1e-6)
+
+
+def test_gland_region_centres_on_the_nearest_voxel_halves_up(tmp_path):
+    """Gland-centred regions place the centroid's voxel (halves up) where MONAI's centre crop puts its centre,
+    region // 2; a case without a gland is placed as the volume view."""
+    shape = (9, 6, 13)
+    volume = np.ones(shape, np.float32)
+    gland = np.zeros(shape, np.uint8)
+    gland[4:6, 3, 6] = 1  # centroid (4.5, 3, 6)
+    config = PreprocessConfig(spacing=None, crop_size=(4, 5, 5), region_margin=1.0, channels=("t2",),
+                              intensity="raw")
+    prepared = prepare_case(_case(str(tmp_path), volume, gland), config)
+    np.testing.assert_array_equal(np.argwhere(prepared.gland), [[1, 2, 2], [2, 2, 2]])  # voxel 5 at 4 // 2
+
+    fixture = _fixture()["volume"]
+    numbers, crop = np.asarray(fixture["numbers"]), tuple(fixture["crop"])
+    varied = np.random.default_rng(2).uniform(1.0, 2.0, shape).astype(np.float32)
+    no_gland = prepare_case(_case(str(tmp_path), varied, 0 * gland),
+                            PreprocessConfig(**{**config.__dict__, "crop_size": crop, "region_margin": 1.25}))
+    view = center_crop({"image": no_gland.image}, crop)["image"][..., 0]
+    np.testing.assert_array_equal(view, _upstream_view(varied, numbers))
