@@ -28,10 +28,10 @@ columns the zoom reads; the values are those of the full sequential transforms (
 
 Sampling follows the libraries, not only their documentation: OpenCV 4's fixed-point positions (1/32 pixel for
 bilinear; OpenCV 5 no longer rounds), MONAI's pixel-centre grids. `tests/fixtures/augment/` holds their outputs
-(scripts/make_augment_fixtures.py). Known differences from upstream: the crop is taken inside the stored
-region (`region_margin`, `data.region_centre`) rather than anywhere in the whole volume; MONAI resamples in float32 through
-a normalised grid (here float64 positions: differences ~1e-5); the random streams differ (torch / numpy / Python
-`random` upstream).
+(scripts/make_augment_fixtures.py). Known differences from upstream: the crop is taken inside the stored region
+(`region_margin`, placed by `data.region_centre`) rather than anywhere in the whole volume; MONAI resamples in
+float32 through a normalised grid (here float64 positions: differences ~1e-5); the random streams differ (torch /
+numpy / Python `random` upstream).
 """
 from __future__ import annotations
 
