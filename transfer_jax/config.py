@@ -69,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_column = "label"
     c.data.label_map = ""
     c.data.intensity = "zscore_nonzero"  # per-channel z-score over non-zero voxels; "raw": as read (ProViCNet)
-    c.data.region_centre = "gland"  # "whole_slices": axes that fit the crop kept whole (ProViCNet: native slices)
+    # Where the prepared region sits: "gland" (its centroid); "volume": the whole volume's centre, so that the
+    # evaluation crop is MONAI's CenterSpatialCrop + SpatialPad of it (ProFound `full` presets: upstream's val/test
+    # view); "whole_slices": axes that fit the crop kept whole (ProViCNet: native slices)
+    c.data.region_centre = "gland"
     c.data.sampler = "shuffle"  # "shuffle": every case once per epoch; "class_balanced": upstream's weighted draw
     c.data.on_bad_case = "error"  # "error": stop before training, listing every bad case; "skip": leave them out
     # Prepared cases, shared by every run; empty = $TRANSFER_JAX_CACHE_DIR, else $XDG_CACHE_HOME (~/.cache)
@@ -170,13 +173,17 @@ PROFOUND_RECIPES = {
 
 
 def apply_profound_recipe(c: ml_collections.ConfigDict, task: str, backbone: str) -> None:
-    """Upstream's optimiser groups (and, for classification, its class-balanced sampler) for a ProFound backbone;
-    lr 1e-4 / weight decay 0.05 / warm-up + cosine come from `apply_full` and `base_config`."""
+    """Upstream's optimiser groups (and, for classification, its class-balanced sampler) for a ProFound backbone,
+    and its evaluation view: validation, test, predict and extract see the centre crop of the whole volume
+    (`data.region_centre="volume"`), never a mask. Upstream trains on random crops of the whole (padded) volume,
+    so training crops are taken around the volume centre too. lr 1e-4 / weight decay 0.05 / warm-up + cosine come
+    from `apply_full` and `base_config`."""
     recipe = PROFOUND_RECIPES.get((task, backbone))
     if recipe is None:
         raise ValueError(f"no upstream recipe for task {task!r} with backbone {backbone!r}; "
                          f"known: {sorted(PROFOUND_RECIPES)}")
     c.optimizer.update(recipe)
+    c.data.region_centre = "volume"
     if task == "classification":
         c.data.sampler = "class_balanced"
 

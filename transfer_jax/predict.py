@@ -6,8 +6,8 @@
 
 Restores the run's config (saved in every checkpoint's metadata) and the parameters of its best checkpoint by the
 task's primary metric (`--checkpoint best`, the default; `latest`, or a step number), prepares
-each manifest row exactly as training did (`data.*`: spacing, gland-centred region of `crop_size * region_margin`
-voxels, per-channel z-score), and then, per task:
+each manifest row exactly as training did (`data.*`: spacing, region of `crop_size * region_margin` voxels
+placed by `data.region_centre`, per-channel z-score), and then, per task:
 
 * segmentation: MONAI-style sliding-window inference (`tasks/inference.py`, the end-of-run evaluation's own
   function: ROI = `data.crop_size`, `--overlap`, Gaussian blending) over the whole prepared region; the argmax label

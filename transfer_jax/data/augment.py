@@ -40,18 +40,22 @@ class AugmentConfig:
 def center_start(size: int, roi: int) -> int:
     """Start of a centred window of `roi` in `size` voxels, as MONAI `CenterSpatialCrop` (`Crop.compute_slices`)
     places it: centre size // 2, start centre - roi // 2. It differs from floor((size - roi) / 2) when `size` is
-    even and `roi` odd (one voxel later), and from rounding half to even whenever size - roi is odd."""
+    even and `roi` odd (one voxel later), and from rounding half to even whenever size - roi is odd. An axis
+    shorter than `roi` is kept whole and `SpatialPad` (symmetric) puts (roi - size) // 2 zeros before it: the
+    window starts that far before the volume."""
+    if size < roi:
+        return -((roi - size) // 2)
     return size // 2 - roi // 2
 
 
 def center_crop(sample: dict, crop_size: tuple[int, int, int]) -> dict:
-    """The deterministic evaluation view: the crop at the centre of the stored (gland-centred) region, placed
+    """The deterministic evaluation view: the crop at the centre of the stored region, placed
     as MONAI's `CenterSpatialCrop` places it (`center_start`)."""
     region = sample["image"].shape[:3]
+    if any(r < c for r, c in zip(region, crop_size)):
+        raise ValueError(f"crop {crop_size} is larger than the stored region {region}")
     start = [center_start(r, c) for r, c in zip(region, crop_size)]
     window = tuple(slice(s, s + c) for s, c in zip(start, crop_size))
-    if any(s < 0 for s in start):
-        raise ValueError(f"crop {crop_size} is larger than the stored region {region}")
     out = dict(sample)
     out["image"] = np.ascontiguousarray(sample["image"][window])
     out["slice_coordinate"] = np.arange(start[0], start[0] + crop_size[0], dtype=np.float32)

@@ -28,10 +28,10 @@ columns the zoom reads; the values are those of the full sequential transforms (
 
 Sampling follows the libraries, not only their documentation: OpenCV 4's fixed-point positions (1/32 pixel for
 bilinear; OpenCV 5 no longer rounds), MONAI's pixel-centre grids. `tests/fixtures/augment/` holds their outputs
-(scripts/make_augment_fixtures.py). Known differences from upstream: the crop is taken inside the stored
-gland-centred region (`region_margin`) rather than anywhere in the whole volume; MONAI resamples in float32 through
-a normalised grid (here float64 positions: differences ~1e-5); the random streams differ (torch / numpy / Python
-`random` upstream).
+(scripts/make_augment_fixtures.py). Known differences from upstream: the crop is taken inside the stored region
+(`region_margin`, placed by `data.region_centre`) rather than anywhere in the whole volume; MONAI resamples in
+float32 through a normalised grid (here float64 positions: differences ~1e-5); the random streams differ (torch /
+numpy / Python `random` upstream).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage, special
 
-from transfer_jax.data.augment import MASK_KEYS, center_crop
+from transfer_jax.data.augment import MASK_KEYS, center_crop, center_start
 from transfer_jax.data.slices import zscore_in_gland
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,11 +67,8 @@ def _interpolate_taps(in_size: int, out_size: int, order: int) -> tuple[np.ndarr
 
 def _pad_or_crop_index(size: int, target: int) -> np.ndarray:
     """MONAI `ResizeWithPadOrCrop(mode="edge")` along one axis: index into the input for every output position
-    (centre crop from size // 2 - target // 2; symmetric edge padding, the odd voxel after)."""
-    positions = np.arange(target)
-    if size >= target:
-        return positions + size // 2 - target // 2
-    return np.clip(positions - (target - size) // 2, 0, size - 1)
+    (the centre crop and symmetric padding of `center_start`; padded positions repeat the edge voxel)."""
+    return np.clip(np.arange(target) + center_start(size, target), 0, size - 1)
 
 
 def _reflect101(index: np.ndarray, size: int) -> np.ndarray:

@@ -6,11 +6,13 @@ Steps (ProFound's conventions, `profound.md` §1.1):
    (trilinear for images, nearest for masks), so sequences acquired on other grids line up;
 3. each channel is z-scored over its non-zero voxels (population std; zeros stay zero), unless `intensity` is
    "raw" (ProViCNet normalises the raw intensities itself, inside the gland: `data/slices.py`);
-4. a region of `crop_size * region_margin` voxels centred on the gland (the volume centre without a mask) is kept,
-   zero-padded where it leaves the volume; training crops/zooms inside it, evaluation takes its centre. With
-   `region_centre="whole_slices"` an axis no longer than the crop is kept whole, centred so that the evaluation
-   crop holds all of it (ProViCNet: upstream feeds whole 256 x 256 slices of the whole volume), and only a longer
-   one is cut around the gland.
+4. a region of `crop_size * region_margin` voxels centred on the gland is kept, zero-padded where it leaves the
+   volume; training crops/zooms inside it, evaluation takes its centre (`augment.center_crop`). With
+   `region_centre="volume"` (or no gland mask) it is centred on the whole volume instead, placed so that its
+   centre crop is exactly MONAI's `CenterSpatialCrop` + `SpatialPad` of the volume (`augment.center_start`):
+   ProFound's validation and test view, which never looks at a mask. With `region_centre="whole_slices"` an axis
+   no longer than the crop is kept whole, centred so that the evaluation crop holds all of it (ProViCNet:
+   upstream feeds whole 256 x 256 slices of the whole volume), and only a longer one is cut around the gland.
 
 Channels are stacked channels-last in the order of `channels` (ProFound: T2, DWI, ADC).
 
@@ -37,16 +39,17 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm import tqdm
 
+from transfer_jax.data.augment import center_start
 from transfer_jax.data.errors import BadCasesError, DataError
 from transfer_jax.data.manifest import Case
 from transfer_jax.data.nifti import Grid, Volume, overlap_fraction, read_volume, resample
 from transfer_jax.data.readers import source_files
 
 INTENSITY_MODES = ("zscore_nonzero", "raw")
-REGION_CENTRES = ("gland", "whole_slices")
+REGION_CENTRES = ("gland", "volume", "whole_slices")
 # 2: resampling keeps target planes lying on the source border (nifti.resample); 3: zero voxels left out of the
-# stored arrays, file headers in the key
-CACHE_VERSION = 3
+# stored arrays, file headers in the key; 4: region starts rounded as MONAI's centre crop rounds
+CACHE_VERSION = 4
 CACHE_DIR_ENV = "TRANSFER_JAX_CACHE_DIR"
 HEADER_BYTES = 4096  # of every source file, hashed into the cache key
 MAX_AUTO_WORKERS = 8
@@ -60,7 +63,9 @@ class PreprocessConfig:
     region_margin: float = 1.25  # stored region = crop * margin, room for translation/zoom augmentation
     channels: tuple[str, ...] = ("t2", "dwi", "adc")
     intensity: str = "zscore_nonzero"  # or "raw": the resampled intensities as read
-    region_centre: str = "gland"  # or "whole_slices": axes that fit the crop whole, longer ones around the gland
+    # "volume": centred on the whole volume (MONAI's centre crop); "whole_slices": axes that fit the crop whole,
+    # longer ones around the gland
+    region_centre: str = "gland"
     min_overlap: float = 0.5  # fraction of the T2 grid another sequence must cover
     # Label maps (`data.*_labels`): the mask values that mean the structure; 0 and the *_background_labels values
     # are background; any other value is an error. Masks are binarised through them before resampling.
@@ -190,7 +195,16 @@ def _on_reference(volume: Volume, target: Grid, reference: Grid, config: Preproc
 
 
 def _region_start(center: np.ndarray, region: tuple[int, ...]) -> tuple[int, int, int]:
-    return tuple(int(round(c - r / 2)) for c, r in zip(center, region))
+    """A window of `region` around the point `center` (voxel coordinates), as MONAI centres a crop on a voxel: the
+    nearest voxel (halves up), then back region // 2."""
+    return tuple(int(np.floor(c + 0.5)) - r // 2 for c, r in zip(center, region))
+
+
+def volume_region_start(shape: tuple[int, ...], region: tuple[int, ...],
+                        crop: tuple[int, ...]) -> tuple[int, int, int]:
+    """Start of a `region` around the middle of a volume of `shape` whose centre crop of `crop` (`center_crop`) is
+    MONAI's `CenterSpatialCrop(crop)` + `SpatialPad(crop)` of the volume: ProFound's validation and test input."""
+    return tuple(center_start(n, c) - center_start(r, c) for n, r, c in zip(shape, region, crop))
 
 
 def crop_or_pad(array: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
@@ -237,12 +251,11 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
     gland = masks["gland_mask"]
     if config.region_centre not in REGION_CENTRES:
         raise ValueError(f"data.region_centre must be one of {REGION_CENTRES}, got {config.region_centre!r}")
-    if gland is not None and gland.any():
-        center = np.argwhere(gland).mean(axis=0)
-    else:
-        center = (np.asarray(target.shape) - 1) / 2.0
     region = config.region_size
-    start = _region_start(center, region)
+    if config.region_centre != "volume" and gland is not None and gland.any():
+        start = _region_start(np.argwhere(gland).mean(axis=0), region)
+    else:
+        start = volume_region_start(target.shape, region, config.crop_size)
     if config.region_centre == "whole_slices":
         # The evaluation crop starts (region - crop) // 2 into the region: this start puts the axis inside it.
         start = tuple(-((r - n) // 2) if n <= c else s

@@ -2,7 +2,8 @@
 
 Input: either an `.npz` with `image` float32 (N, C, D, H, W) in the upstream layout (channels T2, DWI, ADC), or a
 dataset manifest (`transfer_jax.data.manifest`): each case is read, resampled, z-scored and centre-cropped by the
-data pipeline's own preprocessing (`prepare_case` + `center_crop`), so features match what training sees.
+data pipeline's own preprocessing (`prepare_case` + `center_crop`) with `region_centre="volume"`: the crop is
+MONAI's `CenterSpatialCrop` + `SpatialPad` of the whole volume, upstream's validation and test input.
 
 Output `.npz`, float32, eval mode (running statistics, no auxiliary head), channels-last:
 
@@ -62,14 +63,15 @@ def read_npz_volumes(path: str | os.PathLike, in_channels: int) -> np.ndarray:
 
 def read_manifest_volumes(manifest: str | os.PathLike, crop_size: Sequence[int], *, split: Optional[str] = None,
                           spacing: Optional[Sequence[float]] = (1.0, 0.5, 0.5)) -> tuple[list[str], np.ndarray]:
-    """Cases of a manifest (optionally one split) preprocessed as for evaluation -> (case ids, (N, D, H, W, C))."""
+    """Cases of a manifest (optionally one split) preprocessed as upstream's validation -> (case ids,
+    (N, D, H, W, C))."""
     cases = read_manifest(os.fspath(manifest))
     if split is not None:
         cases = cases_in_split(cases, split)
     if not cases:
         raise ExtractionInputError(f"{manifest}: no cases" + (f" in split {split!r}" if split else ""))
     config = PreprocessConfig(spacing=None if spacing is None else tuple(spacing),
-                              crop_size=tuple(int(c) for c in crop_size))
+                              crop_size=tuple(int(c) for c in crop_size), region_margin=1.0, region_centre="volume")
     images = []
     for case in cases:
         prepared = prepare_case(case, config)

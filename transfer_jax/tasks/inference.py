@@ -2,9 +2,9 @@
 
 The one definition of "the model's output for a case" that the end-of-run evaluation (`train/evaluator.py`) and
 `predict` share, so that the numbers a run reports are the numbers of the files `predict` writes. The volume is
-the prepared region (`data/preprocess.py`: `crop_size * region_margin` voxels around the gland on the training
-grid), never a crop chosen from it; windows of `data.crop_size` overlap by `overlap` and are blended with MONAI's
-Gaussian importance map (`tasks/sliding_window.py`).
+the prepared region (`data/preprocess.py`: `crop_size * region_margin` voxels on the training grid, placed by
+`data.region_centre`), never a crop chosen from it; windows of `data.crop_size` overlap by `overlap` and are
+blended with MONAI's Gaussian importance map (`tasks/sliding_window.py`).
 
 Dense 3-D tasks only (segmentation, super-resolution, distortion, synthesis). Case-level classification and the
 ProViCNet slice tasks keep their own views (the centre crop; the model's fixed in-plane window).
