@@ -157,7 +157,7 @@ def test_run_keeps_best_and_scores_test_once(trained):
     assert summary["best_step"] == best_trained and best_trained in saved and 4 in saved
     assert summary["evaluation"]["final_best_test"].startswith("whole prepared region")
     assert summary["in_loop"]["final"] == summary["history"][-1]["metrics"]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     tested = [r for r in records if any(k.startswith("test/") for k in r)]
     assert len(tested) == 1 and tested[0]["step"] == summary["best_step"] and summary["test_cases"] == 1
@@ -196,5 +196,7 @@ def test_study_rows_carry_the_test_split():
         return {"task": "segmentation", "primary_metric": "dice_mean", "direction": "max", "best": best,
                 "test": test, "steps": 4, "steps_to_95pct_best": 2}
 
-    row = build_row("b", "seg", summary(0.8, {"dice_mean": 0.7}), summary(0.6, None))
-    assert (row.pretrained_best, row.pretrained_test, row.scratch_best, row.scratch_test) == (0.8, 0.7, 0.6, None)
+    row = build_row("b", "seg", {0: summary(0.8, {"dice_mean": 0.7}), 1: summary(0.7, {"dice_mean": 0.5})},
+                    {0: summary(0.6, None), 1: summary(0.5, None)})
+    assert row.pretrained_test.mean == pytest.approx(0.6) and row.pretrained_test.n == 2
+    assert row.scratch_test is None and row.pretrained_best == pytest.approx(0.75)

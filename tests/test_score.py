@@ -49,14 +49,14 @@ def test_segmentation_scores_per_case_and_summary(tmp_path):
     write_nifti(str(predictions / "c1_seg.nii.gz"), wrong, AFFINE, np.uint8)
 
     main(["--predictions", str(predictions), "--manifest", manifest, "--split", "test"])
-    with open(predictions / "scores.csv") as f:
+    with open(predictions / "scores.csv", encoding="utf-8") as f:
         rows = {row["case_id"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"c0", "c1"}  # the train case is not scored
     assert float(rows["c0"]["dice/gland"]) == 1.0 and float(rows["c0"]["hd95/lesion"]) == 0.0
     assert float(rows["c1"]["dice/lesion"]) == 0.0
     diagonal = np.sqrt(sum((n * s) ** 2 for n, s in zip(SHAPE_IJK, (1.0, 1.5, 2.0))))
     assert float(rows["c1"]["hd95/lesion"]) == pytest.approx(diagonal)
-    with open(predictions / "scores_summary.json") as f:
+    with open(predictions / "scores_summary.json", encoding="utf-8") as f:
         summary = json.load(f)
     gland_c1 = 2 * 136 / (136 + 144)  # the lesion's 8 voxels predicted as gland
     assert summary["kind"] == "segmentation" and summary["cases"] == 2
@@ -69,12 +69,12 @@ def test_classification_auroc_and_average_precision(tmp_path):
     manifest, _ = _cohort(tmp_path, labels=("0", "3"))
     predictions = tmp_path / "predictions"
     os.makedirs(predictions)
-    with open(predictions / "probabilities.csv", "w") as f:
+    with open(predictions / "probabilities.csv", "w", encoding="utf-8") as f:
         f.write("case_id,prob_0,prob_1,pred\nc0,0.8,0.2,0\nc1,0.3,0.7,1\n")
     result = score(str(predictions), manifest, "test")
     assert result["kind"] == "classification"
     assert result["metrics"]["auroc"] == 1.0 and result["metrics"]["ap"] == 1.0
-    with open(predictions / "probabilities.csv", "w") as f:
+    with open(predictions / "probabilities.csv", "w", encoding="utf-8") as f:
         f.write("case_id,prob_0,prob_1,pred\nc0,0.3,0.7,1\nc1,0.8,0.2,0\n")
     flipped = score(str(predictions), manifest, "test")["metrics"]
     assert flipped["auroc"] == 0.0 and flipped["ap"] == 0.5
@@ -93,7 +93,7 @@ def test_restoration_against_the_z_scored_reference(tmp_path):
         write_nifti(str(predictions / f"{case.case_id}_adc.nii.gz"), reference, AFFINE)
     result = score(str(predictions), manifest, "test", output=str(tmp_path / "scores"))
     assert result["kind"] == "restoration"
-    with open(tmp_path / "scores" / "scores.csv") as f:
+    with open(tmp_path / "scores" / "scores.csv", encoding="utf-8") as f:
         rows = {row["case_id"]: row for row in csv.DictReader(f)}
     assert float(rows["c0"]["mae"]) == pytest.approx(0.0, abs=1e-5)
     assert float(rows["c0"]["ssim"]) == pytest.approx(1.0, abs=1e-4)

@@ -27,7 +27,7 @@ def write_summary(workdir, *, best, direction="max", steps_to_95=10, steps=40, a
         summary["init"] = init
     if alignment is not None:
         summary["alignment"] = alignment
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f)
     return workdir
 
@@ -135,9 +135,9 @@ def test_missing_scratch_run_and_missing_alignment_give_na_not_errors(tmp_path):
     result = analysis.analyze(records, bootstrap=100, seed=0)
     assert result.sites == [] and result.correlations == []
     outputs = report.write_report(str(tmp_path / "study"), result)
-    text = open(outputs["report.md"]).read()
+    text = open(outputs["report.md"], encoding="utf-8").read()
     assert "Alignment: n/a" in text and "no scratch run" in text
-    with open(outputs["results.csv"]) as f:
+    with open(outputs["results.csv"], encoding="utf-8") as f:
         (values,) = list(csv.DictReader(f))
     assert values["scratch_best"] == "n/a" and values["relative_gain"] == "n/a"
     assert float(values["pretrained_best"]) == 0.7
@@ -345,7 +345,7 @@ def test_report_files_columns_and_sample_sizes(tmp_path):
     run_configs = {"profound_conv-seg-pretrained": {"total_steps": 40, "init": {"mode": "pretrained"}}}
     outputs = report.write_report(str(study_dir), result, run_configs=run_configs,
                                   study_config={"study": {"tasks": ["seg"]}})
-    with open(outputs["results.csv"]) as f:
+    with open(outputs["results.csv"], encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns, rows = reader.fieldnames, list(reader)
     assert columns == report.result_columns(["pooled", "stage4"])
@@ -357,13 +357,13 @@ def test_report_files_columns_and_sample_sizes(tmp_path):
     assert [float(r["mmd2_pooled"]) for r in rows] == pytest.approx(MMD2)
     assert rows[2]["mmd2_stage4"] == "n/a"
 
-    with open(outputs["correlations.csv"]) as f:
+    with open(outputs["correlations.csv"], encoding="utf-8") as f:
         correlations = list(csv.DictReader(f))
     assert len(correlations) == 2 * 3 * 2  # sites x targets x methods
     assert {r["n"] for r in correlations if r["site"] == "pooled"} == {"5"}
 
-    markdown = open(outputs["report.md"]).read()
-    page = open(outputs["report.html"]).read()
+    markdown = open(outputs["report.md"], encoding="utf-8").read()
+    page = open(outputs["report.html"], encoding="utf-8").read()
     for text in (markdown, page):
         assert "n = 5" in text and "n = 2" in text
         assert "How to read this" in text and "tiny" in text
@@ -469,9 +469,9 @@ def test_rows_that_did_not_learn_say_so_and_leave_the_correlations(tmp_path):
                 if (c.site, c.target, c.method, c.level) == ("pooled", "relative_gain", "pearson", "points"))
     assert gain.n == 4
     outputs = report.write_report(str(tmp_path / "study"), result)
-    markdown = open(outputs["report.md"]).read()
+    markdown = open(outputs["report.md"], encoding="utf-8").read()
     assert "| did not learn |" in markdown
-    with open(outputs["results.csv"]) as f:
+    with open(outputs["results.csv"], encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert rows[2]["did_not_learn"] == "True" and rows[2]["relative_gain"] == "n/a"
 
@@ -479,16 +479,16 @@ def test_rows_that_did_not_learn_say_so_and_leave_the_correlations(tmp_path):
 def test_report_holds_the_table_and_the_figure_with_intervals(tmp_path):
     result = analysis.analyze(seeded_records(tmp_path, probe=True), bootstrap=200, seed=0)
     outputs = report.write_report(str(tmp_path / "study"), result)
-    markdown = open(outputs["report.md"]).read()
+    markdown = open(outputs["report.md"], encoding="utf-8").read()
     row = result.rows[0]
     gain = f"{100 * row.gain.mean:+.3g} % [{100 * row.gain.low:+.3g}, {100 * row.gain.high:+.3g}]"
     assert gain in markdown
     assert "probe gap" in markdown and "replicates" in markdown and "exact, 120 pairings" in markdown
-    with open(outputs["results.csv"]) as f:
+    with open(outputs["results.csv"], encoding="utf-8") as f:
         first = next(csv.DictReader(f))
     assert float(first["relative_gain_low"]) == pytest.approx(row.gain.low)
     assert float(first["mmd2_high_pooled"]) == pytest.approx(row.mmd2_by_site["pooled"].high)
-    with open(outputs["seeds.csv"]) as f:
+    with open(outputs["seeds.csv"], encoding="utf-8") as f:
         seeds = list(csv.DictReader(f))
     assert len(seeds) == 5 * 3 and [int(r["seed"]) for r in seeds[:3]] == [0, 1, 2]
     assert [float(r["relative_gain"]) for r in seeds[:3]] == pytest.approx(row.gain.values)

@@ -53,9 +53,9 @@ class FakeTrainer:
         if config.task.name.startswith("pretrain_"):  # the real trainer exports an artifact at the end
             summary["pretrained_artifact"] = os.path.join(workdir, "pretrained")
             os.makedirs(summary["pretrained_artifact"], exist_ok=True)
-            with open(os.path.join(summary["pretrained_artifact"], "model.json"), "w") as f:
+            with open(os.path.join(summary["pretrained_artifact"], "model.json"), "w", encoding="utf-8") as f:
                 json.dump({"format_version": 1, "model": config.model.backbone, "config": {}}, f)
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f)
         return summary
 
@@ -101,9 +101,9 @@ def test_half_finished_and_missing_summaries_are_handed_back_to_the_trainer(tmp_
 
     # An early stop counts as finished even short of total_steps.
     summary_path = os.path.join(tmp_path, "runs", "profound_conv-seg-pretrained", "summary.json")
-    summary = json.load(open(summary_path))
+    summary = json.load(open(summary_path, encoding="utf-8"))
     summary.update(steps=1, stopped_early=True)
-    json.dump(summary, open(summary_path, "w"))
+    json.dump(summary, open(summary_path, "w", encoding="utf-8"))
     runner.run_study(study_config(), str(tmp_path), log=lambda _: None)
     assert len(resumed.calls) == 2
 
@@ -121,7 +121,7 @@ def test_raising_total_steps_resumes_and_a_changed_override_is_reported(tmp_path
     result = runner.run_study(shorter_lr, str(tmp_path), log=lambda _: None)
     assert len(fake_trainer.calls) == 4  # finished runs are kept...
     assert all("different config (total_steps, optimizer.lr)" in r.reason for r in result.runs)  # ...and flagged
-    assert "different config" in open(result.outputs["report.md"]).read()
+    assert "different config" in open(result.outputs["report.md"], encoding="utf-8").read()
 
 
 # -- the JAX pretraining stage ------------------------------------------------------------------------------------
@@ -139,14 +139,14 @@ def test_pretraining_runs_first_and_initialises_the_pretrained_runs(tmp_path, fa
     artifact = str(study_dir / "pretraining" / "profound_conv" / "pretrained")
     assert calls[1]["init"] == {"mode": "pretrained", "checkpoint": artifact, "allow_random": False, "dont_load": []}
     assert calls[2]["init"]["checkpoint"] == ""
-    runs = json.load(open(result.outputs["runs.json"]))
+    runs = json.load(open(result.outputs["runs.json"], encoding="utf-8"))
     assert runs[0]["task"] == "pretraining" and runs[0]["status"] == "trained"
-    assert "Pretraining" in open(result.outputs["report.md"]).read()
+    assert "Pretraining" in open(result.outputs["report.md"], encoding="utf-8").read()
     assert (study_dir / "configs" / "profound_conv-pretraining.json").exists()
 
     again = runner.run_study(config, str(study_dir), log=lambda _: None)
     assert len(fake_trainer.calls) == 3
-    assert json.load(open(again.outputs["runs.json"]))[0]["status"] == "reused"
+    assert json.load(open(again.outputs["runs.json"], encoding="utf-8"))[0]["status"] == "reused"
     # a finished pretraining run whose artifact is gone goes back to the trainer (which re-exports it)
     import shutil
 
@@ -242,9 +242,9 @@ def test_run_configs_carry_init_and_overrides_and_are_saved(tmp_path, fake_train
     for run_config in (pretrained, scratch):
         assert run_config["total_steps"] == 3 and run_config["optimizer"]["lr"] == 0.25
         assert run_config["model"]["backbone_options"]["dims"] == [8, 16, 16, 32]  # the smoke preset
-    saved = json.load(open(tmp_path / "study" / "configs" / "profound_conv-seg-pretrained.json"))
+    saved = json.load(open(tmp_path / "study" / "configs" / "profound_conv-seg-pretrained.json", encoding="utf-8"))
     assert saved == pretrained
-    runs = json.load(open(result.outputs["runs.json"]))
+    runs = json.load(open(result.outputs["runs.json"], encoding="utf-8"))
     assert [(r["name"], r["status"]) for r in runs] == [("profound_conv-seg-pretrained", "trained"),
                                                         ("profound_conv-seg-scratch", "trained")]
 
@@ -276,7 +276,7 @@ def test_missing_task_configs_and_unsupported_backbones_are_skipped_with_reasons
     assert "does not support provicnet" in status["provicnet-seg-scratch"][1]
     assert status["profound_conv-cls-pretrained"][0] == "skipped"
     assert "cls.py does not exist yet" in status["profound_conv-cls-pretrained"][1]
-    text = open(result.outputs["report.md"]).read()
+    text = open(result.outputs["report.md"], encoding="utf-8").read()
     assert "does not support provicnet" in text and "cls.py does not exist yet" in text
     assert [row.label for row in result.analysis.rows] == ["profound_conv/seg"]
 
@@ -392,8 +392,8 @@ def test_command_line_entry_reports_skips_and_names_bad_fields(tmp_path):
                "--config.study.overrides.total_steps=2"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "seg.py does not exist yet" in open(tmp_path / "study" / "report.md").read()
-    study = json.load(open(tmp_path / "study" / "configs" / "study.json"))["study"]
+    assert "seg.py does not exist yet" in open(tmp_path / "study" / "report.md", encoding="utf-8").read()
+    study = json.load(open(tmp_path / "study" / "configs" / "study.json", encoding="utf-8"))["study"]
     assert study["tasks"] == ["seg", "cls"] and study["overrides"] == {"total_steps": 2}
 
     done = subprocess.run(command[:-2] + ["--config.study.tasks=('seg','segmentation')"], cwd=REPO, env=env,
@@ -416,7 +416,7 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     artifact = str(study_dir / "pretraining" / "profound_conv" / "pretrained")
     step0 = []
     for run in ("profound_conv-seg-pretrained", "profound_conv-seg-pretrained-seed1"):
-        pretrained_summary = json.load(open(study_dir / "runs" / run / "summary.json"))
+        pretrained_summary = json.load(open(study_dir / "runs" / run / "summary.json", encoding="utf-8"))
         assert pretrained_summary["init"] == "pretrained"  # the JAX pretraining artifact, not a random stand-in
         assert pretrained_summary["config"]["init"]["checkpoint"] == artifact
         step0.append(pretrained_summary["history"][0])
@@ -424,14 +424,14 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     assert step0[0]["step"] == step0[1]["step"] == 0 and step0[0]["metrics"] != step0[1]["metrics"]
 
     for run in ("profound_conv-seg-pretrained", "profound_conv-seg-scratch", "profound_conv-seg-scratch-seed1"):
-        summary = json.load(open(study_dir / "runs" / run / "summary.json"))
+        summary = json.load(open(study_dir / "runs" / run / "summary.json", encoding="utf-8"))
         assert summary["steps"] == 2
-        assert json.load(open(study_dir / "configs" / f"{run}.json"))["init"]["mode"] == run.split("-")[2]
+        assert json.load(open(study_dir / "configs" / f"{run}.json", encoding="utf-8"))["init"]["mode"] == run.split("-")[2]
     for name in ("results.csv", "correlations.csv", "report.md", "report.html", "environment.json", "runs.json"):
         assert (study_dir / name).stat().st_size > 0, name
     assert (study_dir / "configs" / "study.json").exists()
 
-    with open(study_dir / "results.csv") as f:
+    with open(study_dir / "results.csv", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns, rows = reader.fieldnames, list(reader)
     assert columns == report.result_columns(result.analysis.sites)
@@ -441,7 +441,7 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
     assert 0.0 <= float(row["pretrained_best"]) <= 1.0 and 0.0 <= float(row["scratch_best"]) <= 1.0
     assert int(row["pretrained_steps"]) == 2 and int(row["scratch_steps"]) == 2
 
-    markdown = open(study_dir / "report.md").read()
+    markdown = open(study_dir / "report.md", encoding="utf-8").read()
     assert "How to read this" in markdown and "mean [95 % interval] over seeds" in markdown
     analysis_row = result.analysis.rows[0]
     plots = study_dir / "plots"
@@ -452,10 +452,10 @@ def test_smoke_study_end_to_end_with_the_real_trainer(tmp_path):
         assert (plots / "mmd2_trajectories.png").exists()
     else:
         assert "Alignment: n/a" in markdown
-    env = json.load(open(study_dir / "environment.json"))
+    env = json.load(open(study_dir / "environment.json", encoding="utf-8"))
     assert env["devices"]["backend"] == "cpu" and env["packages"]["jax"] == __import__("jax").__version__
 
-    assert "Pretraining" in open(study_dir / "report.md").read()
+    assert "Pretraining" in open(study_dir / "report.md", encoding="utf-8").read()
 
     again = runner.run_study(config, str(study_dir), log=lambda _: None)
     assert [r.status for r in again.runs] == ["reused"] * 4
