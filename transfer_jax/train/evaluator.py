@@ -26,7 +26,7 @@ from transfer_jax.train.step import make_eval_step
 
 IN_LOOP_VIEW = "centre crop of data.crop_size centred on each prepared region (data/augment.py center_crop)"
 WHOLE_VOLUME_VIEW = ("whole prepared region of each case on its prepared grid, sliding window of data.crop_size "
-                     "with overlap eval_overlap and Gaussian blending, as predict")
+                     "with overlap eval_overlap and constant blending (MONAI's default), as predict")
 
 
 def _merge_case_stats(stats: list[dict], losses: list, task) -> dict[str, float]:
