@@ -10,9 +10,9 @@ each manifest row exactly as training did (`data.*`: spacing, region of `crop_si
 placed by `data.region_centre`, per-channel z-score), and then, per task:
 
 * segmentation: MONAI-style sliding-window inference (`tasks/inference.py`, the end-of-run evaluation's own
-  function: ROI = `data.crop_size`, `--overlap`, constant blending as MONAI's default) over the whole prepared region; the argmax label
-  map (0 background, 1 gland, 2 lesion) is written as `<case_id>_seg.nii.gz` on the T2 file's own grid
-  (nearest-neighbour; voxels outside the prepared region are background); with `--save_probabilities` also the
+  function: ROI = `data.crop_size`, `--overlap`, constant blending as MONAI's default) over the whole prepared
+  region; the argmax label map (0 background, 1 gland, 2 lesion) is written as `<case_id>_seg.nii.gz` on the T2
+  file's own grid (nearest-neighbour; voxels outside the prepared region are background); with `--save_probabilities` also the
   softmax class probabilities as `<case_id>_probabilities.nii.gz` on the T2 grid, classes on the last axis
   (trilinear; background probability 1 outside the prepared region);
 * classification: the centre crop (as in evaluation); class probabilities go to `<output>/probabilities.csv`
