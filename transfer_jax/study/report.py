@@ -49,7 +49,7 @@ RESULT_COLUMNS = (
     ("pretrained_low", ""), ("pretrained_high", ""),
     ("scratch_best", "the same for the from-scratch runs"),
     ("scratch_low", ""), ("scratch_high", ""),
-    ("pretrained_test", "the pretrained runs' best checkpoints on the test split (primary metric, measured once), mean"),
+    ("pretrained_test", "the pretrained runs' best checkpoints on the test split (primary metric, once), mean"),
     ("scratch_test", "the same for the from-scratch runs"),
     ("absolute_gain", "pretrained - scratch (max) or scratch - pretrained (min), mean over seed pairs: positive = "
                       "pretraining helped"),
