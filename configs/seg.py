@@ -4,6 +4,7 @@
     python -m transfer_jax.main --config=configs/seg.py:smoke ...      # CI-sized
     python -m transfer_jax.main --config=configs/seg.py:full ...       # ConvNeXt-V2 Tiny at 64x224x224
     python -m transfer_jax.main --config=configs/seg.py:profound_vit[,smoke|full] ...  # ProFound-ViT + ViT adapter
+    python -m transfer_jax.main --config=configs/seg.py:lesion[,smoke|full] ...     # binary lesion, sigmoid head
     python -m transfer_jax.main --config=configs/seg.py:provicnet ...  # ProViCNet 2.5-D slices (see provicnet_config)
 """
 import ml_collections
@@ -13,17 +14,35 @@ from transfer_jax.config import (apply_dense_head, apply_profound_recipe, apply_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, arg = _variant(arg)
     backbone, preset = parse_arg(arg)
     if backbone == "provicnet":
         return provicnet_config(preset)
     c = base_config()
+    # activation: "softmax" (one logit per class, argmax) or "sigmoid" (one foreground logit, > threshold; loss
+    # MONAI DiceCELoss(sigmoid=True) with lambda_dice / lambda_ce); see tasks/segmentation.py.
     c.task = ml_collections.ConfigDict(dict(
-        name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True))
+        name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True,
+        activation="softmax", threshold=0.5, lambda_dice=1.0, lambda_ce=1.0))
+    if variant == "lesion":  # upstream ProFound's lesion UPerNet: 1 channel, sigmoid, DiceCE-BCE, threshold 0.5
+        c.task.update(dict(classes=("lesion",), activation="sigmoid"))
     # profound_vit: UPerNet reads the token levels `out_indices` through the ViT adapter.
     apply_dense_head(c, backbone, preset, auxiliary_head=True)
     if preset == "full":  # upstream's parameter groups and layer decay (docs/recipes.md)
         apply_profound_recipe(c, "segmentation", backbone)
     return c
+
+
+VARIANTS = ("lesion",)
+
+
+def _variant(arg: str | None) -> tuple[str, str | None]:
+    """Split the task variant (one of VARIANTS, at most one) off the config argument; the rest goes to `parse_arg`."""
+    tokens = [t for t in (arg or "").split(",") if t]
+    chosen = [t for t in tokens if t in VARIANTS]
+    if len(chosen) > 1:
+        raise ValueError(f"configs/seg.py argument names several task variants {chosen}; pick one of {VARIANTS}")
+    return (chosen[0] if chosen else ""), ",".join(t for t in tokens if t not in VARIANTS) or None
 
 
 def provicnet_config(preset: str) -> ml_collections.ConfigDict:
