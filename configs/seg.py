@@ -6,6 +6,7 @@
     python -m transfer_jax.main --config=configs/seg.py:profound_vit[,smoke|full] ...  # ProFound-ViT + ViT adapter
     python -m transfer_jax.main --config=configs/seg.py:lesion[,smoke|full] ...     # binary lesion, sigmoid head
     python -m transfer_jax.main --config=configs/seg.py:provicnet ...  # ProViCNet 2.5-D slices (see provicnet_config)
+    python -m transfer_jax.main --config=configs/seg.py:provicnet,graded ...  # ISUP-graded lesions: indolent/csPCa
 """
 import ml_collections
 
@@ -17,7 +18,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, arg = _variant(arg)
     backbone, preset = parse_arg(arg)
     if backbone == "provicnet":
-        return provicnet_config(preset)
+        c = provicnet_config(preset)
+        if variant == "graded":  # ISUP-graded lesion masks: grade 1 indolent, >= 2 csPCa (upstream's rule)
+            c.data.graded_masks = ("lesion",)
+        elif variant:
+            raise ValueError(f"configs/seg.py variant {variant!r} is not a ProViCNet one; use 'graded'")
+        return c
+    if variant == "graded":
+        raise ValueError("configs/seg.py variant 'graded' applies to the ProViCNet backbone ('provicnet,graded')")
     c = base_config()
     # activation: "softmax" (one logit per class, argmax) or "sigmoid" (one foreground logit, > threshold; loss
     # MONAI DiceCELoss(sigmoid=True) with lambda_dice / lambda_ce); see tasks/segmentation.py.
@@ -33,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = ("lesion",)
+VARIANTS = ("lesion", "graded")
 
 
 def _variant(arg: str | None) -> tuple[str, str | None]:
@@ -57,6 +65,8 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
       geometry; pair it with init.checkpoint = a converted T2_best.pth (python -m transfer_jax.convert provicnet).
     Loss: MONAI-1.3.1 DiceCE with upstream's class weights (train [0.02, 0.04, 0.5, 0.5], eval [0, 0, 0.5, 0.5]);
     `task.contrastive_alpha` > 0 adds the label-guided patch contrastive loss (upstream 0.05);
+    `data.graded_masks=("lesion",)` (variant `graded`) keeps lesion grades: 1 indolent, >= 2 csPCa, and
+    `task.indolent_as_cspca` maps 1 to csPCa as upstream does for PI-CAI files;
     `task.background_keep` < 1 leaves a random share of a case's slices without gland out of the training loss
     (upstream 0.8); `task.skip_no_cancer` skips training batches without a cancer pixel. Optimiser: Adam (weight
     decay 0), the backbone at 0.05 x lr like upstream, CL_Head frozen as upstream never optimises it. `full` is
@@ -66,7 +76,7 @@ def provicnet_config(preset: str) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(dict(
         name="provicnet_segmentation", class_weights=(0.02, 0.04, 0.5, 0.5), eval_class_weights=(0.0, 0.0, 0.5, 0.5),
         contrastive_alpha=0.0, contrastive_max_pairs=30, contrastive_upper=62, contrastive_lower=2,
-        contrastive_margin=0.5, background_keep=1.0, skip_no_cancer=False))
+        contrastive_margin=0.5, background_keep=1.0, skip_no_cancer=False, indolent_as_cspca=False))
     apply_provicnet(c, preset)
     provicnet_finetuning(c)
     if preset == "full":

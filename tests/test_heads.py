@@ -1,9 +1,14 @@
-"""Task heads for the released checkpoints: the binary lesion (sigmoid) head of ProFound's lesion UPerNet."""
+"""Task heads and label sets of the released checkpoints: ProFound's binary lesion (sigmoid) UPerNet and
+ProViCNet's four classes with indolent vs csPCa kept from graded lesion masks."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import config_for
+from helpers import config_for, write_nifti
+from transfer_jax.data.dataset import preprocess_config
+from transfer_jax.data.errors import DataError
+from transfer_jax.data.manifest import Case
+from transfer_jax.data.preprocess import PreprocessConfig, prepare_case
 from transfer_jax.models.upernet import SegmentationOutput
 from transfer_jax.tasks.registry import get_task
 from transfer_jax.tasks.segmentation import sigmoid_dice_ce_loss
@@ -78,3 +83,85 @@ def test_sigmoid_head_loss_adds_the_auxiliary_term():
 def test_bad_head_options(overrides, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         get_task(config_for("seg", "smoke", **overrides))
+
+
+
+# -- graded lesion masks: ProViCNet's indolent vs csPCa ----------------------------------------------------------
+
+def test_graded_lesion_mask_keeps_its_values(tmp_path):
+    image = write_nifti(str(tmp_path / "t2.nii.gz"), np.ones((8, 8, 4), np.float32))
+    grades = np.zeros((8, 8, 4), np.uint8)
+    grades[1:3, 1:3, 1:3], grades[5:7, 5:7, 1:3], grades[1:3, 5:7, 0] = 1, 4, 6
+    lesion = write_nifti(str(tmp_path / "lesion.nii.gz"), grades, dtype=np.uint8)
+    case = Case(case_id="graded", t2=image, adc=image, dwi=image, split="train", lesion_mask=lesion)
+    base = dict(spacing=None, crop_size=(4, 8, 8), region_margin=1.0, lesion_labels=(1, 2, 3, 4, 5),
+                lesion_background_labels=(6,))
+    graded = prepare_case(case, PreprocessConfig(**base, graded_masks=("lesion",))).lesion
+    # arrays are (D, H, W) = NIfTI (k, j, i)
+    assert graded[1:3, 1:3, 1:3].min() == 1 and graded[1:3, 5:7, 5:7].min() == 4
+    assert sorted(np.unique(graded).tolist()) == [0, 1, 4]  # the background grade 6 is 0
+    binary = prepare_case(case, PreprocessConfig(**base)).lesion
+    np.testing.assert_array_equal(binary, graded > 0)
+    assert binary.max() == 1
+
+
+def test_graded_masks_config_is_checked():
+    config = config_for("seg", "provicnet,smoke,graded")
+    assert preprocess_config(config.data).graded_masks == ("lesion",)
+    config.data.graded_masks = ("prostate",)
+    with pytest.raises(DataError, match=r"data.graded_masks \('prostate',\): expected names among"):
+        preprocess_config(config.data)
+    with pytest.raises(ValueError, match="applies to the ProViCNet backbone"):
+        config_for("seg", "smoke,graded")
+
+
+def _provicnet_sample(lesion):
+    depth, size = lesion.shape[0], lesion.shape[1]
+    gland = np.zeros(lesion.shape, np.uint8)
+    gland[:, 16:48, 16:48] = 1
+    image = np.random.default_rng(0).normal(size=lesion.shape + (3,)).astype(np.float32) + 2.0 * gland[..., None]
+    return {"image": image, "gland": gland, "lesion": lesion, "label": "0", "case_index": np.int32(0)}
+
+
+@pytest.mark.parametrize("arg,indolent_as_cspca,expected", [
+    ("provicnet,smoke,graded", False, (1, 2, 3, 3)),  # upstream: 1 indolent, >= 2 (ISUP 2..5) csPCa
+    ("provicnet,smoke,graded", True, (1, 3, 3, 3)),  # upstream's PI-CAI rule: 1 counts as csPCa
+    ("provicnet,smoke", False, (1, 3, 3, 3)),  # binary masks: every lesion is csPCa, as before
+])
+def test_provicnet_labels_from_graded_lesions(arg, indolent_as_cspca, expected):
+    task = get_task(config_for("seg", arg, **{"task.indolent_as_cspca": indolent_as_cspca}))
+    size = task.label_size
+    lesion = np.zeros((4, size, size), np.uint8)
+    lesion[:, 20:24, 20:24], lesion[:, 30:34, 30:34], lesion[:, 40:44, 40:44] = 1, 2, 5
+    if "graded" not in arg:
+        lesion = (lesion > 0).astype(np.uint8)  # what preprocessing hands over without data.graded_masks
+    label = task.make_sample(_provicnet_sample(lesion))["label"]
+    assert label.shape == (4, size, size)
+    got = (label[1, 18, 18], label[1, 21, 21], label[1, 31, 31], label[1, 41, 41])  # gland, grade 1, 2, 5
+    assert tuple(int(v) for v in got) == expected
+    assert label[1, 2, 2] == 0
+
+
+@pytest.mark.slow
+def test_lesion_head_trains_and_predicts_a_binary_map(tmp_path):
+    import nibabel as nib
+
+    from helpers import fixed_training_batch
+    from transfer_jax.data.manifest import read_manifest
+    from transfer_jax.predict import main
+    from transfer_jax.train.loop import train_and_evaluate
+
+    config = fixed_training_batch(config_for("seg", "lesion,smoke"), total_steps=3)
+    config.model.head_options.pool_scales = (1, 2)
+    config.alignment.enabled = False
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(summary["final"]["dice_mean"]) and "dice/gland" not in summary["final"]
+    output = tmp_path / "predictions"
+    main(["--workdir", str(tmp_path), "--manifest", summary["manifest"], "--output", str(output),
+          "--save_probabilities"])
+    case = read_manifest(summary["manifest"])[0]
+    labels = nib.load(str(output / f"{case.case_id}_seg.nii.gz")).get_fdata()
+    assert set(np.unique(labels)) <= {0.0, 1.0}
+    probs = nib.load(str(output / f"{case.case_id}_probabilities.nii.gz")).get_fdata()
+    assert probs.shape == labels.shape + (2,)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-4)

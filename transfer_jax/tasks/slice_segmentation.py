@@ -1,7 +1,10 @@
 """ProViCNet fine-tuning: 2.5-D slice-wise segmentation of one MRI sequence into 4 classes (spec `provicnet.md` §3).
 
-Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. The prepared cases' lesion masks are
-taken as csPCa (class 3); class 2 stays empty unless a dataset provides indolent lesions (none does yet).
+Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. By default the prepared cases' lesion
+masks are binary and taken as csPCa (class 3). With graded lesion masks (`data.graded_masks = ("lesion",)`, the
+mask's values kept, e.g. ISUP grade per voxel) upstream's rule applies (`slices.map_cancer_labels`): value 1 is
+indolent (class 2), values >= 2 csPCa (class 3), so ISUP 1 / ISUP >= 2 split as upstream's GG1 / GG >= 2;
+`task.indolent_as_cspca` counts 1 as csPCa too (upstream does so for PI-CAI files, whose lesions are csPCa only).
 
 One batch element is one prepared case: every axial slice of a window of `data.crop_size[0]` slices becomes a
 3-slice stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per
@@ -229,6 +232,8 @@ class SliceSegmentationTask(SliceTask, Task):
         self.background_keep = float(task.get("background_keep", 1.0))
         if not 0.0 <= self.background_keep <= 1.0:
             raise ValueError(f"task.background_keep must be in [0, 1], got {self.background_keep}")
+        self.graded_lesions = "lesion" in tuple(config.data.get("graded_masks", ()))
+        self.indolent_as_cspca = bool(task.get("indolent_as_cspca", False))
         self.skip_no_cancer = bool(task.get("skip_no_cancer", False))
         if self.skip_no_cancer and not config.optimizer.get("skip_zero_gradient_steps", False):
             raise ValueError("task.skip_no_cancer=True needs optimizer.skip_zero_gradient_steps=True (the skipped "
@@ -246,6 +251,15 @@ class SliceSegmentationTask(SliceTask, Task):
     def validate_case(self, case, prepared) -> None:
         self.require_gland(case, prepared)
 
+    def cancer_codes(self, lesion, shape) -> np.ndarray:
+        """Upstream's cancer codes (0 none, 1 indolent, 2 csPCa) of a prepared lesion mask: a binary mask is all
+        csPCa; a graded one goes through upstream's rule (`slices.map_cancer_labels`)."""
+        if lesion is None:
+            return np.zeros(shape, np.uint8)
+        if self.graded_lesions:
+            return slice_data.map_cancer_labels(lesion, indolent_as_cspca=self.indolent_as_cspca)
+        return np.where(lesion > 0, 2, 0).astype(np.uint8)
+
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         volume = sample["image"][..., self.channel]
         gland = sample["gland"]
@@ -253,9 +267,8 @@ class SliceSegmentationTask(SliceTask, Task):
         if (height, width) != (self.label_size, self.label_size):
             raise ValueError(f"slice size {height}x{width} differs from the label size {self.label_size}")
         images, label_slice = slice_stacks(normalise_in_gland(volume, gland), self.image_size, self.edge)
-        lesion = sample.get("lesion")
-        cancer = np.zeros(volume.shape, np.uint8) if lesion is None else np.where(lesion > 0, 2, 0).astype(np.uint8)
-        labels = slice_data.four_class_labels(gland, cancer)[label_slice].astype(np.int32)
+        labels = slice_data.four_class_labels(gland, self.cancer_codes(sample.get("lesion"), volume.shape))
+        labels = labels[label_slice].astype(np.int32)
         seed = zlib.crc32(np.ascontiguousarray(images[:, ::7, ::7]).tobytes()) & 0x7FFFFFFF
         return {"image": images, "label": labels, "slice_position": slice_data.crop_positions(sample, depth),
                 "pair_seed": np.int32(seed)}
