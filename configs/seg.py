@@ -5,6 +5,7 @@
     python -m transfer_jax.main --config=configs/seg.py:full ...       # ConvNeXt-V2 Tiny at 64x224x224
     python -m transfer_jax.main --config=configs/seg.py:profound_vit[,smoke|full] ...  # ProFound-ViT + ViT adapter
     python -m transfer_jax.main --config=configs/seg.py:lesion[,smoke|full] ...     # binary lesion, sigmoid head
+    python -m transfer_jax.main --config=configs/seg.py:anatomy[,smoke|full] ...    # 9 classes from [T2, 0, 0]
     python -m transfer_jax.main --config=configs/seg.py:provicnet ...  # ProViCNet 2.5-D slices (see provicnet_config)
     python -m transfer_jax.main --config=configs/seg.py:provicnet,graded ...  # ISUP-graded lesions: indolent/csPCa
 """
@@ -34,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         activation="softmax", threshold=0.5, lambda_dice=1.0, lambda_ce=1.0))
     if variant == "lesion":  # upstream ProFound's lesion UPerNet: 1 channel, sigmoid, DiceCE-BCE, threshold 0.5
         c.task.update(dict(classes=("lesion",), activation="sigmoid"))
+    if variant == "anatomy":  # upstream ProFound's anatomy UPerNet: 9 channels from [T2, 0, 0], softmax, argmax
+        anatomy(c)
     # profound_vit: UPerNet reads the token levels `out_indices` through the ViT adapter.
     apply_dense_head(c, backbone, preset, auxiliary_head=True)
     if preset == "full":  # upstream's parameter groups and layer decay (docs/recipes.md)
@@ -41,7 +44,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = ("lesion", "graded")
+VARIANTS = ("lesion", "anatomy", "graded")
+ANATOMY_CLASSES = tuple(f"structure_{k}" for k in range(1, 9))  # upstream names none of its 8 classes
+
+
+def anatomy(c: ml_collections.ConfigDict) -> None:
+    """tasks/anatomy.py: the label map is gland_mask's values 1..8 (`data.graded_masks`), the model sees T2 only."""
+    c.task.update(dict(name="anatomy_segmentation", classes=ANATOMY_CLASSES, input_channels=("t2",)))
+    c.data.graded_masks = ("gland",)
+    c.data.gland_labels = tuple(range(1, len(ANATOMY_CLASSES) + 1))
 
 
 def _variant(arg: str | None) -> tuple[str, str | None]:

@@ -1,5 +1,6 @@
 """Task heads and label sets of the released checkpoints: ProFound's binary lesion (sigmoid) UPerNet and
-ProViCNet's four classes with indolent vs csPCa kept from graded lesion masks."""
+ProViCNet's four classes with indolent vs csPCa kept from graded lesion masks, ProFound's 9-class anatomy UPerNet
+on [T2, 0, 0]."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,6 +141,35 @@ def test_provicnet_labels_from_graded_lesions(arg, indolent_as_cspca, expected):
     got = (label[1, 18, 18], label[1, 21, 21], label[1, 31, 31], label[1, 41, 41])  # gland, grade 1, 2, 5
     assert tuple(int(v) for v in got) == expected
     assert label[1, 2, 2] == 0
+
+
+
+# -- anatomy: 9 classes from T2 only ------------------------------------------------------------------------------
+
+def test_anatomy_variant_sees_t2_only_and_predicts_the_argmax():
+    task = get_task(config_for("seg", "anatomy,smoke"))
+    assert task.name == "anatomy_segmentation" and task.out_channels == task.num_classes == 9
+    image = np.random.default_rng(0).normal(size=(1, 2, 3, 3, 3)).astype(np.float32) + 1.0
+    seen = task.forward(lambda x: x, {"image": jnp.asarray(image)}, jnp.float32)  # the model's input
+    np.testing.assert_array_equal(np.asarray(seen[..., 0]), image[..., 0])
+    assert not np.asarray(seen[..., 1:]).any()  # [T2, 0, 0], as upstream
+    assert not task.probe_inputs(image)[..., 1:].any()
+    logits = np.random.default_rng(1).normal(size=(2, 3, 4, 5, 9)).astype(np.float32)
+    np.testing.assert_array_equal(task.predicted_labels(logits), logits.argmax(-1))
+    gland = np.arange(8, dtype=np.uint8).reshape(2, 2, 2) + 1
+    label = task.make_sample({"image": image[0, :2, :2, :2], "gland": gland})["label"]
+    np.testing.assert_array_equal(label, gland)  # the graded gland mask's value is the class
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"data.graded_masks": ()}, "set data.graded_masks"),
+    ({"data.gland_labels": (1, 2)}, "must list the label values"),
+    ({"task.input_channels": ("t1",)}, "task.input_channels"),
+    ({"task.activation": "sigmoid"}, "one-channel"),
+])
+def test_bad_anatomy_options(overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        get_task(config_for("seg", "anatomy,smoke", **overrides))
 
 
 @pytest.mark.slow

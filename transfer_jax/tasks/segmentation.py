@@ -118,9 +118,7 @@ class SegmentationTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self.class_names = ("background",) + tuple(config.task.classes)
-        unknown = [c for c in config.task.classes if c not in ("gland", "lesion")]
-        if unknown:
-            raise ValueError(f"task.classes: unknown class(es) {unknown}; segmentation supports 'gland', 'lesion'")
+        self.check_classes(tuple(config.task.classes))
         self.num_classes = len(self.class_names)
         self.activation = str(config.task.get("activation", "softmax"))
         if self.activation not in ACTIVATIONS:
@@ -141,6 +139,11 @@ class SegmentationTask(Task):
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
             raise ValueError(f"task.class_weights has {len(self.class_weights)} entries; expected "
                              f"{self.num_classes} for classes {self.class_names}")
+
+    def check_classes(self, classes: tuple[str, ...]) -> None:
+        unknown = [c for c in classes if c not in ("gland", "lesion")]
+        if unknown:
+            raise ValueError(f"task.classes: unknown class(es) {unknown}; segmentation supports 'gland', 'lesion'")
 
     def validate_case(self, case, prepared) -> None:
         for cls in self.config.task.classes:
