@@ -8,34 +8,38 @@
     python -m transfer_jax.main --config=configs/seg.py:anatomy[,smoke|full] ...    # 9 classes from [T2, 0, 0]
     python -m transfer_jax.main --config=configs/seg.py:provicnet ...  # ProViCNet 2.5-D slices (see provicnet_config)
     python -m transfer_jax.main --config=configs/seg.py:provicnet,graded ...  # ISUP-graded lesions: indolent/csPCa
+    python -m transfer_jax.main --config=configs/seg.py:provicnet,trus ...  # TRUS: 9-slice stacks, ChannelReducer
 """
 import ml_collections
 
 from transfer_jax.config import (apply_dense_head, apply_profound_recipe, apply_provicnet, base_config, parse_arg,
                                  provicnet_finetuning)
+from transfer_jax.data.slices import TRUS_CHANNELS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant, arg = _variant(arg)
+    variants, arg = _variants(arg)
     backbone, preset = parse_arg(arg)
+    allowed = PROVICNET_VARIANTS if backbone == "provicnet" else DENSE_VARIANTS
+    if variants - set(allowed) or ({"lesion", "anatomy"} <= variants):
+        raise ValueError(f"configs/seg.py variants {sorted(variants)} for backbone {backbone!r}: expected at most one "
+                         f"of 'lesion' / 'anatomy' (UPerNet backbones) or any of {PROVICNET_VARIANTS} (provicnet)")
     if backbone == "provicnet":
         c = provicnet_config(preset)
-        if variant == "graded":  # ISUP-graded lesion masks: grade 1 indolent, >= 2 csPCa (upstream's rule)
+        if "graded" in variants:  # ISUP-graded lesion masks: grade 1 indolent, >= 2 csPCa (upstream's rule)
             c.data.graded_masks = ("lesion",)
-        elif variant:
-            raise ValueError(f"configs/seg.py variant {variant!r} is not a ProViCNet one; use 'graded'")
+        if "trus" in variants:
+            trus(c)
         return c
-    if variant == "graded":
-        raise ValueError("configs/seg.py variant 'graded' applies to the ProViCNet backbone ('provicnet,graded')")
     c = base_config()
     # activation: "softmax" (one logit per class, argmax) or "sigmoid" (one foreground logit, > threshold; loss
     # MONAI DiceCELoss(sigmoid=True) with lambda_dice / lambda_ce); see tasks/segmentation.py.
     c.task = ml_collections.ConfigDict(dict(
         name="segmentation", classes=("gland", "lesion"), aux_weight=0.4, class_weights=(), hd95=True,
         activation="softmax", threshold=0.5, lambda_dice=1.0, lambda_ce=1.0))
-    if variant == "lesion":  # upstream ProFound's lesion UPerNet: 1 channel, sigmoid, DiceCE-BCE, threshold 0.5
+    if "lesion" in variants:  # upstream ProFound's lesion UPerNet: 1 channel, sigmoid, DiceCE-BCE, threshold 0.5
         c.task.update(dict(classes=("lesion",), activation="sigmoid"))
-    if variant == "anatomy":  # upstream ProFound's anatomy UPerNet: 9 channels from [T2, 0, 0], softmax, argmax
+    if "anatomy" in variants:  # upstream ProFound's anatomy UPerNet: 9 channels from [T2, 0, 0], softmax, argmax
         anatomy(c)
     # profound_vit: UPerNet reads the token levels `out_indices` through the ViT adapter.
     apply_dense_head(c, backbone, preset, auxiliary_head=True)
@@ -44,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = ("lesion", "anatomy", "graded")
+DENSE_VARIANTS = ("lesion", "anatomy")
+PROVICNET_VARIANTS = ("graded", "trus")
 ANATOMY_CLASSES = tuple(f"structure_{k}" for k in range(1, 9))  # upstream names none of its 8 classes
 
 
@@ -55,13 +60,19 @@ def anatomy(c: ml_collections.ConfigDict) -> None:
     c.data.gland_labels = tuple(range(1, len(ANATOMY_CLASSES) + 1))
 
 
-def _variant(arg: str | None) -> tuple[str, str | None]:
-    """Split the task variant (one of VARIANTS, at most one) off the config argument; the rest goes to `parse_arg`."""
+def trus(c: ml_collections.ConfigDict) -> None:
+    """TRUS_best.pth's model (`ProViCNet_contrastive_US`): 9-slice stacks through the 1x1 ChannelReducer (9 -> 3).
+    The TRUS volume goes in the manifest's `t2` column (`task.sequence` "t2"); upstream's edge rule needs 18 slices
+    per crop, shorter crops clamp."""
+    c.model.backbone_options.reducer_in_channels = TRUS_CHANNELS
+    c.task.edge = "shift" if c.data.crop_size[0] >= 2 * TRUS_CHANNELS else "clamp"
+
+
+def _variants(arg: str | None) -> tuple[set[str], str | None]:
+    """Split the task variants off the config argument; the rest (backbone, preset) goes to `parse_arg`."""
     tokens = [t for t in (arg or "").split(",") if t]
-    chosen = [t for t in tokens if t in VARIANTS]
-    if len(chosen) > 1:
-        raise ValueError(f"configs/seg.py argument names several task variants {chosen}; pick one of {VARIANTS}")
-    return (chosen[0] if chosen else ""), ",".join(t for t in tokens if t not in VARIANTS) or None
+    known = DENSE_VARIANTS + PROVICNET_VARIANTS
+    return {t for t in tokens if t in known}, ",".join(t for t in tokens if t not in known) or None
 
 
 def provicnet_config(preset: str) -> ml_collections.ConfigDict:

@@ -112,7 +112,7 @@ def test_graded_masks_config_is_checked():
     config.data.graded_masks = ("prostate",)
     with pytest.raises(DataError, match=r"data.graded_masks \('prostate',\): expected names among"):
         preprocess_config(config.data)
-    with pytest.raises(ValueError, match="applies to the ProViCNet backbone"):
+    with pytest.raises(ValueError, match="expected at most one of"):
         config_for("seg", "smoke,graded")
 
 
@@ -170,6 +170,40 @@ def test_anatomy_variant_sees_t2_only_and_predicts_the_argmax():
 def test_bad_anatomy_options(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
         get_task(config_for("seg", "anatomy,smoke", **overrides))
+
+
+
+# -- TRUS: 9-slice stacks through the ChannelReducer ----------------------------------------------------------------
+
+def test_trus_variant_stacks_nine_slices_through_the_reducer():
+    from flax import nnx
+
+    config = config_for("seg", "provicnet,smoke,trus,graded")
+    assert config.data.graded_masks == ("lesion",) and config.task.edge == "clamp"  # 4-slice smoke crops
+    task = get_task(config)
+    size = task.label_size
+    sample = _provicnet_sample(np.zeros((4, size, size), np.uint8))
+    sample["image"][..., 0] = np.arange(4, dtype=np.float32)[:, None, None] * sample["gland"]  # slice index in gland
+    row = task.make_sample(sample)
+    assert row["image"].shape == (4, task.image_size, task.image_size, 9)
+    centre = task.image_size // 2
+    # gland z-score is monotone in the slice index: stack 1 (clamped at the edges) holds slices 0,0,0,0,1,2,3,3,3
+    stack = row["image"][1, centre, centre]
+    assert np.all(np.diff(stack) >= 0) and len(np.unique(np.round(stack, 4))) == 4
+    np.testing.assert_allclose(stack[:4], stack[0])
+    np.testing.assert_allclose(stack[6:], stack[8])
+    model = task.build_model(nnx.Rngs(0))
+    batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
+    outputs = task.forward(model, batch, jnp.float32)
+    assert outputs.logits.shape == (4, size, size, 4)
+    grads = nnx.grad(lambda m: task.loss(task.forward(m, batch, jnp.float32), batch)[0])(model)
+    reducer = grads["ChannelReducer"]["reduce_channels"]["kernel"][...]
+    assert reducer.shape == (1, 1, 9, 3) and np.abs(np.asarray(reducer)).sum() > 0  # the reducer is trained
+
+
+def test_trus_edge_rule_needs_eighteen_slices():
+    with pytest.raises(ValueError, match=r"at least 18 slices per crop \(9-slice stacks\)"):
+        get_task(config_for("seg", "provicnet,smoke,trus", **{"task.edge": "shift", "data.crop_size": (16, 64, 64)}))
 
 
 @pytest.mark.slow

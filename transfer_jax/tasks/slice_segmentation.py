@@ -130,11 +130,12 @@ def normalise_in_gland(volume: np.ndarray, gland: np.ndarray) -> np.ndarray:
         return ((volume - volume.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
 
 
-def slice_stacks(volume: np.ndarray, image_size: int, edge: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised [D, H, W] -> (NHWC stacks [D, s, s, 3], label slice per stack [D])."""
+def slice_stacks(volume: np.ndarray, image_size: int, edge: str,
+                 num_channels: int = slice_data.MRI_CHANNELS) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised [D, H, W] -> (NHWC stacks [D, s, s, C], label slice per stack [D]); C = 3 (MRI) or 9 (TRUS)."""
     depth = volume.shape[0]
     resized = slice_data.resize_bilinear(volume, (image_size, image_size))
-    channels, label_slice = slice_data.stack_layout(depth, np.arange(depth), slice_data.MRI_CHANNELS, edge)
+    channels, label_slice = slice_data.stack_layout(depth, np.arange(depth), num_channels, edge)
     return np.ascontiguousarray(resized[channels].transpose(0, 2, 3, 1)), label_slice
 
 
@@ -169,9 +170,11 @@ class SliceTask:
         self.edge = task.edge
         if self.edge not in slice_data.EDGE_RULES:
             raise ValueError(f"task.edge must be one of {slice_data.EDGE_RULES}, got {self.edge!r}")
-        if self.edge == "shift" and crop[0] < 2 * slice_data.MRI_CHANNELS:
-            raise ValueError(f"task.edge='shift' needs at least {2 * slice_data.MRI_CHANNELS} slices per crop, "
-                             f"data.crop_size has {crop[0]}")
+        # Slices per stack: the TRUS model's ChannelReducer input (9 -> 3), else 3 (MRI).
+        self.stack_channels = int(model.backbone_options.get("reducer_in_channels") or slice_data.MRI_CHANNELS)
+        if self.edge == "shift" and crop[0] < 2 * self.stack_channels:
+            raise ValueError(f"task.edge='shift' needs at least {2 * self.stack_channels} slices per crop "
+                             f"({self.stack_channels}-slice stacks), data.crop_size has {crop[0]}")
 
     def require_gland(self, case, prepared) -> None:
         require(case.path("gland_mask") is not None,
@@ -180,8 +183,8 @@ class SliceTask:
                 "the gland mask is empty inside the cropped region", case, case.gland_mask)
 
     def slice_inputs(self, volume: np.ndarray) -> np.ndarray:
-        """Normalised crop [D, H, W, C] -> the model inputs [D, s, s, 3]: 3-slice stacks of `task.sequence`."""
-        return slice_stacks(volume[..., self.channel], self.image_size, self.edge)[0]
+        """Normalised crop [D, H, W, C] -> the model inputs [D, s, s, stack_channels]: stacks of `task.sequence`."""
+        return slice_stacks(volume[..., self.channel], self.image_size, self.edge, self.stack_channels)[0]
 
     def provicnet(self, rngs: nnx.Rngs, *, num_classes: int, contrastive_head: bool = False) -> ProViCNet:
         return build_provicnet(self.config.model.backbone_options.to_dict(), rngs, num_classes=num_classes,
@@ -266,7 +269,8 @@ class SliceSegmentationTask(SliceTask, Task):
         depth, height, width = volume.shape
         if (height, width) != (self.label_size, self.label_size):
             raise ValueError(f"slice size {height}x{width} differs from the label size {self.label_size}")
-        images, label_slice = slice_stacks(normalise_in_gland(volume, gland), self.image_size, self.edge)
+        images, label_slice = slice_stacks(normalise_in_gland(volume, gland), self.image_size, self.edge,
+                                           self.stack_channels)
         labels = slice_data.four_class_labels(gland, self.cancer_codes(sample.get("lesion"), volume.shape))
         labels = labels[label_slice].astype(np.int32)
         seed = zlib.crc32(np.ascontiguousarray(images[:, ::7, ::7]).tobytes()) & 0x7FFFFFFF
