@@ -212,13 +212,16 @@ def predict(workdir: str, manifest: str, output: str, *, checkpoint: str = "best
                 write_like(on_source.astype(np.float32), prepared.source_grid, path, reference=case.t2)
                 written["files"].append(path)
         else:
-            labels = np.asarray(task.predicted_labels(out), np.float32)  # threshold (sigmoid) or argmax
+            # the task's label map: threshold (sigmoid head) or argmax (softmax head, slice tasks)
+            to_labels = getattr(task, "predicted_labels", lambda logits: logits.argmax(axis=-1))
+            labels = np.asarray(to_labels(out), np.float32)
             on_source = resample(Volume(labels, prepared.region_grid, ""), prepared.source_grid, order=0)
             path = os.path.join(output, f"{case.case_id}_seg.nii.gz")
             write_like(np.rint(on_source).astype(np.uint8), prepared.source_grid, path, reference=case.t2)
             written["files"].append(path)
             if save_probabilities:
-                written["files"].append(_write_probabilities(task.probabilities(out), prepared, case, output))
+                probs = task.probabilities(out) if hasattr(task, "probabilities") else np.asarray(jax.nn.softmax(out))
+                written["files"].append(_write_probabilities(probs, prepared, case, output))
         print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
     return written
 
