@@ -229,3 +229,17 @@ def test_lesion_head_trains_and_predicts_a_binary_map(tmp_path):
     probs = nib.load(str(output / f"{case.case_id}_probabilities.nii.gz")).get_fdata()
     assert probs.shape == labels.shape + (2,)
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_anatomy_head_trains_on_graded_gland_labels(tmp_path):
+    from helpers import fixed_training_batch
+    from transfer_jax.train.loop import train_and_evaluate
+
+    config = fixed_training_batch(config_for("seg", "anatomy,smoke"), total_steps=3)
+    config.model.head_options.pool_scales = (1, 2)
+    config.alignment.enabled = False
+    summary = train_and_evaluate(config, str(tmp_path))
+    final = summary["final"]
+    assert summary["task"] == "anatomy_segmentation"
+    assert np.isfinite(final["dice/structure_1"]) and np.isnan(final["dice/structure_8"])  # the phantom: label 1
