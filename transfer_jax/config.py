@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.gland_background_labels = ()
     c.data.lesion_labels = (1, 2, 3, 4, 5)
     c.data.lesion_background_labels = ()
+    # Masks that keep their label values instead of 0 / 1 (e.g. ("lesion",) for ISUP-graded lesions, which the
+    # ProViCNet task splits into indolent / csPCa); the values in *_labels stay, background values become 0.
+    c.data.graded_masks = ()
     # The case label: the manifest column read as it and, for classification, how its values map to classes
     # ("" = PI-RADS - 2 in 'label'; a name in tasks/classification.py LABEL_MAPS such as "isup_cspca", or
     # "value:class,..."). The map's classes set the task's: 2 = binary (csPCa), 4 = PI-RADS.

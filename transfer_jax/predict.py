@@ -10,10 +10,11 @@ each manifest row exactly as training did (`data.*`: spacing, region of `crop_si
 placed by `data.region_centre`, per-channel z-score), and then, per task:
 
 * segmentation: MONAI-style sliding-window inference (`tasks/inference.py`, the end-of-run evaluation's own
-  function: ROI = `data.crop_size`, `--overlap`, constant blending as MONAI's default) over the whole prepared
-  region; the argmax label map (0 background, 1 gland, 2 lesion) is written as `<case_id>_seg.nii.gz` on the T2
-  file's own grid (nearest-neighbour; voxels outside the prepared region are background); with `--save_probabilities` also the
-  softmax class probabilities as `<case_id>_probabilities.nii.gz` on the T2 grid, classes on the last axis
+  function: ROI = `data.crop_size`, `--overlap`, constant blending of the logits as MONAI's default) over the whole
+  prepared region; the label map (softmax head: the argmax, 0 background, 1 gland, 2 lesion; sigmoid head: sigmoid
+  > `task.threshold`, 0 / 1) is written as `<case_id>_seg.nii.gz` on the T2 file's own grid (nearest-neighbour;
+  voxels outside the prepared region are background); with `--save_probabilities` also the class probabilities
+  (softmax, or [1 - p, p] of the sigmoid head) as `<case_id>_probabilities.nii.gz` on the T2 grid, classes last
   (trilinear; background probability 1 outside the prepared region);
 * classification: the centre crop (as in evaluation); class probabilities go to `<output>/probabilities.csv`
   (`case_id, prob_0..prob_{K-1}, pred`);
@@ -106,10 +107,9 @@ def _dense_predictor(task, graph, params, rest, roi, overlap: float, batch_size:
     return predict
 
 
-def _write_probabilities(logits: np.ndarray, prepared, case, output: str) -> str:
-    """Softmax class probabilities on the T2 grid, classes on the last axis, written as the ProViCNet path writes
-    them; outside the prepared region: background."""
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+def _write_probabilities(probs: np.ndarray, prepared, case, output: str) -> str:
+    """Class probabilities on the T2 grid, classes on the last axis, written as the ProViCNet path writes them;
+    outside the prepared region: background."""
     inside = resample(Volume(np.ones(probs.shape[:3], np.float32), prepared.region_grid, ""), prepared.source_grid,
                       order=1)
     channels = [resample(Volume(probs[..., k], prepared.region_grid, ""), prepared.source_grid, order=1)
@@ -212,13 +212,16 @@ def predict(workdir: str, manifest: str, output: str, *, checkpoint: str = "best
                 write_like(on_source.astype(np.float32), prepared.source_grid, path, reference=case.t2)
                 written["files"].append(path)
         else:
-            labels = out.argmax(axis=-1).astype(np.float32)
+            # the task's label map: threshold (sigmoid head) or argmax (softmax head, slice tasks)
+            to_labels = getattr(task, "predicted_labels", lambda logits: logits.argmax(axis=-1))
+            labels = np.asarray(to_labels(out), np.float32)
             on_source = resample(Volume(labels, prepared.region_grid, ""), prepared.source_grid, order=0)
             path = os.path.join(output, f"{case.case_id}_seg.nii.gz")
             write_like(np.rint(on_source).astype(np.uint8), prepared.source_grid, path, reference=case.t2)
             written["files"].append(path)
             if save_probabilities:
-                written["files"].append(_write_probabilities(out, prepared, case, output))
+                probs = task.probabilities(out) if hasattr(task, "probabilities") else np.asarray(jax.nn.softmax(out))
+                written["files"].append(_write_probabilities(probs, prepared, case, output))
         print(f"case {index + 1}/{len(cases)} {case.case_id}: done", flush=True)
     return written
 

@@ -26,9 +26,14 @@ def preprocess_config(data_config) -> PreprocessConfig:
             for key in ("gland_labels", "gland_background_labels", "lesion_labels", "lesion_background_labels")}
     problems = [p for name in ("gland", "lesion")
                 for p in label_map_problems(name, maps[f"{name}_labels"], maps[f"{name}_background_labels"])]
+    graded = tuple(data_config.get("graded_masks", ()))
+    if set(graded) - {"gland", "lesion"}:
+        problems.append(f"data.graded_masks {graded}: expected names among ('gland', 'lesion')")
+    elif any(v > 255 for name in graded for v in maps[f"{name}_labels"]):
+        problems.append(f"data.graded_masks {graded}: graded label values must be at most 255 (stored as uint8)")
     if problems:
         raise DataError("; ".join(problems))
-    return PreprocessConfig(
+    return PreprocessConfig(graded_masks=graded,
         spacing=None if data_config.spacing is None else tuple(data_config.spacing),
         crop_size=tuple(data_config.crop_size), region_margin=data_config.region_margin,
         channels=tuple(data_config.channels), **maps, intensity=data_config.get("intensity", "zscore_nonzero"),

@@ -73,6 +73,9 @@ class PreprocessConfig:
     gland_background_labels: tuple[int, ...] = ()
     lesion_labels: tuple[int, ...] = (1, 2, 3, 4, 5)
     lesion_background_labels: tuple[int, ...] = ()
+    # Masks ("gland", "lesion") that keep their label values (e.g. ISUP grades) instead of becoming 0 / 1: a value
+    # in *_labels stays as it is, background values become 0 (`data.graded_masks`).
+    graded_masks: tuple[str, ...] = ()
 
     @property
     def region_size(self) -> tuple[int, int, int]:
@@ -167,8 +170,9 @@ def label_map_problems(name: str, labels, background) -> list[str]:
 
 
 def _binarise_mask(volume: Volume, labels: tuple[int, ...], background: tuple[int, ...], case_id: str,
-                   role: str) -> Volume:
-    """The mask as 0/1 through its label map; a value the map does not name is an error, not background."""
+                   role: str, graded: bool = False) -> Volume:
+    """The mask as 0/1 through its label map (`graded`: the label values themselves, background values 0); a value
+    the map does not name is an error, not background."""
     values = np.unique(volume.array)
     non_integer = values[values != np.round(values)]
     if non_integer.size:
@@ -179,7 +183,9 @@ def _binarise_mask(volume: Volume, labels: tuple[int, ...], background: tuple[in
     if unexpected:
         raise DataError(f"{role} has unexpected label value(s) {unexpected}; data.{name}_labels = {list(labels)}, "
                         f"background: {[0, *background]}", case_id=case_id, path=volume.path)
-    return dataclasses.replace(volume, array=np.isin(volume.array, labels).astype(np.float32))
+    foreground = np.isin(volume.array, labels)
+    array = np.where(foreground, volume.array, 0.0) if graded else foreground
+    return dataclasses.replace(volume, array=array.astype(np.float32))
 
 
 def _on_reference(volume: Volume, target: Grid, reference: Grid, config: PreprocessConfig, case_id: str,
@@ -244,9 +250,11 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
         if path is None:
             masks[role] = None
             continue
+        graded = role.removesuffix("_mask") in config.graded_masks
         volume = _binarise_mask(read_volume(path, case_id=case.case_id, role=role), labels, background,
-                                case.case_id, role)
-        masks[role] = (_on_reference(volume, target, t2.grid, config, case.case_id, role, order=0) > 0)
+                                case.case_id, role, graded)
+        resampled = _on_reference(volume, target, t2.grid, config, case.case_id, role, order=0)
+        masks[role] = np.rint(resampled) if graded else resampled > 0
 
     gland = masks["gland_mask"]
     if config.region_centre not in REGION_CENTRES:

@@ -1,6 +1,7 @@
 """Tasks by the name used in `config.task.name`."""
 from __future__ import annotations
 
+from transfer_jax.tasks.anatomy import AnatomySegmentationTask
 from transfer_jax.tasks.base import Task
 from transfer_jax.tasks.classification import ClassificationTask
 from transfer_jax.tasks.contrastive_pretraining import ContrastivePretrainTask
@@ -13,6 +14,7 @@ from transfer_jax.tasks.slice_segmentation import SliceSegmentationTask
 
 TASKS: dict[str, type[Task]] = {
     SegmentationTask.name: SegmentationTask,
+    AnatomySegmentationTask.name: AnatomySegmentationTask,
     ClassificationTask.name: ClassificationTask,
     SuperResolutionTask.name: SuperResolutionTask,
     DistortionTask.name: DistortionTask,

@@ -1,8 +1,15 @@
 """Gland and lesion segmentation: label map 0 = background, 1 = gland, 2 = lesion (lesion wins where they overlap).
 
-Loss: MONAI-style DiceCE (softmax; soft Dice per sample and foreground class, smooth 1e-5; CE over all classes)
-on the main logits plus `aux_weight` x the same on the auxiliary head (upstream: 0.4). Metric: Dice per class per
-case on the argmax prediction, cases with an empty ground truth skipped for that class (MONAI ignore_empty); with
+Two heads (`task.activation`):
+* "softmax" (default): one logit per class (background included). Loss: MONAI-style DiceCE (softmax; soft Dice per
+  sample and foreground class, smooth 1e-5; CE over all classes); prediction: the argmax.
+* "sigmoid": upstream ProFound's binary lesion model (`configs/seg.py:lesion`): `task.classes` = ("lesion",), ONE
+  output channel. Loss: MONAI `DiceCELoss(sigmoid=True)` = soft Dice of sigmoid(logit) per sample (the one channel
+  is the foreground, so nothing is excluded; smooth 1e-5) + BCE-with-logits averaged over voxels, weights
+  `task.lambda_dice` / `task.lambda_ce` (upstream 1 / 1); prediction: sigmoid > `task.threshold` (upstream 0.5).
+
+Both: the loss on the main logits plus `aux_weight` x the same on the auxiliary head (upstream: 0.4). Metric: Dice
+per class per case on the predicted label map, cases with an empty ground truth skipped for that class (MONAI ignore_empty); with
 `task.hd95` (default True) also HD95 (mm) per class per case, computed on the host from the fetched argmax maps at
 the evaluation cadence (`hd95/<class>`, see `SegmentationTask.hd95_per_case`).
 """
@@ -66,6 +73,19 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, include_background: bo
     return dice + cross_entropy(log_probs, onehot, class_weights, sample_weights)
 
 
+def sigmoid_dice_ce_loss(logits: jax.Array, labels: jax.Array, *, lambda_dice: float = 1.0,
+                         lambda_ce: float = 1.0) -> jax.Array:
+    """MONAI `DiceCELoss(sigmoid=True)` on a one-channel head: (..., 1) logits, (...) labels, foreground = label > 0.
+
+    MONAI takes the BCE branch (not CE) when the prediction has one channel; BCE-with-logits is written in its
+    stable form max(x, 0) - x t + log(1 + exp(-|x|))."""
+    logits = logits.astype(jnp.float32)
+    target = (labels > 0).astype(jnp.float32)[..., None]
+    dice = soft_dice_loss(jax.nn.sigmoid(logits), target, include_background=True)
+    bce = jnp.mean(jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    return lambda_dice * dice + lambda_ce * bce
+
+
 def dice_counts(pred: jax.Array, labels: jax.Array, num_classes: int) -> dict[str, jax.Array]:
     """Per-sample, per-class |P & G|, |P| and |G| of hard label maps: (B, K) each."""
     spatial = tuple(range(1, pred.ndim))
@@ -87,6 +107,9 @@ def dice_from_counts(stats: dict[str, np.ndarray]) -> np.ndarray:
     return np.where(target > 0, dice, np.nan)
 
 
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
 class SegmentationTask(Task):
     name = "segmentation"
     primary_metric = "dice_mean"
@@ -95,16 +118,32 @@ class SegmentationTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self.class_names = ("background",) + tuple(config.task.classes)
-        unknown = [c for c in config.task.classes if c not in ("gland", "lesion")]
-        if unknown:
-            raise ValueError(f"task.classes: unknown class(es) {unknown}; segmentation supports 'gland', 'lesion'")
+        self.check_classes(tuple(config.task.classes))
         self.num_classes = len(self.class_names)
+        self.activation = str(config.task.get("activation", "softmax"))
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"task.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "sigmoid" and self.num_classes != 2:
+            raise ValueError(f"task.activation='sigmoid' is a one-channel (binary) head; task.classes must name one "
+                             f"class, got {tuple(config.task.classes)}")
+        # Logits per voxel: one per class, or the single foreground logit of the sigmoid head.
+        self.out_channels = 1 if self.activation == "sigmoid" else self.num_classes
+        self.threshold = float(config.task.get("threshold", 0.5))
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"task.threshold must be in (0, 1), got {self.threshold}")
         self.hd95 = bool(config.task.get("hd95", True))
         weights = config.task.get("class_weights")
         self.class_weights = None if not weights else tuple(float(w) for w in weights)
+        if self.class_weights is not None and self.activation == "sigmoid":
+            raise ValueError("task.class_weights applies to the softmax head; the sigmoid head's MONAI loss has none")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
             raise ValueError(f"task.class_weights has {len(self.class_weights)} entries; expected "
                              f"{self.num_classes} for classes {self.class_names}")
+
+    def check_classes(self, classes: tuple[str, ...]) -> None:
+        unknown = [c for c in classes if c not in ("gland", "lesion")]
+        if unknown:
+            raise ValueError(f"task.classes: unknown class(es) {unknown}; segmentation supports 'gland', 'lesion'")
 
     def validate_case(self, case, prepared) -> None:
         for cls in self.config.task.classes:
@@ -120,9 +159,29 @@ class SegmentationTask(Task):
 
     def build_model(self, rngs: nnx.Rngs) -> UPerNet:
         # ProFound-Conv stage maps, or ProFound-ViT token levels through the ViT adapter (tasks/dense.py).
-        return build_dense_model(self.config.model, self.num_classes, rngs)
+        return build_dense_model(self.config.model, self.out_channels, rngs)
+
+    def predicted_labels(self, logits):
+        """(..., out_channels) logits -> (...) int32 label map: sigmoid > threshold, or the argmax class. Works on
+        jax and numpy arrays alike (`predict` calls it on the blended whole-volume logits)."""
+        xp = jnp if isinstance(logits, jax.Array) else np
+        if self.activation == "sigmoid":
+            # sigmoid(x) > t  <=>  x > log(t / (1 - t)): no sigmoid of the whole map needed.
+            return (logits[..., 0] > np.log(self.threshold / (1.0 - self.threshold))).astype(xp.int32)
+        return xp.argmax(logits, axis=-1).astype(xp.int32)
+
+    def probabilities(self, logits) -> np.ndarray:
+        """(..., K) class probabilities (numpy): the softmax, or [1 - p, p] of the sigmoid head."""
+        logits = jnp.asarray(logits, jnp.float32)
+        if self.activation == "sigmoid":
+            p = jax.nn.sigmoid(logits[..., 0])
+            return np.asarray(jnp.stack([1.0 - p, p], axis=-1))
+        return np.asarray(jax.nn.softmax(logits, axis=-1))
 
     def _loss_one(self, logits, labels):
+        if self.activation == "sigmoid":
+            return sigmoid_dice_ce_loss(logits, labels, lambda_dice=float(self.config.task.get("lambda_dice", 1.0)),
+                                        lambda_ce=float(self.config.task.get("lambda_ce", 1.0)))
         weights = None if self.class_weights is None else jnp.asarray(self.class_weights, jnp.float32)
         return dice_ce_loss(logits, labels, include_background=False, class_weights=weights)
 
@@ -137,7 +196,7 @@ class SegmentationTask(Task):
         return total, metrics
 
     def eval_stats(self, outputs: SegmentationOutput, batch):
-        pred = jnp.argmax(outputs.logits, axis=-1)
+        pred = self.predicted_labels(outputs.logits)
         stats = dice_counts(pred, batch["label"], self.num_classes)
         if self.hd95:  # label maps for the host-side HD95 (fetched once per evaluation; small crops)
             stats["pred_labels"] = pred.astype(jnp.int8)

@@ -54,7 +54,7 @@ class SliceClassificationTask(SliceTask, ClassificationTask):
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         out = super().make_sample(sample)
         volume = normalise_in_gland(sample["image"][..., self.channel], sample["gland"])
-        stacks = slice_stacks(volume, self.image_size, self.edge)[0]
+        stacks = slice_stacks(volume, self.image_size, self.edge, self.stack_channels)[0]
         return {**out, "image": stacks, "slice_position": crop_positions(sample, stacks.shape[0])}
 
     def build_model(self, rngs: nnx.Rngs) -> SliceClassifier:

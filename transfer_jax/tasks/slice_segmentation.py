@@ -1,7 +1,10 @@
 """ProViCNet fine-tuning: 2.5-D slice-wise segmentation of one MRI sequence into 4 classes (spec `provicnet.md` §3).
 
-Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. The prepared cases' lesion masks are
-taken as csPCa (class 3); class 2 stays empty unless a dataset provides indolent lesions (none does yet).
+Classes: 0 background, 1 gland without cancer, 2 indolent cancer, 3 csPCa. By default the prepared cases' lesion
+masks are binary and taken as csPCa (class 3). With graded lesion masks (`data.graded_masks = ("lesion",)`, the
+mask's values kept, e.g. ISUP grade per voxel) upstream's rule applies (`slices.map_cancer_labels`): value 1 is
+indolent (class 2), values >= 2 csPCa (class 3), so ISUP 1 / ISUP >= 2 split as upstream's GG1 / GG >= 2;
+`task.indolent_as_cspca` counts 1 as csPCa too (upstream does so for PI-CAI files, whose lesions are csPCa only).
 
 One batch element is one prepared case: every axial slice of a window of `data.crop_size[0]` slices becomes a
 3-slice stack of ONE sequence (`task.sequence`, a channel of `data.channels`; upstream trains one model per
@@ -127,11 +130,12 @@ def normalise_in_gland(volume: np.ndarray, gland: np.ndarray) -> np.ndarray:
         return ((volume - volume.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
 
 
-def slice_stacks(volume: np.ndarray, image_size: int, edge: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised [D, H, W] -> (NHWC stacks [D, s, s, 3], label slice per stack [D])."""
+def slice_stacks(volume: np.ndarray, image_size: int, edge: str,
+                 num_channels: int = slice_data.MRI_CHANNELS) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised [D, H, W] -> (NHWC stacks [D, s, s, C], label slice per stack [D]); C = 3 (MRI) or 9 (TRUS)."""
     depth = volume.shape[0]
     resized = slice_data.resize_bilinear(volume, (image_size, image_size))
-    channels, label_slice = slice_data.stack_layout(depth, np.arange(depth), slice_data.MRI_CHANNELS, edge)
+    channels, label_slice = slice_data.stack_layout(depth, np.arange(depth), num_channels, edge)
     return np.ascontiguousarray(resized[channels].transpose(0, 2, 3, 1)), label_slice
 
 
@@ -166,9 +170,11 @@ class SliceTask:
         self.edge = task.edge
         if self.edge not in slice_data.EDGE_RULES:
             raise ValueError(f"task.edge must be one of {slice_data.EDGE_RULES}, got {self.edge!r}")
-        if self.edge == "shift" and crop[0] < 2 * slice_data.MRI_CHANNELS:
-            raise ValueError(f"task.edge='shift' needs at least {2 * slice_data.MRI_CHANNELS} slices per crop, "
-                             f"data.crop_size has {crop[0]}")
+        # Slices per stack: the TRUS model's ChannelReducer input (9 -> 3), else 3 (MRI).
+        self.stack_channels = int(model.backbone_options.get("reducer_in_channels") or slice_data.MRI_CHANNELS)
+        if self.edge == "shift" and crop[0] < 2 * self.stack_channels:
+            raise ValueError(f"task.edge='shift' needs at least {2 * self.stack_channels} slices per crop "
+                             f"({self.stack_channels}-slice stacks), data.crop_size has {crop[0]}")
 
     def require_gland(self, case, prepared) -> None:
         require(case.path("gland_mask") is not None,
@@ -177,8 +183,8 @@ class SliceTask:
                 "the gland mask is empty inside the cropped region", case, case.gland_mask)
 
     def slice_inputs(self, volume: np.ndarray) -> np.ndarray:
-        """Normalised crop [D, H, W, C] -> the model inputs [D, s, s, 3]: 3-slice stacks of `task.sequence`."""
-        return slice_stacks(volume[..., self.channel], self.image_size, self.edge)[0]
+        """Normalised crop [D, H, W, C] -> the model inputs [D, s, s, stack_channels]: stacks of `task.sequence`."""
+        return slice_stacks(volume[..., self.channel], self.image_size, self.edge, self.stack_channels)[0]
 
     def provicnet(self, rngs: nnx.Rngs, *, num_classes: int, contrastive_head: bool = False) -> ProViCNet:
         return build_provicnet(self.config.model.backbone_options.to_dict(), rngs, num_classes=num_classes,
@@ -229,6 +235,8 @@ class SliceSegmentationTask(SliceTask, Task):
         self.background_keep = float(task.get("background_keep", 1.0))
         if not 0.0 <= self.background_keep <= 1.0:
             raise ValueError(f"task.background_keep must be in [0, 1], got {self.background_keep}")
+        self.graded_lesions = "lesion" in tuple(config.data.get("graded_masks", ()))
+        self.indolent_as_cspca = bool(task.get("indolent_as_cspca", False))
         self.skip_no_cancer = bool(task.get("skip_no_cancer", False))
         if self.skip_no_cancer and not config.optimizer.get("skip_zero_gradient_steps", False):
             raise ValueError("task.skip_no_cancer=True needs optimizer.skip_zero_gradient_steps=True (the skipped "
@@ -246,16 +254,25 @@ class SliceSegmentationTask(SliceTask, Task):
     def validate_case(self, case, prepared) -> None:
         self.require_gland(case, prepared)
 
+    def cancer_codes(self, lesion, shape) -> np.ndarray:
+        """Upstream's cancer codes (0 none, 1 indolent, 2 csPCa) of a prepared lesion mask: a binary mask is all
+        csPCa; a graded one goes through upstream's rule (`slices.map_cancer_labels`)."""
+        if lesion is None:
+            return np.zeros(shape, np.uint8)
+        if self.graded_lesions:
+            return slice_data.map_cancer_labels(lesion, indolent_as_cspca=self.indolent_as_cspca)
+        return np.where(lesion > 0, 2, 0).astype(np.uint8)
+
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         volume = sample["image"][..., self.channel]
         gland = sample["gland"]
         depth, height, width = volume.shape
         if (height, width) != (self.label_size, self.label_size):
             raise ValueError(f"slice size {height}x{width} differs from the label size {self.label_size}")
-        images, label_slice = slice_stacks(normalise_in_gland(volume, gland), self.image_size, self.edge)
-        lesion = sample.get("lesion")
-        cancer = np.zeros(volume.shape, np.uint8) if lesion is None else np.where(lesion > 0, 2, 0).astype(np.uint8)
-        labels = slice_data.four_class_labels(gland, cancer)[label_slice].astype(np.int32)
+        images, label_slice = slice_stacks(normalise_in_gland(volume, gland), self.image_size, self.edge,
+                                           self.stack_channels)
+        labels = slice_data.four_class_labels(gland, self.cancer_codes(sample.get("lesion"), volume.shape))
+        labels = labels[label_slice].astype(np.int32)
         seed = zlib.crc32(np.ascontiguousarray(images[:, ::7, ::7]).tobytes()) & 0x7FFFFFFF
         return {"image": images, "label": labels, "slice_position": slice_data.crop_positions(sample, depth),
                 "pair_seed": np.int32(seed)}
