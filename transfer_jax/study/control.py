@@ -152,15 +152,14 @@ def source_table(control: ControlAnalysis) -> tuple[list[str], list[list[str]]]:
 
 
 def order_table(control: ControlAnalysis) -> tuple[list[str], list[list[str]]]:
-    header = ["measure", "expected", "Spearman ρ with expected rank", "p (permutation)", "n", "order holds"]
+    header = ["measure", "expected", "Spearman ρ with expected rank", "p (permutation)", "n", "order holds", "note"]
     rows = []
     for check in control.checks:
         c = check.correlation
         rows.append([check.measure, "rises" if check.expected_sign > 0 else "falls",
                      "n/a" if c.coefficient is None else f"{c.coefficient:+.3f}",
                      "n/a" if c.p_value is None else f"{c.p_value:.3g}" + (" (exact)" if c.exact else ""),
-                     str(c.n), {True: "yes", False: "no", None: "n/a"}[check.holds] + (f" ({c.note})" if c.note
-                                                                                         else "")])
+                     str(c.n), {True: "yes", False: "no", None: "n/a"}[check.holds], c.note])
     return header, rows
 
 

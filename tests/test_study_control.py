@@ -1,0 +1,135 @@
+"""The study's positive control (transfer_jax/study/control.py): analysis on fixed summaries, its config, and
+(slow) the smoke control end to end."""
+import json
+import os
+
+import pytest
+
+from transfer_jax.study import control as study_control
+from transfer_jax.study.analysis import RunRecord
+
+# source -> (best dice, steps to 95 %, pooled MMD²) per seed, in the expected order.
+ORDERED = {"aligned": [(0.80, 10, 0.01), (0.82, 10, 0.02)], "related": [(0.70, 20, 0.05), (0.71, 20, 0.06)],
+           "unrelated": [(0.62, 30, 0.10), (0.61, 40, 0.12)], "random": [(0.60, 40, 0.20), (0.58, 50, 0.25)]}
+
+
+def _records(tmp_path, values):
+    records = []
+    for source, seeds in values.items():
+        for seed, (best, steps, mmd2) in enumerate(seeds):
+            workdir = tmp_path / f"{source}-{seed}"
+            workdir.mkdir()
+            summary = {"task": "segmentation", "primary_metric": "dice_mean", "direction": "max", "best": best,
+                       "best_step": steps, "steps_to_95pct_best": steps, "steps": 60,
+                       "alignment": {"pooled": {"mmd2_unbiased": mmd2, "p_value": 0.01, "cka_linear": 0.9,
+                                                "trajectory": [[0, 0.0], [steps, mmd2]]}}}
+            (workdir / "summary.json").write_text(json.dumps(summary))
+            records.append(RunRecord("profound_conv", "seg", source, str(workdir), "trained", seed=seed))
+    return records
+
+
+def _checks(control):
+    return {c.measure: c for c in control.checks}
+
+
+def test_expected_order_holds_with_exact_p_value(tmp_path):
+    control = study_control.analyze_control(_records(tmp_path, ORDERED), bootstrap=0)
+    by_source = {r.source: r for r in control.sources}
+    assert [r.source for r in control.sources] == list(study_control.SOURCES)
+    # gain vs random, paired by seed: (0.80 - 0.60) / 0.60 and (0.82 - 0.58) / 0.58
+    assert by_source["aligned"].gain.mean == pytest.approx(((0.2 / 0.6) + (0.24 / 0.58)) / 2)
+    assert by_source["random"].gain.mean == 0.0
+    assert by_source["unrelated"].steps_to_95.mean == 35
+    checks = _checks(control)
+    assert set(checks) == {"mmd2:pooled", "relative_gain", "steps_to_95"}
+    assert checks["mmd2:pooled"].correlation.coefficient == pytest.approx(1.0)
+    assert checks["relative_gain"].correlation.coefficient == pytest.approx(-1.0)
+    assert all(c.holds for c in checks.values())
+    # a perfect order of 4 points: 2 of the 24 pairings are as extreme (two-sided)
+    assert checks["mmd2:pooled"].correlation.exact
+    assert checks["mmd2:pooled"].correlation.p_value == pytest.approx(2 / 24)
+
+
+def test_a_swapped_pair_breaks_the_order(tmp_path):
+    swapped = dict(ORDERED, aligned=ORDERED["related"], related=ORDERED["aligned"])
+    control = study_control.analyze_control(_records(tmp_path, swapped), bootstrap=0)
+    checks = _checks(control)
+    assert checks["mmd2:pooled"].correlation.coefficient == pytest.approx(0.8)
+    assert checks["mmd2:pooled"].holds is False
+    assert checks["relative_gain"].holds is False
+    header, rows = study_control.order_table(control)
+    assert [row[header.index("order holds")] for row in rows] == ["no", "no", "no"]
+    assert "0 of 3" in study_control.summary_line(control)
+
+
+def test_missing_sources_and_unknown_source(tmp_path):
+    two = {k: ORDERED[k] for k in ("aligned", "random")}
+    control = study_control.analyze_control(_records(tmp_path, two), bootstrap=0)
+    assert all(c.holds is None for c in control.checks)  # two points: no correlation
+    assert study_control.analyze_control([], bootstrap=0) is None
+    (tmp_path / "bad").mkdir()
+    bad = _records(tmp_path / "bad", {"noise": [(0.5, 1, 0.1)]})
+    with pytest.raises(ValueError, match="source 'noise' is not one of"):
+        study_control.analyze_control(bad, bootstrap=0)
+
+
+def test_control_config_is_validated():
+    import importlib.util
+
+    from transfer_jax.study import runner
+
+    spec = importlib.util.spec_from_file_location("study_config", os.path.join("configs", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke,control")
+    assert runner.parse_study(config).control.backbone == "profound_conv"
+    assert runner.parse_study(module.get_config("smoke")).control is None
+    config.study.control.unrelated = "seg"
+    with pytest.raises(runner.StudyConfigError, match="study.control.unrelated must name a pretraining config"):
+        runner.parse_study(config)
+    with pytest.raises(ValueError, match="expected one study preset"):
+        module.get_config("smoke,cpu")
+
+
+@pytest.mark.slow
+def test_smoke_control_end_to_end(tmp_path):
+    import importlib.util
+
+    from transfer_jax.study import runner
+
+    spec = importlib.util.spec_from_file_location("study_config", os.path.join("configs", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke,control")
+    config.study.bootstrap = 0
+    result = runner.run_study(config, str(tmp_path), log=lambda message: None)
+    assert [r.source for r in result.control.sources] == list(study_control.SOURCES)
+    assert os.path.isdir(tmp_path / "control" / "sources" / "aligned" / "pretrained")
+    assert os.path.isfile(result.outputs["control.csv"])
+    report = open(result.outputs["report.md"], encoding="utf-8").read()
+    assert "Positive control: expected order" in report
+    aligned = json.load(open(tmp_path / "control" / "runs" / "profound_conv-seg-control-aligned" / "summary.json"))
+    assert aligned["init"] == "pretrained"
+
+
+def test_noise_target_pretraining_regresses_noise():
+    """The unrelated source's objective: the hidden patches regress per-sample noise, not the image."""
+    import importlib.util
+
+    import numpy as np
+
+    from transfer_jax.tasks.pretraining import FCMAEPretrainTask
+
+    spec = importlib.util.spec_from_file_location("fcmae_config", os.path.join("configs", "pretrain_fcmae.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke,noise_target")
+    task = FCMAEPretrainTask(config)
+    image = np.random.default_rng(0).random((*task.crop_size, len(task.channels)), dtype=np.float32)
+    sample = task.make_sample({"image": image, "case_index": 1})
+    assert sample["target"].shape == image.shape
+    assert abs(float(np.corrcoef(sample["target"].ravel(), image.ravel())[0, 1])) < 0.05
+    assert "target" not in FCMAEPretrainTask(module.get_config("smoke")).make_sample({"image": image})
+    config.task.target = "labels"
+    with pytest.raises(ValueError, match="task.target must be one of"):
+        FCMAEPretrainTask(config)
