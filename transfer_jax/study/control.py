@@ -119,9 +119,8 @@ def analyze_control(records: Sequence[RunRecord], *, bootstrap: int = 2000, perm
     random = outcomes.get(REFERENCE, {})
     results = [_source_result(source, outcomes[source], random, direction) for source in SOURCES
                if source in outcomes]
-    seen = {site for r in results for site in r.mmd2_by_site}
-    order = [s for s in study_analysis._SITE_ORDER if s in seen] + sorted(seen - set(study_analysis._SITE_ORDER))
-    measures = [f"mmd2:{site}" for site in order] + ["relative_gain", "steps_to_95"]
+    sites = sorted({site for r in results for site in r.mmd2_by_site}, key=study_analysis.site_key)
+    measures = [f"mmd2:{site}" for site in sites] + ["relative_gain", "steps_to_95"]
     checks = [order_check(results, m, bootstrap=bootstrap, permutations=permutations, seed=seed) for m in measures]
     first = records[0]
     return ControlAnalysis(first.backbone, first.task, reference.get("primary_metric"), results, checks)
