@@ -62,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = [t for t in tokens if t != "control"] or ["cpu"]
     preset = presets[0]
     if len(presets) > 1 or preset not in STUDY_PRESETS:
-        raise ValueError(f"configs/study.py argument {arg!r}: expected one study preset {STUDY_PRESETS} and "
-                         "optionally 'control'")
+        raise ValueError(f"configs/study.py argument {arg!r} is not a study preset {STUDY_PRESETS}, optionally "
+                         "with ',control'")
     c = ml_collections.ConfigDict()
     c.study = ml_collections.ConfigDict()
     c.study.name = preset

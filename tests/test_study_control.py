@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from helpers import load_config
 
 from transfer_jax.study import control as study_control
 from transfer_jax.study.analysis import RunRecord
@@ -74,33 +75,56 @@ def test_missing_sources_and_unknown_source(tmp_path):
 
 
 def test_control_config_is_validated():
-    import importlib.util
-
     from transfer_jax.study import runner
 
-    spec = importlib.util.spec_from_file_location("study_config", os.path.join("configs", "study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke,control")
+    config = load_config("study", "smoke,control")
     assert runner.parse_study(config).control.backbone == "profound_conv"
-    assert runner.parse_study(module.get_config("smoke")).control is None
+    assert runner.parse_study(load_config("study", "smoke")).control is None
     config.study.control.unrelated = "seg"
     with pytest.raises(runner.StudyConfigError, match="study.control.unrelated must name a pretraining config"):
         runner.parse_study(config)
-    with pytest.raises(ValueError, match="expected one study preset"):
-        module.get_config("smoke,cpu")
+    with pytest.raises(ValueError, match="is not a study preset"):
+        load_config("study", "smoke,cpu")
+
+
+def test_control_runs_its_sources_then_one_run_per_source(tmp_path, monkeypatch):
+    """The plumbing, with the fake trainer of the runner's tests: which runs start from which artifact."""
+    from test_study_runner import FakeTrainer
+
+    from transfer_jax.study import runner
+    from transfer_jax.train import export, loop
+
+    trainer = FakeTrainer()
+    monkeypatch.setattr(loop, "train_and_evaluate", trainer)
+    exported = []
+    monkeypatch.setattr(export, "export_backbone", lambda workdir: exported.append(workdir) or workdir)
+    config = load_config("study", "smoke,control")
+    config.study.bootstrap = 0
+    result = runner.run_study(config, str(tmp_path), log=lambda message: None)
+    names = [name for name, _ in trainer.calls]
+    assert names == ["profound_conv", "profound_conv-seg-pretrained", "profound_conv-seg-scratch", "aligned",
+                     "unrelated", *(f"profound_conv-seg-control-{s}" for s in study_control.SOURCES)]
+    calls = dict(trainer.calls)
+    assert calls["aligned"]["init"]["mode"] == "scratch" and calls["aligned"]["task"]["name"] == "segmentation"
+    assert exported == [str(tmp_path / "control" / "sources" / "aligned")]
+    assert calls["unrelated"]["task"] == {"name": "pretrain_fcmae", "target": "noise"}
+    checkpoints = {s: calls[f"profound_conv-seg-control-{s}"]["init"]["checkpoint"] for s in study_control.SOURCES}
+    assert checkpoints == {"aligned": str(tmp_path / "control" / "sources" / "aligned" / "pretrained"),
+                           "related": str(tmp_path / "pretraining" / "profound_conv" / "pretrained"),
+                           "unrelated": str(tmp_path / "control" / "sources" / "unrelated" / "pretrained"),
+                           "random": ""}
+    assert [r.source for r in result.control.sources] == list(study_control.SOURCES)
+    assert "Positive control: expected order" in open(result.outputs["report.md"], encoding="utf-8").read()
+    # a second invocation reuses every run (the related pretraining is the matrix's, trained once)
+    runner.run_study(config, str(tmp_path), log=lambda message: None)
+    assert len(trainer.calls) == len(names)
 
 
 @pytest.mark.slow
 def test_smoke_control_end_to_end(tmp_path):
-    import importlib.util
-
     from transfer_jax.study import runner
 
-    spec = importlib.util.spec_from_file_location("study_config", os.path.join("configs", "study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke,control")
+    config = load_config("study", "smoke,control")
     config.study.bootstrap = 0
     result = runner.run_study(config, str(tmp_path), log=lambda message: None)
     assert [r.source for r in result.control.sources] == list(study_control.SOURCES)
@@ -114,22 +138,17 @@ def test_smoke_control_end_to_end(tmp_path):
 
 def test_noise_target_pretraining_regresses_noise():
     """The unrelated source's objective: the hidden patches regress per-sample noise, not the image."""
-    import importlib.util
-
     import numpy as np
 
     from transfer_jax.tasks.pretraining import FCMAEPretrainTask
 
-    spec = importlib.util.spec_from_file_location("fcmae_config", os.path.join("configs", "pretrain_fcmae.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke,noise_target")
+    config = load_config("pretrain_fcmae", "smoke,noise_target")
     task = FCMAEPretrainTask(config)
     image = np.random.default_rng(0).random((*task.crop_size, len(task.channels)), dtype=np.float32)
     sample = task.make_sample({"image": image, "case_index": 1})
     assert sample["target"].shape == image.shape
     assert abs(float(np.corrcoef(sample["target"].ravel(), image.ravel())[0, 1])) < 0.05
-    assert "target" not in FCMAEPretrainTask(module.get_config("smoke")).make_sample({"image": image})
+    assert "target" not in FCMAEPretrainTask(load_config("pretrain_fcmae", "smoke")).make_sample({"image": image})
     config.task.target = "labels"
     with pytest.raises(ValueError, match="task.target must be one of"):
         FCMAEPretrainTask(config)
