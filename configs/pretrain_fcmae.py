@@ -26,7 +26,9 @@ DECODER_DIM = {"default": 64, "smoke": 16, "full": 512}
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset, options = parse_options(arg, "configs/pretrain_fcmae.py", ("norm_pix", "noise_target"))
     c = base_config()
-    c.task = ml_collections.ConfigDict(dict(name="pretrain_fcmae", target="noise" if "noise_target" in options else "image"))
+    # noise_target: the hidden patches regress Gaussian noise (the study's unrelated control source)
+    c.task = ml_collections.ConfigDict(dict(name="pretrain_fcmae",
+                                            target="noise" if "noise_target" in options else "image"))
     c.model = ml_collections.ConfigDict()
     if preset == "smoke":
         apply_smoke(c)

@@ -168,7 +168,7 @@ def summary_line(control: ControlAnalysis) -> str:
     return (f"{control.backbone} fine-tuned on {control.task} from {len(control.sources)} sources of known "
             f"alignment ({' < '.join(SOURCES)}): the expected order holds for {len(held)} of {len(verdicts)} "
             f"measures ({', '.join(held) or 'none'}). MMD² should rise and the gain over random fall along that "
-            "order; with 4 sources the smallest exact two-sided p-value is 2/24.")
+            "order; with all 4 sources the smallest exact two-sided p-value is 2/24 = 0.083.")
 
 
 def sections(control: Optional[ControlAnalysis]):

@@ -137,8 +137,8 @@ class PlannedPretraining:
 class StudyResult:
     runs: list[study_analysis.RunRecord]
     analysis: study_analysis.StudyAnalysis
-    outputs: dict[str, str]
-    control: Optional[study_control.ControlAnalysis] = None  # the positive control, when the study ran one  # output name -> path (empty on processes other than 0)
+    outputs: dict[str, str]  # output name -> path (empty on processes other than 0)
+    control: Optional[study_control.ControlAnalysis] = None  # the positive control, when the study ran one
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ def write_pretrained(export: PretrainedExport, host_params, host_rest, workdir: 
 
 def export_backbone(run_workdir: str, *, checkpoint: str = "best") -> str:
     """Write the backbone of a finished fine-tuning run (its `checkpoint`: "best", "latest" or a step) as the
-    pretrained artifact `<run_workdir>/pretrained`; returns its directory. Other runs can start from a backbone trained on that task (the
-    study's aligned control source). Only the task's backbone paths (`task.backbone_prefix`) are kept; the
-    artifact's config is the run's encoder options, which `init.mode="pretrained"` adopts."""
+    pretrained artifact `<run_workdir>/pretrained`; returns its directory. Other runs can then start from a
+    backbone trained on that task (the study's aligned control source). Only the task's backbone paths
+    (`task.backbone_prefix`) are kept; the artifact's config is the run's encoder options, which
+    `init.mode="pretrained"` adopts."""
     from transfer_jax.predict import load_run  # the checkpoint reader `predict` uses
 
     config, task, _, params, rest, step, chosen = load_run(run_workdir, checkpoint)
