@@ -106,6 +106,7 @@ def test_control_runs_its_sources_then_one_run_per_source(tmp_path, monkeypatch)
                      "unrelated", *(f"profound_conv-seg-control-{s}" for s in study_control.SOURCES)]
     calls = dict(trainer.calls)
     assert calls["aligned"]["init"]["mode"] == "scratch" and calls["aligned"]["task"]["name"] == "segmentation"
+    assert calls["aligned"]["seed"] == calls["profound_conv-seg-control-random"]["seed"] + 1  # not the same run
     assert exported == [str(tmp_path / "control" / "sources" / "aligned")]
     assert calls["unrelated"]["task"] == {"name": "pretrain_fcmae", "target": "noise"}
     checkpoints = {s: calls[f"profound_conv-seg-control-{s}"]["init"]["checkpoint"] for s in study_control.SOURCES}

@@ -3,7 +3,8 @@
 One backbone is fine-tuned on one task from four sources of weights, whose alignment with that task is known by
 construction (`SOURCES`, in the expected order):
 
-* aligned: the backbone of a run trained on the task itself (`train.export.export_backbone`);
+* aligned: the backbone of a run trained on the task itself (`train.export.export_backbone`), from scratch with
+  a seed none of the fine-tuning runs uses;
 * related: the backbone's own pretraining objective (`study.pretraining`, the study's pretrained runs);
 * unrelated: the same objective regressing noise instead of the images (`configs/pretrain_fcmae.py:noise_target`);
 * random: the scratch initialisation, the reference of every gain.

@@ -417,7 +417,8 @@ def plan_control(spec: StudySpec, study_dir: str) -> Optional[PlannedControl]:
         run.workdir = workdir
         return run
 
-    aligned = task_run("scratch", os.path.join(root, "sources", "aligned"))
+    # Its own seed, past the fine-tuning runs' (`seeds`): otherwise it would be the random source's seed-0 run.
+    aligned = task_run("scratch", os.path.join(root, "sources", "aligned"), seed=spec.seeds)
     apply_overrides(aligned.config, control.aligned_overrides, f"configs/{control.task}.py",
                     field="control.aligned_overrides")
     related = pretraining_run(spec, directory, control.backbone, spec.pretraining[control.backbone],
