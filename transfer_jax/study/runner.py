@@ -15,7 +15,7 @@ Layout of `study_dir`:
     runs.json                        the matrix: every planned run with its status and, if skipped, why
     control/                         the positive control (`study.control.enabled`, `study/control.py`): sources/
                                      (the aligned task run, the unrelated pretraining) and runs/ (fine-tuning)
-    results.csv, report.md, ...      written by `transfer_jax.study.report`
+    results.csv, report.md, ...      written by `transfer_jax.study.report`; control.csv by `study/control.py`
 
 Where the pretrained weights come from, per backbone: `study.pretrained_checkpoints[backbone]` (converted release
 weights or any artifact) if given; else `study.pretraining[backbone]`, a pretraining config
