@@ -32,7 +32,6 @@ from transfer_jax.models.profound_vit import MAE, MAEDecoderConfig, ViTConfig, m
 from transfer_jax.models.registry import dataclass_from_dict, encoder_feature_sites
 from transfer_jax.tasks.base import PretrainedExport, Task, require
 
-
 TARGETS = ("image", "noise")  # what the hidden patches regress
 
 
