@@ -8,6 +8,8 @@ encoder only) loads into every task config with init.mode=pretrained.
     python -m transfer_jax.main --config=configs/pretrain_fcmae.py --workdir=runs/pretrain_fcmae
     python -m transfer_jax.main --config=configs/pretrain_fcmae.py:norm_pix ...
     python -m transfer_jax.main --config=configs/pretrain_fcmae.py:smoke ...
+    # the study's unrelated control: hidden patches regress Gaussian noise (task.target="noise")
+    python -m transfer_jax.main --config=configs/pretrain_fcmae.py:noise_target ...
     python -m transfer_jax.main --config=configs/pretrain_fcmae.py:full --config.data.manifest=cohort.csv ...
     # then, e.g.:
     python -m transfer_jax.main --config=configs/seg.py --config.init.mode=pretrained \
@@ -22,9 +24,11 @@ DECODER_DIM = {"default": 64, "smoke": 16, "full": 512}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset, options = parse_options(arg, "configs/pretrain_fcmae.py", ("norm_pix",))
+    preset, options = parse_options(arg, "configs/pretrain_fcmae.py", ("norm_pix", "noise_target"))
     c = base_config()
-    c.task = ml_collections.ConfigDict(dict(name="pretrain_fcmae"))
+    # noise_target: the hidden patches regress Gaussian noise (the study's unrelated control source)
+    c.task = ml_collections.ConfigDict(dict(name="pretrain_fcmae",
+                                            target="noise" if "noise_target" in options else "image"))
     c.model = ml_collections.ConfigDict()
     if preset == "smoke":
         apply_smoke(c)

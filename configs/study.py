@@ -3,6 +3,7 @@
     python -m transfer_jax.study --config=configs/study.py:smoke --workdir=studies/smoke
     python -m transfer_jax.study --config=configs/study.py:cpu --workdir=studies/cpu     # tiny models, for a CPU
     python -m transfer_jax.study --config=configs/study.py:full --workdir=studies/full   # real sizes, accelerators
+    python -m transfer_jax.study --config=configs/study.py:control --workdir=studies/control   # positive control
     # a subset, and overrides applied to every run:
     python -m transfer_jax.study --config=configs/study.py:smoke --workdir=DIR \
         --config.study.tasks="('seg',)" --config.study.backbones="('profound_conv',)" \
@@ -31,6 +32,12 @@ Fields of `study`:
   permutations: random pairings for a correlation's permutation p-value when it has more than 8 points (up to 8
     the test enumerates all of them and is exact).
   seed: seeds the bootstrap and the permutations (not the runs).
+  control: the positive control (transfer_jax/study/control.py), run after the matrix when `enabled`: `backbone`
+    fine-tuned on `task` from an aligned source (its backbone trained on `task` itself, that run changed by
+    `aligned_overrides`), a related one (`pretraining[backbone]`), an unrelated one (`unrelated`, a pretraining
+    config: FCMAE regressing noise) and random weights; the report and control.csv say whether MMD², gain and
+    steps to 95 % order them as expected. Presets: `control` (the cpu preset's sizes, its matrix cut to the
+    control's cell) and `smoke,control` (each run a few steps, for a test).
 """
 import os
 
@@ -50,9 +57,13 @@ def _dotted_dict(values: dict | None = None) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = (arg or "cpu").strip()
-    if preset not in STUDY_PRESETS:
-        raise ValueError(f"configs/study.py argument {preset!r} is not a study preset {STUDY_PRESETS}")
+    tokens = [t.strip() for t in (arg or "cpu").split(",") if t.strip()]
+    control = "control" in tokens
+    presets = [t for t in tokens if t != "control"] or ["cpu"]
+    preset = presets[0]
+    if len(presets) > 1 or preset not in STUDY_PRESETS:
+        raise ValueError(f"configs/study.py argument {arg!r} is not a study preset {STUDY_PRESETS}, optionally "
+                         "with ',control'")
     c = ml_collections.ConfigDict()
     c.study = ml_collections.ConfigDict()
     c.study.name = preset
@@ -73,6 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.bootstrap = 2000
     c.study.permutations = 9999
     c.study.seed = 0
+    c.study.control = ml_collections.ConfigDict(dict(
+        enabled=control, backbone="profound_conv", task="seg", unrelated="pretrain_fcmae:noise_target",
+        aligned_overrides=_dotted_dict()))
 
     if preset == "smoke":
         # CI: each task's own smoke preset (tiny models, 4 steps on a few tiny phantom volumes).
@@ -120,4 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.study.preset = "full"
         c.study.pretrained_checkpoints = _dotted_dict({
             backbone: os.path.join(ARTIFACTS_ROOT, backbone) for backbone in BACKBONES})
+    if control:
+        # The matrix cut to the control's cell (its pretrained and scratch runs beside the control's sources).
+        c.study.name = f"{preset}-control"
+        c.study.tasks = (c.study.control.task,)
+        c.study.backbones = (c.study.control.backbone,)
+        c.study.task_overrides = ml_collections.ConfigDict()
     return c

@@ -435,11 +435,12 @@ def build_rows(runs: Sequence[RunRecord]) -> list[Row]:
 def site_names(rows: Iterable[Row]) -> list[str]:
     """Feature sites seen in any row: the known ones in network order, then the rest alphabetically."""
     seen = {site for row in rows for site in (*row.alignment, *row.scratch_alignment, *row.mmd2_by_site)}
+    return sorted(seen, key=site_key)
 
-    def key(site: str):
-        return (_SITE_ORDER.index(site), "") if site in _SITE_ORDER else (len(_SITE_ORDER), site)
 
-    return sorted(seen, key=key)
+def site_key(site: str) -> tuple[int, str]:
+    """Sort key of feature sites: the known ones in network order, then the rest alphabetically."""
+    return (_SITE_ORDER.index(site), "") if site in _SITE_ORDER else (len(_SITE_ORDER), site)
 
 
 # ---------------------------------------------------------------------------------------------------------------

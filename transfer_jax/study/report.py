@@ -541,22 +541,24 @@ def _summary_lines(analysis: StudyAnalysis) -> list[str]:
     return lines
 
 
-def _sections(analysis: StudyAnalysis, pretraining: Sequence[RunRecord] = ()):
-    """(title, kind, payload) blocks shared by the markdown and HTML writers."""
+def _sections(analysis: StudyAnalysis, pretraining: Sequence[RunRecord] = (), extra: Sequence[tuple] = ()):
+    """(title, kind, payload) blocks shared by the markdown and HTML writers; `extra` (e.g. the positive
+    control's, `study/control.py`) go after the correlations."""
     yield "Summary", "paragraphs", _summary_lines(analysis)
     yield "How to read this", "bullets", HOW_TO_READ
     if pretraining:
         yield "Pretraining (JAX, initialises the pretrained runs)", "table", _pretraining_table(pretraining)
     yield "Results (one row per backbone x task; mean [95 % interval] over seeds)", "table", _results_table(analysis)
     yield "Correlations of MMD² with gain and convergence", "table", _correlation_table(analysis)
+    yield from extra
     yield "Runs", "table", _runs_table(analysis)
     yield "Columns of results.csv", "table", _column_docs(analysis)
 
 
 def write_markdown(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], environment_info: Mapping,
-                   pretraining: Sequence[RunRecord] = ()) -> None:
+                   pretraining: Sequence[RunRecord] = (), extra_sections: Sequence[tuple] = ()) -> None:
     lines = ["# Transfer study report", ""]
-    for title, kind, payload in _sections(analysis, pretraining):
+    for title, kind, payload in _sections(analysis, pretraining, extra_sections):
         lines += [f"## {title}", ""]
         if kind == "paragraphs":
             lines += [p + "\n" for p in payload]
@@ -575,7 +577,7 @@ def write_markdown(path: str, analysis: StudyAnalysis, plots: Mapping[str, str],
 
 
 def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], environment_info: Mapping,
-               pretraining: Sequence[RunRecord] = ()) -> None:
+               pretraining: Sequence[RunRecord] = (), extra_sections: Sequence[tuple] = ()) -> None:
     e = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Transfer study report</title><style>",
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
@@ -583,7 +585,7 @@ def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], env
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}"
              "img{max-width:100%;border:1px solid #eee}",
              "</style></head><body><h1>Transfer study report</h1>"]
-    for title, kind, payload in _sections(analysis, pretraining):
+    for title, kind, payload in _sections(analysis, pretraining, extra_sections):
         parts.append(f"<h2>{e(title)}</h2>")
         if kind == "paragraphs":
             parts += [f"<p>{e(p)}</p>" for p in payload]
@@ -607,7 +609,8 @@ def write_html(path: str, analysis: StudyAnalysis, plots: Mapping[str, str], env
 
 
 def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Optional[Mapping[str, Mapping]] = None,
-                 study_config: Optional[Mapping] = None, pretraining: Sequence[RunRecord] = ()) -> dict[str, str]:
+                 study_config: Optional[Mapping] = None, pretraining: Sequence[RunRecord] = (),
+                 extra_sections: Sequence[tuple] = ()) -> dict[str, str]:
     """Writes every output listed in the module docstring; returns {output name: path}."""
     os.makedirs(study_dir, exist_ok=True)
     outputs = {name: os.path.join(study_dir, name) for name in (
@@ -620,8 +623,8 @@ def write_report(study_dir: str, analysis: StudyAnalysis, *, run_configs: Option
     with open(outputs["environment.json"], "w", encoding="utf-8") as f:
         json.dump(environment_info, f, indent=2)
     write_configs(os.path.join(study_dir, CONFIGS_DIR), run_configs or {}, study_config)
-    write_markdown(outputs["report.md"], analysis, plots, environment_info, pretraining)
-    write_html(outputs["report.html"], analysis, plots, environment_info, pretraining)
+    write_markdown(outputs["report.md"], analysis, plots, environment_info, pretraining, extra_sections)
+    write_html(outputs["report.html"], analysis, plots, environment_info, pretraining, extra_sections)
     outputs["configs"] = os.path.join(study_dir, CONFIGS_DIR)
     outputs.update({f"plot:{title}": p for title, p in plots.items()})
     return outputs

@@ -13,7 +13,9 @@ Layout of `study_dir`:
     runs/<run name>/                 the trainer's workdir of each run (checkpoints, metrics, summary.json); the
                                      name is `<backbone>-<task>-<init>[-probe][-seed<s>]`
     runs.json                        the matrix: every planned run with its status and, if skipped, why
-    results.csv, report.md, ...      written by `transfer_jax.study.report`
+    control/                         the positive control (`study.control.enabled`, `study/control.py`): sources/
+                                     (the aligned task run, the unrelated pretraining) and runs/ (fine-tuning)
+    results.csv, report.md, ...      written by `transfer_jax.study.report`; control.csv by `study/control.py`
 
 Where the pretrained weights come from, per backbone: `study.pretrained_checkpoints[backbone]` (converted release
 weights or any artifact) if given; else `study.pretraining[backbone]`, a pretraining config
@@ -45,13 +47,17 @@ import ml_collections
 
 from transfer_jax.study import BACKBONES, INITS, RUN_PRESETS, TASKS
 from transfer_jax.study import analysis as study_analysis
+from transfer_jax.study import control as study_control
 from transfer_jax.study import report as study_report
 
 CONFIGS_ENV = "TRANSFER_JAX_CONFIGS"
 RUNS_DIR = "runs"
 PRETRAINING_DIR = "pretraining"
+CONTROL_DIR = "control"
 STUDY_FIELDS = ("name", "tasks", "backbones", "inits", "arms", "seeds", "preset", "overrides", "task_overrides",
-                "pretrained_checkpoints", "pretraining", "pretraining_overrides", "bootstrap", "permutations", "seed")
+                "pretrained_checkpoints", "pretraining", "pretraining_overrides", "bootstrap", "permutations", "seed",
+                "control")
+CONTROL_FIELDS = ("enabled", "backbone", "task", "unrelated", "aligned_overrides")
 
 
 class StudyConfigError(ValueError):
@@ -76,6 +82,17 @@ class StudySpec:
     bootstrap: int
     permutations: int
     seed: int
+    control: Optional["ControlSpec"] = None  # None: no positive control
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlSpec:
+    """The validated `study.control` block (see `study/control.py`)."""
+
+    backbone: str
+    task: str
+    unrelated: str  # pretraining config of the unrelated source, "<name>[:<args>]"
+    aligned_overrides: dict[str, Any]  # the aligned source's task run, after `overrides` and `task_overrides`
 
 
 @dataclasses.dataclass
@@ -121,6 +138,7 @@ class StudyResult:
     runs: list[study_analysis.RunRecord]
     analysis: study_analysis.StudyAnalysis
     outputs: dict[str, str]  # output name -> path (empty on processes other than 0)
+    control: Optional[study_control.ControlAnalysis] = None  # the positive control, when the study ran one
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,9 +198,7 @@ def parse_study(config) -> StudySpec:
     if unknown:
         raise StudyConfigError(f"study.pretraining: unknown backbone(s) {unknown}; known: {BACKBONES}")
     for backbone, source in pretraining.items():
-        if not isinstance(source, str) or not source.split(":")[0].startswith("pretrain_"):
-            raise StudyConfigError(f"study.pretraining.{backbone} must name a pretraining config such as "
-                                   f"'pretrain_fcmae' or 'pretrain_contrastive:both', got {source!r}")
+        _pretraining_source(f"pretraining.{backbone}", source)
     pretraining_overrides = flatten_overrides(study.get("pretraining_overrides") or {})
     task_overrides = {}
     for task, values in (study.get("task_overrides") or {}).items():
@@ -199,12 +215,41 @@ def parse_study(config) -> StudySpec:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise StudyConfigError(f"study.{field} must be an integer >= {minimum}, got {value!r}")
     return StudySpec(
+        control=parse_control(study.get("control"), study.get("pretraining") or {}),
         tasks=_names(study, "tasks", TASKS), backbones=_names(study, "backbones", BACKBONES),
         inits=_names(study, "inits", INITS), arms=arms, seeds=study.seeds, preset=preset, overrides=overrides,
         task_overrides=task_overrides,
         pretrained_checkpoints={b: p for b, p in checkpoints.items() if p},
         pretraining={b: v for b, v in pretraining.items() if v}, pretraining_overrides=pretraining_overrides,
         bootstrap=study.bootstrap, permutations=study.permutations, seed=study.seed)
+
+
+def _pretraining_source(field: str, source) -> str:
+    if not isinstance(source, str) or not source.split(":")[0].startswith("pretrain_"):
+        raise StudyConfigError(f"study.{field} must name a pretraining config such as 'pretrain_fcmae' or "
+                               f"'pretrain_contrastive:both', got {source!r}")
+    return source
+
+
+def parse_control(control, pretraining: Mapping) -> Optional[ControlSpec]:
+    """None when `study.control` is absent or not enabled."""
+    if control is None or not control.get("enabled", False):
+        return None
+    unknown = sorted(set(control.keys()) - set(CONTROL_FIELDS))
+    if unknown:
+        raise StudyConfigError(f"study.control.{unknown[0]} is not a control field; known fields: {CONTROL_FIELDS}")
+    backbone, task = control.get("backbone"), control.get("task")
+    if backbone not in BACKBONES:
+        raise StudyConfigError(f"study.control.backbone must be one of {BACKBONES}, got {backbone!r}")
+    if task not in TASKS:
+        raise StudyConfigError(f"study.control.task must be one of {TASKS}, got {task!r}")
+    if not pretraining.get(backbone):
+        raise StudyConfigError(f"study.control: the related source is study.pretraining.{backbone}, which is empty")
+    overrides = flatten_overrides(control.get("aligned_overrides") or {})
+    if any(k == "init" or k.startswith("init.") for k in overrides):
+        raise StudyConfigError("study.control.aligned_overrides: the study sets init.* itself")
+    return ControlSpec(backbone, task, _pretraining_source("control.unrelated", control.get("unrelated")),
+                       overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,19 +300,25 @@ def plan_pretraining(spec: StudySpec, directory: str, study_dir: str, backbones:
     for backbone in spec.backbones:
         if backbone not in backbones or backbone in spec.pretrained_checkpoints or backbone not in spec.pretraining:
             continue
-        source = spec.pretraining[backbone]
-        name, _, args = source.partition(":")
-        path = os.path.join(directory, f"{name}.py")
-        if not os.path.isfile(path):
-            raise StudyConfigError(f"study.pretraining.{backbone}: pretraining config {path} does not exist")
-        config = _load_config_module(path, name).get_config(",".join(filter(None, (args, spec.preset))))
-        built = config.get("model", {}).get("backbone")
-        if built != backbone:
-            raise StudyConfigError(f"study.pretraining.{backbone}: {name}.py pretrains {built!r}, not {backbone!r}")
-        apply_overrides(config, spec.pretraining_overrides, f"configs/{name}.py", field="pretraining_overrides")
-        planned[backbone] = PlannedPretraining(backbone, source, os.path.join(study_dir, PRETRAINING_DIR, backbone),
-                                               config)
+        planned[backbone] = pretraining_run(spec, directory, backbone, spec.pretraining[backbone],
+                                            os.path.join(study_dir, PRETRAINING_DIR, backbone),
+                                            f"pretraining.{backbone}")
     return planned
+
+
+def pretraining_run(spec: StudySpec, directory: str, backbone: str, source: str, workdir: str, field: str
+                    ) -> PlannedPretraining:
+    """The pretraining run of `source` ("<config name>[:<args>]") for `backbone`; `field` names it in errors."""
+    name, _, args = source.partition(":")
+    path = os.path.join(directory, f"{name}.py")
+    if not os.path.isfile(path):
+        raise StudyConfigError(f"study.{field}: pretraining config {path} does not exist")
+    config = _load_config_module(path, name).get_config(",".join(filter(None, (args, spec.preset))))
+    built = config.get("model", {}).get("backbone")
+    if built != backbone:
+        raise StudyConfigError(f"study.{field}: {name}.py pretrains {built!r}, not {backbone!r}")
+    apply_overrides(config, spec.pretraining_overrides, f"configs/{name}.py", field="pretraining_overrides")
+    return PlannedPretraining(backbone, source, workdir, config)
 
 
 def plan_run(spec: StudySpec, directory: str, runs_dir: str, backbone: str, task: str, init: str,
@@ -337,6 +388,56 @@ def plan_study(spec: StudySpec, study_dir: str) -> tuple[dict[str, PlannedPretra
                 "released weights there (python -m transfer_jax.convert profound|provicnet --output=...) or "
                 "point the field at a pretraining artifact")
     return pretraining, plan
+
+
+@dataclasses.dataclass
+class PlannedControl:
+    """The positive control: the runs that make its sources, then one fine-tuning run per source and seed."""
+
+    aligned: PlannedRun  # the task run whose backbone becomes the aligned source
+    related: PlannedPretraining  # the backbone's own pretraining (the matrix's, when it has one)
+    unrelated: PlannedPretraining
+    runs: list[tuple[str, PlannedRun]]  # (source, fine-tuning run)
+
+
+def plan_control(spec: StudySpec, study_dir: str) -> Optional[PlannedControl]:
+    """The control's runs and configs (None without `study.control`), built before anything trains."""
+    from transfer_jax.train.export import EXPORT_DIR
+
+    control = spec.control
+    if control is None:
+        return None
+    directory = configs_dir()
+    root = os.path.join(study_dir, CONTROL_DIR)
+
+    def task_run(init: str, workdir: str, seed: int = 0) -> PlannedRun:
+        run = plan_run(spec, directory, root, control.backbone, control.task, init, seed=seed)
+        if run.config is None:
+            raise StudyConfigError(f"study.control: {run.skip_reason}")
+        run.workdir = workdir
+        return run
+
+    # Its own seed, past the fine-tuning runs' (`seeds`): otherwise it would be the random source's seed-0 run.
+    aligned = task_run("scratch", os.path.join(root, "sources", "aligned"), seed=spec.seeds)
+    apply_overrides(aligned.config, control.aligned_overrides, f"configs/{control.task}.py",
+                    field="control.aligned_overrides")
+    related = pretraining_run(spec, directory, control.backbone, spec.pretraining[control.backbone],
+                              os.path.join(study_dir, PRETRAINING_DIR, control.backbone),
+                              f"pretraining.{control.backbone}")
+    unrelated = pretraining_run(spec, directory, control.backbone, control.unrelated,
+                                os.path.join(root, "sources", "unrelated"), "control.unrelated")
+    artifacts = {"aligned": os.path.join(aligned.workdir, EXPORT_DIR), "related": related.artifact,
+                 "unrelated": unrelated.artifact}
+    runs = []
+    for seed in range(spec.seeds):
+        for source in study_control.SOURCES:
+            name = study_control.control_run_name(control.backbone, control.task, source, seed)
+            run = task_run("pretrained" if source in artifacts else "scratch", os.path.join(root, RUNS_DIR, name),
+                           seed)
+            if source in artifacts:
+                run.config.init.checkpoint = artifacts[source]
+            runs.append((source, run))
+    return PlannedControl(aligned, related, unrelated, runs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,12 +512,37 @@ def _pretrain(run: PlannedPretraining, spec: StudySpec, loop, log) -> study_anal
     return study_analysis.RunRecord(run.backbone, "pretraining", "scratch", run.workdir, status, note)
 
 
+def _run_control(plan: PlannedControl, spec: StudySpec, loop, log) -> list[study_analysis.RunRecord]:
+    """Makes the control's sources (reusing finished runs), then runs its fine-tuning runs; their records carry
+    the source as `init`."""
+    from transfer_jax.convert.artifact import is_artifact
+    from transfer_jax.train.export import EXPORT_DIR, export_backbone
+
+    control = spec.control
+    overrides = {**spec.overrides, **spec.task_overrides.get(control.task, {})}
+    aligned = plan.aligned
+    status, _ = _train_or_reuse(f"control source aligned ({control.backbone} trained on {control.task})",
+                                aligned.workdir, aligned.config, {**overrides, **control.aligned_overrides}, loop, log)
+    if status == "trained" or not is_artifact(os.path.join(aligned.workdir, EXPORT_DIR)):
+        log(f"control source aligned: backbone exported to {export_backbone(aligned.workdir)}")
+    for source in (plan.related, plan.unrelated):
+        _pretrain(source, spec, loop, log)
+    records = []
+    for index, (source, run) in enumerate(plan.runs, start=1):
+        status, note = _train_or_reuse(f"[control {index}/{len(plan.runs)}] {os.path.basename(run.workdir)}",
+                                       run.workdir, run.config, overrides, loop, log)
+        records.append(study_analysis.RunRecord(run.backbone, run.task, source, run.workdir, status, note,
+                                                seed=run.seed))
+    return records
+
+
 def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> StudyResult:
     """Runs (or resumes) every run of the study, then writes the analysis and the report into `study_dir`."""
     spec = parse_study(config)
     study_dir = os.path.abspath(study_dir)
     os.makedirs(os.path.join(study_dir, RUNS_DIR), exist_ok=True)
     pretraining, plan = plan_study(spec, study_dir)
+    control_plan = plan_control(spec, study_dir)
     active = [run for run in plan if run.config is not None]
     log(f"study: {len(pretraining)} pretraining and {len(plan)} fine-tuning runs planned ({len(active)} to run or "
         f"reuse, {len(plan) - len(active)} skipped) in {study_dir}")
@@ -434,20 +560,31 @@ def run_study(config, study_dir: str, *, log: Callable[[str], None] = print) -> 
         overrides = {**spec.overrides, **spec.task_overrides.get(run.task, {})}
         status, note = _train_or_reuse(prefix, run.workdir, run.config, overrides, loop, log)
         records.append(run.record(status, note))
+    control_records = _run_control(control_plan, spec, loop, log) if control_plan else []
 
     analysis = study_analysis.analyze(records, bootstrap=spec.bootstrap, seed=spec.seed,
                                       permutations=spec.permutations)
+    control = study_control.analyze_control(control_records, bootstrap=spec.bootstrap, seed=spec.seed,
+                                            permutations=spec.permutations) if control_records else None
     import jax
 
     outputs: dict[str, str] = {}
     if jax.process_index() == 0:  # every process trains; one writes the report
-        _write_runs_json(os.path.join(study_dir, "runs.json"), pretraining_records + records)
+        _write_runs_json(os.path.join(study_dir, "runs.json"), pretraining_records + records + control_records)
         run_configs = {run.name: _snapshot(run.config) for run in list(pretraining.values()) + active}
+        if control_plan:
+            run_configs.update({f"control-{os.path.basename(run.workdir)}": _snapshot(run.config)
+                                for run in [control_plan.aligned, control_plan.unrelated]
+                                + [run for _, run in control_plan.runs]})
         outputs = study_report.write_report(study_dir, analysis, run_configs=run_configs,
-                                            study_config=_snapshot(config), pretraining=pretraining_records)
+                                            study_config=_snapshot(config), pretraining=pretraining_records,
+                                            extra_sections=study_control.sections(control))
+        if control is not None:
+            outputs["control.csv"] = os.path.join(study_dir, "control.csv")
+            study_control.write_control_csv(outputs["control.csv"], control)
         outputs["runs.json"] = os.path.join(study_dir, "runs.json")
         log(f"study: report in {outputs['report.md']} and {outputs['report.html']}")
-    return StudyResult(runs=records, analysis=analysis, outputs=outputs)
+    return StudyResult(runs=records, analysis=analysis, outputs=outputs, control=control)
 
 
 def run_study_command(config, study_dir: str, *, compilation_cache: bool = True) -> StudyResult:

@@ -7,6 +7,9 @@ Both objectives hide a random `mask_ratio` share of the patches of a crop and re
   workers from a generator seeded by (`config.seed`, case index, CRC of the crop) and travels in the batch as
   `noise` (N, patches). Training crops are randomised by the augmentation, so every draw gets a new mask; the
   evaluation centre crop gets the same mask at every evaluation, so the validation loss is comparable over steps.
+* Noise targets (`task.target="noise"`, `configs/pretrain_fcmae.py:noise_target`): the hidden patches regress
+  Gaussian noise drawn per sample instead of the voxels, an objective unrelated to the images by construction (the
+  study's positive control, `configs/study.py:control`). The encoder still sees the images and is trained.
 * Metric: `recon_loss` (primary, lower is better) = the mean over validation cases of each case's loss.
 * Export: at the end of the run the weights are written as a pretrained artifact (`<workdir>/pretrained`, the
   format of `transfer_jax.convert.artifact`) that the task configs load with `init.mode="pretrained"` and
@@ -19,6 +22,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,6 +31,8 @@ from transfer_jax.models.fcmae import FCMAE, FCMAEConfig
 from transfer_jax.models.profound_vit import MAE, MAEDecoderConfig, ViTConfig, mae_loss
 from transfer_jax.models.registry import dataclass_from_dict, encoder_feature_sites
 from transfer_jax.tasks.base import PretrainedExport, Task, require
+
+TARGETS = ("image", "noise")  # what the hidden patches regress
 
 
 class MaskedReconstructionTask(Task):
@@ -39,6 +45,9 @@ class MaskedReconstructionTask(Task):
         super().__init__(config)
         self.channels = tuple(config.data.channels)
         self.crop_size = tuple(int(c) for c in config.data.crop_size)
+        self.target = config.task.get("target", "image")
+        if self.target not in TARGETS:
+            raise ValueError(f"task.target must be one of {TARGETS}, got {self.target!r}")
 
     # -- subclasses -------------------------------------------------------------------------------------------
     @property
@@ -58,17 +67,25 @@ class MaskedReconstructionTask(Task):
 
     def make_sample(self, sample: dict) -> dict[str, np.ndarray]:
         image = np.ascontiguousarray(sample["image"], np.float32)
-        noise = self.sample_rng(sample).random(self.num_patches, dtype=np.float32)
-        return {"image": image, "noise": noise}
+        rng = self.sample_rng(sample)
+        noise = rng.random(self.num_patches, dtype=np.float32)
+        if self.target == "image":
+            return {"image": image, "noise": noise}
+        return {"image": image, "noise": noise, "target": rng.standard_normal(image.shape, dtype=np.float32)}
 
     def forward(self, model, batch, compute_dtype):
         return model(batch["image"].astype(compute_dtype), noise=batch["noise"])
 
     def loss(self, outputs, batch):
-        return outputs.loss, {"loss_recon": outputs.loss}
+        if self.target == "image":
+            return outputs.loss, {"loss_recon": outputs.loss}
+        # Every sample has as many hidden patches (a fixed mask ratio), so the mean of per-sample losses is the
+        # loss over the batch.
+        loss = jnp.mean(self.per_sample_loss(outputs, batch["target"]))
+        return loss, {"loss_recon": loss}
 
     def eval_stats(self, outputs, batch):
-        return {"recon_loss": self.per_sample_loss(outputs, batch["image"])}
+        return {"recon_loss": self.per_sample_loss(outputs, batch.get("target", batch["image"]))}
 
     def summarize(self, stats):
         values = np.asarray(stats["recon_loss"], np.float64)
