@@ -25,10 +25,12 @@ from jax.sharding import PartitionSpec as P
 
 from transfer_jax.models.cpu_conv import current_target
 
-# Sequence block of the kernel: padded lengths are multiples of it. Larger blocks (up to 512) cut how often each
-# key/value block is re-read per query block; the largest of these that divides the padded length is used.
+# Padded lengths are multiples of _ALIGN; the kernel's query and key blocks are the largest multiple of it that
+# divides the padded length, up to _MAX_BLOCK: fewer blocks re-read each key/value block fewer times and leave
+# fewer partial query gradients to sum (ProViCNet's 1029 tokens run as one 1152-token block; the score tile,
+# 1152² fp32, fits the TPU's VMEM).
 _ALIGN = 128
-_BLOCKS = (512, 384, 256, 128)
+_MAX_BLOCK = 1152
 
 
 def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -72,9 +74,13 @@ def _splash_kernel(tokens: int, heads: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     padded = -(-tokens // _ALIGN) * _ALIGN
-    block = next(b for b in _BLOCKS if padded % b == 0)
+    block = max(b for b in range(_ALIGN, min(padded, _MAX_BLOCK) + 1, _ALIGN) if padded % b == 0)
     real_keys = np.broadcast_to(np.arange(padded)[None, :] < tokens, (padded, padded))
+    # Sequence-minor q, k, v: the kernel takes [head_dim, tokens] tiles, whose lanes are tokens, so a 64-wide head
+    # dimension is not padded to a tile's 128 lanes; on ViT-S the compiled step also moves less around the kernel.
+    seq_minor = splash.QKVLayout.SEQ_MINOR
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
-                              block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+                              block_kv_dkv_compute=block, use_fused_bwd_kernel=True,
+                              q_layout=seq_minor, k_layout=seq_minor, v_layout=seq_minor)
     return splash.make_splash_mha(masks.MultiHeadMask([masks.NumpyMask(real_keys)] * heads), block_sizes=sizes,
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
