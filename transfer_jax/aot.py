@@ -11,9 +11,10 @@ CPU platform: libtpu is only asked for a topology description, never for a TPU b
 
 Figures are per device (one chip runs one SPMD program) unless named `global`. The roofline step time is the
 larger of the compiled step's FLOPs over the chip's bf16 peak and its HBM traffic over the chip's bandwidth
-(train/flops.py datasheets), both from XLA's cost analysis plus what it leaves out of Pallas kernels (their operands
-and results; their FLOPs through the model count where that is larger); roofline MFU puts the model FLOPs (train/flops.py) over that time. The last line of
-the output is one JSON object (scripts/aot_matrix.py collects them).
+(train/flops.py datasheets), both from XLA's cost analysis plus what it leaves out of Pallas kernels (their
+operands and results; their FLOPs through the model count where that is larger); roofline MFU puts the model FLOPs
+(train/flops.py) over that time. The last line of the output is one JSON object (scripts/aot_matrix.py collects
+them).
 """
 from __future__ import annotations
 
