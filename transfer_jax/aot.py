@@ -11,13 +11,17 @@ CPU platform: libtpu is only asked for a topology description, never for a TPU b
 
 Figures are per device (one chip runs one SPMD program) unless named `global`. The roofline step time is the
 larger of the compiled step's FLOPs over the chip's bf16 peak and its HBM traffic over the chip's bandwidth
-(train/flops.py datasheets); roofline MFU puts the model FLOPs (train/flops.py) over that time. The last line of
-the output is one JSON object (scripts/aot_matrix.py collects them).
+(train/flops.py datasheets), both from XLA's cost analysis plus what it leaves out of Pallas kernels (their
+operands and results; their FLOPs through the model count where that is larger); roofline MFU puts the model FLOPs
+(train/flops.py) over that time. The last line of the output is one JSON object (scripts/aot_matrix.py collects
+them).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -89,11 +93,11 @@ def topology_devices(name: str) -> list:
 
 
 def _forms_for(mesh):
-    """The layer forms of the mesh's platform (never the host's): lax convolutions for TPU devices."""
-    from transfer_jax.models.cpu_conv import target_platform
-    from transfer_jax.train.mesh import mesh_platform
+    """The layer forms of the mesh's platform (never the host's): lax convolutions and the fused attention kernel
+    for TPU devices."""
+    from transfer_jax.models.cpu_conv import target_mesh
 
-    return target_platform(mesh_platform(mesh))
+    return target_mesh(mesh)
 
 
 def _abstract(tree, shardings=None):
@@ -201,6 +205,32 @@ class Programs:
                                 self.task, self.compute_dtype)
 
 
+# Bytes per element of the HLO element types a kernel's operands and results use.
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                  "f64": 8, "s64": 8, "u64": 8}
+_OPERAND_SHAPES = re.compile(r"operand_layout_constraints=\{(.*?\})\}")
+_SHAPE = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([0-9,]*)\]")
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_ELEMENT_BYTES[kind] * math.prod(int(d) for d in dims.split(",") if d)
+               for kind, dims in _SHAPE.findall(text))
+
+
+def kernel_bytes(hlo_text: str) -> int:
+    """HBM bytes of the Pallas kernels (Mosaic `tpu_custom_call`s) in a compiled module's text, which XLA's
+    `cost_analysis()` leaves out: each kernel's operands and results counted once at their logical size, a lower
+    bound (a kernel may read an operand block more than once, and TPU tiles pad narrow minor dimensions)."""
+    total = 0
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        results = line.split(" = ", 1)[1].split(" custom-call(", 1)[0]
+        operands = _OPERAND_SHAPES.search(line)  # operand shapes with their layouts: {bf16[..]{3,2,1,0}, ...}
+        total += _shape_bytes(results) + (_shape_bytes(operands.group(1)) if operands else 0)
+    return total
+
+
 def analyse(compiled, resident_bytes: int = 0) -> dict[str, Any]:
     """Per-device memory and cost of one executable. `resident_bytes`: device memory held by buffers that are not
     its arguments while it runs (the optimizer state during evaluation), added to its peak."""
@@ -213,9 +243,11 @@ def analyse(compiled, resident_bytes: int = 0) -> dict[str, Any]:
     cost = cost or {}
     peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
     peak = max(peak, arg + out - alias + temp) + resident_bytes
+    kernels = kernel_bytes(compiled.as_text())
     return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
             "generated_code_bytes": int(getattr(memory, "generated_code_size_in_bytes", 0)), "peak_bytes": peak,
-            "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+            "flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)) + kernels, "kernel_bytes": kernels}
 
 
 class OutOfMemory(RuntimeError):
@@ -314,7 +346,10 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
         log(f"alignment probe compiled in {s1 + s2:.0f}s")
 
     model_flops = programs.model_flops(config.batch_size)
-    step_s = roofline(train["flops"], train["bytes_accessed"], peak_flops, hbm_bandwidth)
+    # XLA counts no FLOPs for Pallas kernels (the fused attention): the compute term takes the model's count
+    # where it is the larger.
+    step_flops = max(train["flops"], model_flops / n)
+    step_s = roofline(step_flops, train["bytes_accessed"], peak_flops, hbm_bandwidth)
     fits = {step: (p["peak_bytes"] <= hbm_bytes if hbm_bytes else None) for step, p in parts.items()}
     report = {
         "config": name, "topology": topology, "device_kind": device.device_kind, "devices": n,
@@ -330,7 +365,7 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
         "model_flops_per_step_global": model_flops, "peak_flops": peak_flops, "hbm_bandwidth": hbm_bandwidth,
         "roofline_step_s": step_s,
         "roofline_bound": (None if step_s is None else
-                           "compute" if train["flops"] / peak_flops >= train["bytes_accessed"] / hbm_bandwidth
+                           "compute" if step_flops / peak_flops >= train["bytes_accessed"] / hbm_bandwidth
                            else "memory"),
         "roofline_mfu": (model_flops / n / peak_flops / step_s) if step_s else None,
         "steps": parts,

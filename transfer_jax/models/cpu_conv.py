@@ -7,9 +7,10 @@ order. The form is picked while tracing, from the input shape and the *target* p
 around a trace (a jit, `lower`, `make_jaxpr`) makes it pick the forms for `p` whatever the host's default backend
 is, and `target_platform("reference")` picks the plain lax convolutions for counting the model's own FLOPs.
 
-Interface: `target_platform`, `depthwise_conv`, `dense_conv`, `upsample2x_conv3x3`, and `check_implementation`
-for modules that validate an explicit implementation name when they are built. Channels-last throughout:
-(N, *spatial, C) inputs, (*k, C_in, C_out) kernels.
+Interface: `target_platform` (with `target_mesh` and `current_target`, which models/attention.py reads too),
+`depthwise_conv`, `dense_conv`, `upsample2x_conv3x3`, and `check_implementation` for modules that validate an
+explicit implementation name when they are built. Channels-last throughout: (N, *spatial, C) inputs,
+(*k, C_in, C_out) kernels.
 """
 from __future__ import annotations
 
@@ -29,26 +30,41 @@ import numpy as np
 # Platform -> the family of forms its "auto" implementations use: the XLA:CPU rewrites or the lax convolutions.
 _PLATFORM_FORMS = {"cpu": "cpu", "tpu": "lax", "gpu": "lax", "cuda": "lax", "rocm": "lax", "reference": "lax"}
 
-# The forms in effect: None outside any `target_platform` (follow `jax.default_backend()`). A jax user context is
-# thread-local and part of jit's tracing and compilation cache keys, so a function traced for one platform is
-# traced again, not reused, when it is called under another.
-_FORMS = jax.make_user_context(None)
+# The target in effect: None outside any `target_platform` (follow `jax.default_backend()`), else (platform, mesh).
+# A jax user context is thread-local and part of jit's tracing and compilation cache keys, so a function traced for
+# one target is traced again, not reused, when it is called under another.
+_TARGET = jax.make_user_context(None)
 
 
 @contextlib.contextmanager
-def target_platform(platform: str) -> Iterator[None]:
+def target_platform(platform: str, mesh=None) -> Iterator[None]:
     """Traces inside pick the "auto" forms for `platform` (a `jax.Device.platform`, or "reference" for the plain
-    lax convolutions on any backend); nested contexts override and restore the outer one."""
+    lax convolutions and plain attention on any backend); nested contexts override and restore the outer one.
+    `mesh`: the mesh the traced program runs on, for forms that run per device shard (`target_mesh`)."""
     if platform not in _PLATFORM_FORMS:
         raise ValueError(f"target_platform({platform!r}): unknown platform; use one of {', '.join(_PLATFORM_FORMS)}")
-    with _FORMS(_PLATFORM_FORMS[platform]):
+    with _TARGET((platform, mesh)):
         yield
+
+
+def target_mesh(mesh) -> contextlib.AbstractContextManager[None]:
+    """`target_platform` of the platform of the mesh's devices (what its programs are compiled for, which may not
+    be the host's backend), with the mesh known to forms that split their work over its devices."""
+    from transfer_jax.train.mesh import mesh_platform
+
+    return target_platform(mesh_platform(mesh), mesh)
+
+
+def current_target() -> tuple[str, object]:
+    """(platform, mesh or None) the current trace targets: the innermost `target_platform`, else the host's
+    default backend and no mesh."""
+    target = _TARGET.value
+    return (jax.default_backend(), None) if target is None else target
 
 
 def _cpu_rewrites() -> bool:
     """Whether "auto" picks the XLA:CPU rewrites in the current trace."""
-    forms = _FORMS.value
-    return jax.default_backend() == "cpu" if forms is None else forms == "cpu"
+    return _PLATFORM_FORMS.get(current_target()[0]) == "cpu"
 
 
 # --------------------------------------------------------------------------------------------------------------

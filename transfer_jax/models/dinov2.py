@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from transfer_jax.models.attention import dot_product_attention
 from transfer_jax.models.layers import PatchConv, cotangent_barrier, gelu, layer_norm, rematerialised
 
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
@@ -106,9 +107,7 @@ class Attention(nnx.Module):
         # [B, N, 3, heads, head_dim]: the same split PyTorch does with reshape(B, N, 3, heads, C // heads).
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # bf16: softmax in fp32
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
+        out = dot_product_attention(q, k, v, head_dim**-0.5).reshape(batch, tokens, width)
         return self.proj(out)
 
 

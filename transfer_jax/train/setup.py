@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from transfer_jax.allocator import active_allocator, host_memory_hint
 from transfer_jax.data.dataset import augment_config, prepare_splits, prepared_cache_dir
 from transfer_jax.data.pipeline import memory_cache_bytes, train_dataset
-from transfer_jax.models.cpu_conv import target_platform
+from transfer_jax.models.cpu_conv import target_mesh
 from transfer_jax.models.registry import compute_dtype as model_compute_dtype
 from transfer_jax.tasks.inference import whole_volume_applies
 from transfer_jax.tasks.registry import get_task
@@ -30,7 +30,7 @@ from transfer_jax.train.checkpoint import RunCheckpointer
 from transfer_jax.train.chrono import StepCost
 from transfer_jax.train.evaluator import Evaluator, WholeVolumeEvaluator
 from transfer_jax.train.flops import device_peak_flops, train_step_flops
-from transfer_jax.train.mesh import check_batch_divisible, create_mesh, mesh_platform
+from transfer_jax.train.mesh import check_batch_divisible, create_mesh
 from transfer_jax.train.optim import make_run_optimizer
 from transfer_jax.train.pretrained import adopt_architecture, check_init, load_into
 from transfer_jax.train.probe import AlignmentProbe, probe_images
@@ -186,7 +186,7 @@ def compile_steps(run: Run, state: TrainState, batch: dict, initial: TrainState)
     """Traces and compiles every device function of the loop: the alignment probe (embedding its reference with
     the `initial` weights), the eval step and the train step, for the shapes and shardings of `state` and of the
     global `batch` and with the layer forms of the mesh's platform; counts the model FLOPs of a train step."""
-    with target_platform(mesh_platform(run.mesh)):
+    with target_mesh(run.mesh):
         return _compile_steps(run, state, batch, initial)
 
 
