@@ -206,19 +206,25 @@ def test_trus_edge_rule_needs_eighteen_slices():
         get_task(config_for("seg", "provicnet,smoke,trus", **{"task.edge": "shift", "data.crop_size": (16, 64, 64)}))
 
 
+def _train_three_steps(variant: str, workdir) -> dict:
+    """The summary of a 3-step smoke run of a seg.py variant on one fixed batch."""
+    from helpers import fixed_training_batch
+    from transfer_jax.train.loop import train_and_evaluate
+
+    config = fixed_training_batch(config_for("seg", variant), total_steps=3)
+    config.model.head_options.pool_scales = (1, 2)
+    config.alignment.enabled = False
+    return train_and_evaluate(config, str(workdir))
+
+
 @pytest.mark.slow
 def test_lesion_head_trains_and_predicts_a_binary_map(tmp_path):
     import nibabel as nib
 
-    from helpers import fixed_training_batch
     from transfer_jax.data.manifest import read_manifest
     from transfer_jax.predict import main
-    from transfer_jax.train.loop import train_and_evaluate
 
-    config = fixed_training_batch(config_for("seg", "lesion,smoke"), total_steps=3)
-    config.model.head_options.pool_scales = (1, 2)
-    config.alignment.enabled = False
-    summary = train_and_evaluate(config, str(tmp_path))
+    summary = _train_three_steps("lesion,smoke", tmp_path)
     assert np.isfinite(summary["final"]["dice_mean"]) and "dice/gland" not in summary["final"]
     output = tmp_path / "predictions"
     main(["--workdir", str(tmp_path), "--manifest", summary["manifest"], "--output", str(output),
@@ -233,13 +239,7 @@ def test_lesion_head_trains_and_predicts_a_binary_map(tmp_path):
 
 @pytest.mark.slow
 def test_anatomy_head_trains_on_graded_gland_labels(tmp_path):
-    from helpers import fixed_training_batch
-    from transfer_jax.train.loop import train_and_evaluate
-
-    config = fixed_training_batch(config_for("seg", "anatomy,smoke"), total_steps=3)
-    config.model.head_options.pool_scales = (1, 2)
-    config.alignment.enabled = False
-    summary = train_and_evaluate(config, str(tmp_path))
+    summary = _train_three_steps("anatomy,smoke", tmp_path)
     final = summary["final"]
     assert summary["task"] == "anatomy_segmentation"
     assert np.isfinite(final["dice/structure_1"]) and np.isnan(final["dice/structure_8"])  # the phantom: label 1
