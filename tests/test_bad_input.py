@@ -165,3 +165,20 @@ def test_unknown_config_key_is_rejected_by_the_command_line(tmp_path):
     )
     assert result.returncode != 0
     assert "unknown config field 'learning_rate'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_cases_end_the_command_with_one_list_and_no_traceback(tmp_path):
+    good = _case(tmp_path, "good")
+    bad = _case(tmp_path, "bad", t2=str(tmp_path / "bad" / "absent.mha"))
+    worse = _case(tmp_path, "worse", adc=write_nifti(str(tmp_path / "x4d.nii.gz"), np.ones((4, 4, 4, 2))))
+    manifest = str(tmp_path / "manifest.csv")
+    write_manifest(manifest, [good, bad, worse])
+    result = subprocess.run(
+        [sys.executable, "-m", "transfer_jax.main", "--config=configs/seg.py:smoke", f"--workdir={tmp_path / 'run'}",
+         f"--config.data.manifest={manifest}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: 2 case(s) failed the pre-flight check" in result.stderr
+    assert "case 'bad', file " in result.stderr and "absent.mha: t2 file does not exist" in result.stderr
+    assert "case 'worse', file " in result.stderr and "'good'" not in result.stderr

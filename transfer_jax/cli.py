@@ -134,14 +134,30 @@ def parse_flags(argv, doc: str = "", flag_names: Sequence[str] = (), required: S
         sys.exit(f"error: {exc}")
 
 
+def reports_data_errors(main: Callable) -> Callable:
+    """`main` with bad input data (`DataError`: a manifest, case or file problem, its message written for the user)
+    ending the command as `error: <message>` and exit status 1, without a Python traceback."""
+    from transfer_jax.data.errors import DataError
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except DataError as error:
+            sys.exit(f"error: {error}")
+
+    return wrapped
+
+
 def run_absl(main: Callable, doc: str, flag_names: Sequence[str], required: Sequence[str] = ()) -> None:
     """`app.run(main)` for an absl entry point, with the JAX options as `--jax_*` flags (JAX reads them once the
-    command line is parsed), dashed flag spellings accepted and the command's own --help."""
+    command line is parsed), dashed flag spellings accepted, the command's own --help and bad input data reported
+    in one message (`reports_data_errors`)."""
     import jax
 
     jax.config.config_with_absl()
     flags.mark_flags_as_required(list(required))
-    app.run(main, argv=canonical_flags(sys.argv),
+    app.run(reports_data_errors(main), argv=canonical_flags(sys.argv),
             flags_parser=functools.partial(parse_flags, doc=doc, flag_names=flag_names, required=required))
 
 

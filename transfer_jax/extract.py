@@ -20,7 +20,7 @@ import importlib
 import sys
 from typing import Callable, Union
 
-from transfer_jax.cli import ArgumentParser
+from transfer_jax.cli import ArgumentParser, reports_data_errors
 
 __all__ = ["EXTRACTORS", "MANIFEST_MODELS", "get_extractor", "main"]
 
@@ -45,6 +45,7 @@ def get_extractor(model: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), name)
 
 
+@reports_data_errors
 def main(argv=None) -> int:
     """The `transfer-jax-extract` console script and `python -m transfer_jax.extract`."""
     parser = ArgumentParser("transfer_jax.extract", __doc__.split("\n`EXTRACTORS`")[0])

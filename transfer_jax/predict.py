@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transfer_jax.cli import ArgumentParser
+from transfer_jax.cli import ArgumentParser, reports_data_errors
 from transfer_jax.convert.provicnet import SLICE_MODEL_NAME, load_provicnet
 from transfer_jax.data.augment import center_crop
 from transfer_jax.data.dataset import preprocess_config
@@ -226,6 +226,7 @@ def predict(workdir: str, manifest: str, output: str, *, checkpoint: str = "best
     return written
 
 
+@reports_data_errors
 def main(argv=None) -> None:
     """The `transfer-jax-predict` console script and `python -m transfer_jax.predict`."""
     parser = ArgumentParser("transfer_jax.predict", __doc__)

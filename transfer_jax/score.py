@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from transfer_jax.cli import ArgumentParser
+from transfer_jax.cli import ArgumentParser, reports_data_errors
 from transfer_jax.data.errors import DataError
 from transfer_jax.data.manifest import Case, cases_in_split, read_manifest
 from transfer_jax.data.nifti import Grid, Volume, read_volume, resample
@@ -211,6 +211,7 @@ def score(predictions: str, manifest: str, split: str = "test", *, output: Optio
     return {**record, "files": [table, summary_path]}
 
 
+@reports_data_errors
 def main(argv=None) -> None:
     """The `transfer-jax-score` console script and `python -m transfer_jax.score`."""
     parser = ArgumentParser("transfer_jax.score", __doc__)
