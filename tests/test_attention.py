@@ -6,38 +6,63 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transfer_jax.models.attention import dot_product_attention, fused_attention, plain_attention
+from transfer_jax.models.attention import fused_self_attention, self_attention
 from transfer_jax.models.cpu_conv import target_mesh, target_platform
 from transfer_jax.models.dinov2 import DinoV2, DinoV2Config
 from transfer_jax.train.mesh import batch_sharding, create_mesh, replicated
 
 # 21 tokens: padded to one 128-token block, 107 padded keys masked. ViT head_dim.
 BATCH, TOKENS, HEADS, HEAD_DIM = 2, 21, 2, 64
+WIDTH = HEADS * HEAD_DIM
 
 
-def _qkv_and_cotangent():
-    keys = jax.random.split(jax.random.key(0), 4)
-    return [jax.random.normal(k, (BATCH, TOKENS, HEADS, HEAD_DIM), jnp.float32) for k in keys]
+def _projections_and_tokens():
+    rngs = nnx.Rngs(0)
+    qkv, proj = nnx.Linear(WIDTH, 3 * WIDTH, rngs=rngs), nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+    for linear in (qkv, proj):  # biases that are not zero, so their placement is checked too
+        linear.bias[...] = 0.1 * jax.random.normal(rngs.params(), linear.bias[...].shape)
+    keys = jax.random.split(jax.random.key(1), 2)
+    x, cotangent = (jax.random.normal(k, (BATCH, TOKENS, WIDTH), jnp.float32) for k in keys)
+    return qkv, proj, x, cotangent
 
 
-def test_fused_kernel_matches_plain_attention_forward_and_gradient():
-    """The TPU kernel, run in the Pallas interpreter, on a length that is not a whole block."""
-    q, k, v, cotangent = _qkv_and_cotangent()
-    scale = HEAD_DIM ** -0.5
-    fused = lambda q, k, v: fused_attention(q, k, v, scale, interpret=True)
-    plain = lambda q, k, v: plain_attention(q, k, v, scale)
-    np.testing.assert_allclose(fused(q, k, v), plain(q, k, v), atol=2e-5)
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))(q, k, v) for f in (fused, plain)]
-    for got, want in zip(*grads):
-        np.testing.assert_allclose(got, want, atol=2e-5)
+def _plain(qkv, proj, x):
+    with target_platform("reference"):
+        return self_attention(x, qkv, proj, HEADS)
 
 
-def test_cpu_and_reference_targets_trace_the_plain_form():
-    q, k, v, _ = _qkv_and_cotangent()
-    want = plain_attention(q, k, v, 0.125)
+def _fused(qkv, proj, x):
+    return fused_self_attention(x, qkv, proj, HEADS, interpret=True)
+
+
+def test_fused_form_matches_the_plain_form_forward_and_gradient():
+    """The TPU form (head-major projections around the kernel, run in the Pallas interpreter) on a length that is
+    not a whole block, against the plain einsums: outputs, and gradients of the input and both projections."""
+    qkv, proj, x, cotangent = _projections_and_tokens()
+    np.testing.assert_allclose(_fused(qkv, proj, x), _plain(qkv, proj, x), atol=2e-5)
+
+    graph, state = nnx.split((qkv, proj))
+
+    def grads(form):
+        loss = lambda state, x: jnp.sum(form(*nnx.merge(graph, state), x) * cotangent)
+        return jax.grad(loss, argnums=(0, 1))(state, x)
+
+    got, want = grads(_fused), grads(_plain)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=5e-5)
+
+
+def test_plain_form_is_the_pytorch_split_of_the_fused_projection():
+    """qkv output features [q | k | v], head-major inside each third: the reshape(B, N, 3, heads, head_dim) split."""
+    qkv, proj, x, _ = _projections_and_tokens()
+    split = qkv(x).reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM)
+    q, k, v = (split[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    weights = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) * HEAD_DIM**-0.5, axis=-1)
+    want = proj((weights @ v).transpose(0, 2, 1, 3).reshape(BATCH, TOKENS, WIDTH))
     for platform in ("cpu", "reference"):
         with target_platform(platform):
-            np.testing.assert_array_equal(jax.jit(dot_product_attention, static_argnums=3)(q, k, v, 0.125), want)
+            got = jax.jit(lambda x: self_attention(x, qkv, proj, HEADS))(x)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def _lowered_vit_s(mesh) -> str:

@@ -221,7 +221,7 @@ def _upsample2x(x):
 # Output channels below and from `_PHASES_IN_CHANNELS_MAX_OUT` (phases as channels / four 2x2 convs), odd and
 # non-square maps, a 1-pixel map (every tap but the centre reads padding).
 @pytest.mark.parametrize("shape,cout", [((2, 4, 5, 6), 3), ((2, 4, 5, 6), 9), ((3, 1, 1, 4), 4), ((1, 3, 2, 5), 16)])
-@pytest.mark.parametrize("implementation", ["fold", "conv"])
+@pytest.mark.parametrize("implementation", ["fold", "conv", "auto for a TPU target"])
 def test_upsample2x_conv3x3_equals_upsampling_then_convolving(shape, cout, implementation):
     kx, kw, kc = jax.random.split(jax.random.key(sum(shape) + cout), 3)
     x = jax.random.normal(kx, shape, jnp.float32)
@@ -230,6 +230,9 @@ def test_upsample2x_conv3x3_equals_upsampling_then_convolving(shape, cout, imple
     padding = ((1, 1), (1, 1))
 
     def fused(x, k):
+        if implementation.endswith("TPU target"):  # the TPU form's lax conv, run here on the host
+            with cpu_conv.target_platform("tpu"):
+                return upsample2x_conv3x3(x, k, precision=HIGHEST)
         return upsample2x_conv3x3(x, k, implementation=implementation, precision=HIGHEST)
 
     def literal(x, k):
@@ -240,6 +243,16 @@ def test_upsample2x_conv3x3_equals_upsampling_then_convolving(shape, cout, imple
     grads_ref = jax.jit(jax.grad(lambda x, k: jnp.sum(literal(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
     for g, r in zip(grads, grads_ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_form_of_upsample2x_conv3x3_is_one_conv_on_the_low_resolution_map():
+    """The four output phases as one conv with 4 x O output channels; the up-sampled map is never formed."""
+    x, kernel = jnp.zeros((2, 8, 8, 64)), jnp.zeros((3, 3, 64, 4))
+    with cpu_conv.target_platform("tpu"):
+        jaxpr = jax.make_jaxpr(lambda x, k: upsample2x_conv3x3(x, k))(x, kernel)
+    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(convs) == 1 and convs[0].outvars[0].aval.shape == (2, 8, 8, 16)
+    assert all(v.aval.shape[1:3] != (16, 16) or v.aval.shape[-1] == 4 for e in jaxpr.eqns for v in e.outvars)
 
 
 def test_dense_conv_after_upsample2x_keeps_bias_and_rejects_other_kernels():

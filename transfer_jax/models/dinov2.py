@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfer_jax.models.attention import dot_product_attention
+from transfer_jax.models.attention import self_attention
 from transfer_jax.models.layers import PatchConv, cotangent_barrier, gelu, layer_norm, rematerialised
 
 # DINOv2's timm-style initialisation: truncated normal (std 0.02) for Linear weights and the position table.
@@ -102,13 +102,7 @@ class Attention(nnx.Module):
         self.proj = _linear(config.width, config.width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, tokens, width = x.shape
-        head_dim = width // self.num_heads
-        # [B, N, 3, heads, head_dim]: the same split PyTorch does with reshape(B, N, 3, heads, C // heads).
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v, head_dim**-0.5).reshape(batch, tokens, width)
-        return self.proj(out)
+        return self_attention(x, self.qkv, self.proj, self.num_heads)
 
 
 class Mlp(nnx.Module):

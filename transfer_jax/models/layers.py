@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfer_jax.models.cpu_conv import check_implementation, dense_conv, depthwise_conv, upsample2x_conv3x3
+from transfer_jax.models.cpu_conv import cotangent_barrier  # noqa: F401  (a layer whose form is the target's)
 from transfer_jax.models.cpu_conv import nearest_upsample2x  # noqa: F401  (a layer; defined by its fused conv)
 
 
@@ -77,20 +78,6 @@ class DepthwiseConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = depthwise_conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.implementation)
         return y + self.bias[...].astype(self.dtype)
-
-
-@jax.custom_vjp
-def cotangent_barrier(x: jax.Array) -> jax.Array:
-    """Identity whose cotangent is materialised (`lax.optimization_barrier`) on the way back.
-
-    On a pre-norm transformer's residual stream: without it XLA:CPU fuses the LayerNorm backward of every later
-    block into each block's transposed weight-gradient operand and recomputes that chain per block (ProViCNet's
-    default step: 49 ms of such fusions; with the barrier at each residual add the step is 9 % faster).
-    """
-    return x
-
-
-cotangent_barrier.defvjp(lambda x: (x, None), lambda _, grad: (jax.lax.optimization_barrier(grad),))
 
 
 # `backbone_options.remat_policy`: which intermediates of a rematerialised block the backward pass keeps instead of
