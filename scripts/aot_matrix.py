@@ -26,14 +26,23 @@ V5E_8 = "v5e:2x4"
 FSDP_8 = ("--config.mesh.fsdp=8", "--config.mesh.strategy=fsdp")
 # ProViCNet's preset batch (4 cases) does not split over 8 chips: one case per chip.
 PROVICNET_8 = ("--config.batch_size=8", "--config.eval_batch_size=8")
-# (name, config, topology, extra flags), quickest compile first.
+PROVICNET, PROFOUND_VIT, PROFOUND_CONV = "configs/seg.py:provicnet,full", "configs/seg.py:profound_vit,full", \
+    "configs/seg.py:full"
+# (name, config, topology, extra flags, search the largest batch), the must-have rows first (quickest compile
+# first), then other chips, fp32, other tasks and a 256-chip slice with the quickest-compiling model.
 ROWS = (
-    ("provicnet", "configs/seg.py:provicnet,full", V5E_8, (BF16, *PROVICNET_8)),
-    ("profound_vit", "configs/seg.py:profound_vit,full", V5E_8, (BF16,)),
-    ("profound_conv", "configs/seg.py:full", V5E_8, (BF16,)),
-    ("provicnet", "configs/seg.py:provicnet,full", V5E_8, (BF16, *PROVICNET_8, *FSDP_8)),
-    ("profound_vit", "configs/seg.py:profound_vit,full", V5E_8, (BF16, *FSDP_8)),
-    ("profound_conv", "configs/seg.py:full", V5E_8, (BF16, *FSDP_8)),
+    ("provicnet", PROVICNET, V5E_8, (BF16, *PROVICNET_8), True),
+    ("profound_vit", PROFOUND_VIT, V5E_8, (BF16,), True),
+    ("profound_conv", PROFOUND_CONV, V5E_8, (BF16,), True),
+    ("provicnet", PROVICNET, V5E_8, (BF16, *PROVICNET_8, *FSDP_8), False),
+    ("profound_vit", PROFOUND_VIT, V5E_8, (BF16, *FSDP_8), False),
+    ("profound_conv", PROFOUND_CONV, V5E_8, (BF16, *FSDP_8), False),
+    ("provicnet", PROVICNET, V5E_8, PROVICNET_8, False),
+    ("provicnet", PROVICNET, "v6e:2x4", (BF16, *PROVICNET_8), False),
+    ("provicnet", PROVICNET, "v5p:2x2x1", (BF16, *PROVICNET_8), False),
+    ("provicnet", PROVICNET, "v4:2x2x1", (BF16, *PROVICNET_8), False),
+    ("provicnet", "configs/cls.py:provicnet,full", V5E_8, (BF16, *PROVICNET_8), False),
+    ("provicnet", PROVICNET, "v5e:16x16", (BF16, "--config.batch_size=256", "--config.eval_batch_size=256"), False),
 )
 
 
@@ -79,27 +88,29 @@ def _gib(value) -> str:
 
 
 def format_table(rows: list[tuple[str, list[str], dict]]) -> str:
-    header = ("| model | config | topology | mesh | global batch (per chip) | fits | peak GiB per chip | args / temp / "
-              "out − alias GiB | largest batch per chip | compile s | XLA GFLOP per step per chip | roofline step s "
-              "| bound | roofline MFU |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    columns = ("model", "config", "topology", "dtype", "mesh", "global batch (per chip)", "fits", "peak GiB per chip",
+               "args / temp / out − alias GiB", "largest batch per chip", "compile s", "XLA GFLOP per step per chip",
+               "roofline step s", "bound", "roofline MFU")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, args, r in rows:
-        extra = " ".join(a for a in args[2:] if a != BF16 and not a.startswith("--skip"))
+        extra = " ".join(a for a in args[2:] if a not in (BF16, "--max_batch") and not a.startswith("--skip"))
+        dtype = "bfloat16" if BF16 in args else "float32"
         if not r.get("compiled"):
-            status = r.get("error", "pending")
-            lines.append(f"| {name} | `{args[0][9:]}` {extra} | {args[1][11:]} | | | not compiled: {status} | | | | | | "
-                         "| | |")
+            cells = [name, f"`{args[0][9:]}` {extra}", args[1][11:], dtype, "", "", "not compiled: "
+                     + r.get("error", "pending")]
+            lines.append("| " + " | ".join(cells + [""] * (len(columns) - len(cells))) + " |")
             continue
         mesh = "x".join(str(v) for v in r["mesh"].values())
         largest = f"{r['max_batch_per_device']:g}" if "max_batch_per_device" in r else "-"
         mfu = f"{r['roofline_mfu']:.1%}" if r.get("roofline_mfu") is not None else "-"
         step = f"{r['roofline_step_s']:.3f}" if r.get("roofline_step_s") else "-"
-        lines.append(
-            f"| {name} | `{args[0][9:]}` {extra} | {r['topology']} | {r['strategy']} {mesh} | {r['batch_size']} "
-            f"({r['batch_per_device']:g}) | {'yes' if r['fits'] else 'NO'} | {_gib(r['peak_bytes'])} | "
-            f"{_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / {_gib(r['output_bytes'] - r['alias_bytes'])} | "
-            f"{largest} | {r['compile_s']:.0f} | {r['flops_per_step'] / 1e9:.0f} | {step} | "
-            f"{r.get('roofline_bound') or '-'} | {mfu} |")
+        cells = [name, f"`{args[0][9:]}` {extra}", r["topology"], dtype, f"{r['strategy']} {mesh}",
+                 f"{r['batch_size']} ({r['batch_per_device']:g})", "yes" if r["fits"] else "NO", _gib(r["peak_bytes"]),
+                 f"{_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / "
+                 f"{_gib(r['output_bytes'] - r['alias_bytes'])}",
+                 largest, f"{r['compile_s']:.0f}", f"{r['flops_per_step'] / 1e9:.0f}", step,
+                 r.get("roofline_bound") or "-", mfu]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -109,13 +120,14 @@ def main(argv=None):
     p.add_argument("--only", default="", help="comma list of model names (provicnet, profound_vit, profound_conv)")
     p.add_argument("--skip", default="eval,probe", help="steps not compiled per row (transfer_jax.aot --skip); "
                    "empty = all")
-    p.add_argument("--max-batch", action="store_true", help="also search each row's largest batch")
+    p.add_argument("--max-batch", action="store_true", help="also search the largest batch of the rows that "
+                   "do not (a row's compile results are cached under its arguments, this flag among them)")
     args = p.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
     results = load_results()
     table_rows = []
-    for name, config, topology, extra in ROWS:
-        row = row_args(config, topology, extra, args.skip, args.max_batch)
+    for name, config, topology, extra, search in ROWS:
+        row = row_args(config, topology, extra, args.skip, args.max_batch or search)
         key = row_key(row)
         if key not in results and not args.table_only and (not only or name in only):
             log_path = f"/tmp/aot_{name}_{key}.log"
@@ -127,7 +139,9 @@ def main(argv=None):
                 results[key] = dict(result, key=key, args=row, date=time.strftime("%Y-%m-%d"))
                 with open(RESULTS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(results[key], default=str) + "\n")
-        table_rows.append((name, row, results.get(key, {})))
+        # Until a row's batch search has run, the table shows the row's compile without it.
+        plain = row_key(row_args(config, topology, extra, args.skip, False))
+        table_rows.append((name, row, results.get(key) or results.get(plain, {})))
     write_table(table_rows)
 
 

@@ -117,10 +117,13 @@ def test_bad_input_is_one_line_before_compiling(flags, message):
     assert "compiled in" not in proc.stdout
 
 
+@pytest.mark.parametrize("guess", [1, 2, 4, 7, 20])
 @pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 8, 13])
-def test_largest_fitting_batch_search(limit):
+def test_largest_fitting_batch_search(limit, guess):
     calls = []
-    best, tried = aot.largest_fitting(lambda k: calls.append(k) or k <= limit)
+    best, tried = aot.largest_fitting(lambda k: calls.append(k) or k <= limit, guess)
     assert best == limit
     assert len(calls) == len(set(calls))  # no candidate compiled twice
     assert all(fits == (k <= limit) for k, fits in tried.items())
+    if guess == limit:  # a right estimate costs two compiles: it, and the next one up
+        assert sorted(calls) == [limit, limit + 1]

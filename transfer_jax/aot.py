@@ -373,10 +373,13 @@ def compile_run(config, devices, *, name: str, topology: str, skip=(), log=print
     return report
 
 
-def max_batch(config, devices, log=print) -> tuple[int, dict[int, bool]]:
-    """Largest global batch (a multiple of the device count) whose train step fits in HBM: doubling, then bisection.
+def max_batch(config, devices, report: Optional[dict] = None, log=print) -> tuple[int, dict[int, bool]]:
+    """Largest global batch (a multiple of the device count) whose train step fits in HBM.
 
-    Only the train step is compiled per candidate; the evaluation step's batch is separate (eval_batch_size).
+    Only the train step is compiled per candidate; the evaluation step's batch is separate (eval_batch_size). With
+    `report` (compile_run's, at the config's batch) the search starts where a peak linear in the batch (the state
+    fixed, the rest per sample) reaches the HBM, and takes the config's batch as already tried: a full-size step
+    compiles for minutes, and the estimate is usually within one of the answer.
     """
     from transfer_jax.train.flops import device_hbm
 
@@ -386,8 +389,16 @@ def max_batch(config, devices, log=print) -> tuple[int, dict[int, bool]]:
     mesh = make_mesh(config, devices)
     programs = Programs(config, mesh)
     unit = mesh.devices.size
+    known, guess = {}, 1
+    if report and report.get("compiled"):
+        multiple = report["batch_size"] // unit
+        known[multiple] = report["peak_bytes"] <= hbm[0]
+        per_sample = max(report["peak_bytes"] - report["state_bytes"], 1) / multiple
+        guess = max(1, int((hbm[0] - report["state_bytes"]) // per_sample))
 
     def fits(multiple: int) -> bool:
+        if multiple in known:
+            return known[multiple]
         try:
             compiled, seconds = _timed_compile(lambda: programs.lower_train(multiple * unit))
         except OutOfMemory as exc:
@@ -398,13 +409,14 @@ def max_batch(config, devices, log=print) -> tuple[int, dict[int, bool]]:
             f"{'fits' if peak <= hbm[0] else 'does not fit'} ({seconds:.0f}s)")
         return peak <= hbm[0]
 
-    best, tried = largest_fitting(fits)
+    best, tried = largest_fitting(fits, guess)
     return best * unit, {k * unit: v for k, v in tried.items()}
 
 
-def largest_fitting(fits: Callable[[int], bool]) -> tuple[int, dict[int, bool]]:
-    """The largest k >= 1 with fits(k), for a `fits` that holds up to some k and fails beyond it: doubling from 1,
-    then bisection between the last fitting and the first failing k. Returns (k or 0, {k tried: fits})."""
+def largest_fitting(fits: Callable[[int], bool], guess: int = 1) -> tuple[int, dict[int, bool]]:
+    """The largest k >= 1 with fits(k), for a `fits` that holds up to some k and fails beyond it: from `guess`,
+    steps of 1, 2, 4, ... up (or down) until the answer is bracketed, then bisection. Returns (k or 0,
+    {k tried: fits})."""
     tried: dict[int, bool] = {}
 
     def check(k: int) -> bool:
@@ -412,13 +424,20 @@ def largest_fitting(fits: Callable[[int], bool]) -> tuple[int, dict[int, bool]]:
             tried[k] = bool(fits(k))
         return tried[k]
 
-    if not check(1):
-        return 0, tried
-    low = 1
-    while check(low * 2):
-        low *= 2
-    high = low * 2  # low fits, high does not
-    while high - low > 1:
+    guess, step = max(1, guess), 1
+    if check(guess):
+        low = guess
+        while check(low + step):
+            low, step = low + step, step * 2
+        high = low + step
+    else:
+        high = guess
+        while high - step >= 1 and not check(high - step):
+            high, step = high - step, step * 2
+        if high - step < 1 and not check(1):
+            return 0, dict(sorted(tried.items()))
+        low = max(1, high - step)
+    while high - low > 1:  # low fits, high does not
         mid = (low + high) // 2
         low, high = (mid, high) if check(mid) else (low, mid)
     return low, dict(sorted(tried.items()))
@@ -469,7 +488,7 @@ def main(argv):
                              topology=_TOPOLOGY.value, skip=_SKIP.value, log=lambda m: print(m, flush=True))
         report["overrides"] = config_flags.get_override_values(flags.FLAGS["config"])
         if _MAX_BATCH.value:
-            best, tried = max_batch(config, devices, log=lambda m: print(m, flush=True))
+            best, tried = max_batch(config, devices, report, log=lambda m: print(m, flush=True))
             report.update(max_batch=best, max_batch_per_device=best / len(devices),
                           max_batch_tried={str(k): v for k, v in tried.items()})
     except AotError as exc:
