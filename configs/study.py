@@ -93,8 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pass
     elif preset == "cpu":
         # 3 backbones x 5 tasks x 2 inits = 30 runs small enough for a CPU: the tiny smoke models, 60 steps with
-        # an evaluation (and alignment probe) every 10 steps, so the convergence measure (first evaluation within
-        # 95 % of the best) has six points to choose from. The scratch runs reuse the pretrained runs' compiled
+        # an evaluation (and alignment probe) every 10 steps, so the convergence measure (first evaluation with
+        # 95 % of the run's improvement over step 0) has six points to choose from. The scratch runs reuse the pretrained runs' compiled
         # steps through the compilation cache of `python -m transfer_jax.study`.
         # The pretrained runs start from each backbone's JAX pretraining (`pretraining`) on its own phantom cohort
         # (16 cases drawn with another seed than the fine-tuning cases), unless

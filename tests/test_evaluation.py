@@ -194,7 +194,7 @@ def test_study_rows_carry_the_test_split():
 
     def summary(best, test):
         return {"task": "segmentation", "primary_metric": "dice_mean", "direction": "max", "best": best,
-                "test": test, "steps": 4, "steps_to_95pct_best": 2}
+                "test": test, "steps": 4, "steps_to_95pct_gain": 2}
 
     row = build_row("b", "seg", {0: summary(0.8, {"dice_mean": 0.7}), 1: summary(0.7, {"dice_mean": 0.5})},
                     {0: summary(0.6, None), 1: summary(0.5, None)})

@@ -21,7 +21,7 @@ def write_summary(workdir, *, best, direction="max", steps_to_95=10, steps=40, a
     summary = {"task": task, "backbone": "b", "primary_metric": metric, "direction": direction, "best": best,
                "best_step": steps if best_step is None else best_step, "final": {metric: best}, "steps": steps,
                "stopped_early": stopped_early,
-               "history": [{"step": steps, "metrics": {metric: best}}], "steps_to_95pct_best": steps_to_95,
+               "history": [{"step": steps, "metrics": {metric: best}}], "steps_to_95pct_gain": steps_to_95,
                "wall_seconds": 1.0, "config": {"init": {"mode": init or "scratch"}, "total_steps": steps}}
     if init is not None:
         summary["init"] = init
@@ -90,6 +90,29 @@ def test_gains_are_positive_when_pretraining_helps_for_both_directions():
     assert analysis.gains(None, 0.5, "max") == (None, None)
     with pytest.raises(ValueError, match="direction"):
         analysis.gains(0.1, 0.2, "up")
+
+
+@pytest.mark.parametrize("direction, values, expected", [
+    ("max", [26.0, 26.5, 26.96, 27.0], 20),  # PSNR in dB: 95 % of the best (25.65 dB) is step 0's value already
+    ("max", [0.5, 0.9, 0.98, 1.0], 20),  # AUROC from chance
+    ("min", [1.0, 0.5, 0.1, 0.2], 20),  # a loss: the improvement is a decrease
+    ("max", [0.8, 0.7, 0.8], None),  # never better than step 0
+    ("max", [0.8], None),
+])
+def test_convergence_is_measured_on_the_improvement_over_step_0(direction, values, expected):
+    from transfer_jax.train.convergence import steps_to_fraction_of_gain
+
+    history = [{"step": 10 * i, "metrics": {"m": v}} for i, v in enumerate(values)]
+    assert steps_to_fraction_of_gain(history, "m", direction) == expected
+
+
+def test_summaries_without_the_convergence_step_get_it_from_their_history(tmp_path):
+    from transfer_jax.study.analysis import run_outcome
+
+    summary = {"primary_metric": "psnr", "direction": "max", "best": 27.0, "best_step": 30,
+               "history": [{"step": 10 * i, "metrics": {"psnr": v}} for i, v in enumerate([26.0, 26.2, 26.97, 27.0])]}
+    assert run_outcome(0, summary).steps_to_95 == 20
+    assert run_outcome(0, dict(summary, steps_to_95pct_gain=10)).steps_to_95 == 10
 
 
 def test_row_from_a_pretrained_and_a_scratch_summary(tmp_path):

@@ -21,7 +21,7 @@ def _records(tmp_path, values):
             workdir = tmp_path / f"{source}-{seed}"
             workdir.mkdir()
             summary = {"task": "segmentation", "primary_metric": "dice_mean", "direction": "max", "best": best,
-                       "best_step": steps, "steps_to_95pct_best": steps, "steps": 60,
+                       "best_step": steps, "steps_to_95pct_gain": steps, "steps": 60,
                        "alignment": {"pooled": {"mmd2_unbiased": mmd2, "p_value": 0.01, "cka_linear": 0.9,
                                                 "trajectory": [[0, 0.0], [steps, mmd2]]}}}
             (workdir / "summary.json").write_text(json.dumps(summary))

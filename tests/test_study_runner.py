@@ -45,7 +45,7 @@ class FakeTrainer:
             "task": config.task.name, "backbone": config.model.backbone, "primary_metric": "dice_mean",
             "direction": "max", "best": 0.8 if pretrained else 0.6, "best_step": steps, "steps": steps,
             "stopped_early": False, "history": [{"step": steps, "metrics": {"dice_mean": 0.5}}],
-            "steps_to_95pct_best": 2 if pretrained else 4, "init": config.init.mode, "wall_seconds": 0.1,
+            "steps_to_95pct_gain": 2 if pretrained else 4, "init": config.init.mode, "wall_seconds": 0.1,
             "config": json.loads(config.to_json_best_effort()),
             "alignment": {"pooled": {"mmd2_unbiased": 0.1 if pretrained else 0.5, "p_value": 0.02,
                                      "cka_linear": 0.9, "trajectory": [[0, 0.0], [steps, 0.1]]}},

@@ -14,11 +14,15 @@ seed s of the scratch run, they share data order, augmentation and head initiali
   minimise, so a positive gain always means pretraining helped; relative gain = absolute / |scratch| (the paper's
   "relative performance gain", as a fraction). Their estimates are over the per-seed differences, i.e. the paired
   interval of pretrained seed s against scratch seed s.
-* steps to 95 %: the first evaluated step within 95 % of the run's own best (the trainer's `steps_to_95pct_best`);
-  convergence speed-up per seed = scratch / pretrained steps, > 1 when the pretrained run converges faster.
-* did not learn: a run whose best value is its step-0 evaluation (`best_step == 0`) has no gain and no convergence
-  step to speak of. A seed pair in which neither run learned is left out of the gains and the correlations (a 0 %
-  gain there measures nothing); steps to 95 % of a run that did not learn are left out as well.
+* steps to 95 %: the first evaluated step at which a run has made 95 % of its own improvement over its step-0
+  evaluation (`steps_to_fraction_of_gain`; the trainer's `steps_to_95pct_gain`). Measured on the improvement, not
+  as 95 % of the best value, so that it means the same on every metric: 95 % of a PSNR in dB, or of an AUROC that
+  starts at 0.5, is reached at step 0 by any run; convergence speed-up per seed = scratch / pretrained steps, > 1
+  when the pretrained run converges faster.
+* did not learn: a run that never improved on its step-0 evaluation (`best_step == 0`, or no later evaluation
+  better than step 0's) has no gain and no convergence step to speak of. A seed pair in which neither run learned
+  is left out of the gains and the correlations (a 0 % gain there measures nothing); steps to 95 % of a run that
+  did not learn are left out as well.
 * alignment per feature site, from the *pretrained* fine-tuning runs (features of the same inputs before and after
   fine-tuning): MMD² and linear CKA per seed; p-value and trajectory of the first seed.
 * probe gap per seed = (fine-tuned pretrained - linear probe) / |fine-tuned pretrained|, signed like the gain: the
@@ -50,6 +54,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import stats
+
+from transfer_jax.train.convergence import steps_to_fraction_of_gain
 
 SUMMARY_FILE = "summary.json"
 CI_LEVEL = 0.95
@@ -227,17 +233,29 @@ class RunOutcome:
 
     @property
     def learned(self) -> bool:
-        """False when the best value is the step-0 evaluation: training never improved on the start."""
-        return self.best_step != 0
+        """False when training never improved on the step-0 evaluation: the best value is the step-0 one, or no
+        later evaluation beat it (the best checkpoint is chosen among the steps after 0, so a run that only got
+        worse still reports a best step)."""
+        return self.best_step != 0 and self.steps_to_95 is not None
 
     @property
     def convergence_step(self) -> Optional[int]:
         return self.steps_to_95 if self.learned else None
 
 
+def _steps_to_95(summary: dict) -> Optional[int]:
+    """The trainer's convergence step; for summaries written before it was recorded, the same from the history."""
+    if "steps_to_95pct_gain" in summary:
+        return _int_or_none(summary["steps_to_95pct_gain"])
+    if summary.get("history") and summary.get("primary_metric"):
+        return steps_to_fraction_of_gain(summary["history"], summary["primary_metric"],
+                                         summary.get("direction", "max"))
+    return None
+
+
 def run_outcome(seed: int, summary: dict) -> RunOutcome:
     return RunOutcome(seed=seed, best=_finite(summary.get("best")), best_step=_int_or_none(summary.get("best_step")),
-                      steps_to_95=_int_or_none(summary.get("steps_to_95pct_best")),
+                      steps_to_95=_steps_to_95(summary),
                       steps=_int_or_none(summary.get("steps")), alignment=parse_alignment(summary),
                       test=_test_value(summary))
 

@@ -10,7 +10,7 @@ construction (`SOURCES`, in the expected order):
 * random: the scratch initialisation, the reference of every gain.
 
 Expected: MMD² (features before vs after fine-tuning) rises along that order, the gain over random falls (random's
-is 0 by definition) and the steps to 95 % of the best rise. Each is tested as the Spearman correlation of the
+is 0 by definition) and the steps to 95 % of the improvement rise. Each is tested as the Spearman correlation of the
 sources' means with their expected rank (`analysis.correlate`: exact permutation p-value over the 4! pairings,
 BCa interval); the order holds when ρ is +1 (-1 for the gain). Pure numpy/scipy, like `analysis`.
 """

@@ -56,7 +56,8 @@ RESULT_COLUMNS = (
     ("relative_gain", "per seed pair absolute gain / |scratch|, mean (0.2 = 20 % better)"),
     ("relative_gain_low", ""), ("relative_gain_high", ""),
     ("did_not_learn", "true when no run of any seed pair improved on its step-0 value (no gain reported)"),
-    ("pretrained_steps_to_95", "first evaluated step within 95 % of the run's best, pretrained runs, mean"),
+    ("pretrained_steps_to_95", "first evaluated step with 95 % of the run's improvement over step 0, "
+                               "pretrained runs, mean"),
     ("scratch_steps_to_95", "the same for the from-scratch runs"),
     ("steps_to_95_per_seed", "pretrained / scratch steps to 95 % per seed (n/a: the run did not learn)"),
     ("convergence_speedup", "scratch / pretrained steps to 95 % per seed pair, mean (> 1: pretrained faster)"),
@@ -381,14 +382,14 @@ HOW_TO_READ = [
     "Every number is a mean over seeds with its 95 % interval in brackets (Student t; for the gain and the "
     "speed-up the paired interval of the per-seed differences). With one seed there is no interval. A gain "
     "marked * has an interval that contains 0: it is not distinguishable from no gain.",
-    "'did not learn': no run of any seed pair improved on its step-0 value (best at step 0), so there is no gain "
-    "and no convergence step; such rows (and such seed pairs) are left out of the correlations.",
+    "'did not learn': no run of any seed pair improved on its step-0 value (no later evaluation beat it), so there "
+    "is no gain and no convergence step; such rows (and such seed pairs) are left out of the correlations.",
     "Alignment is the MMD² between the features of the same validation inputs before and after fine-tuning the "
     "pretrained encoder (unbiased estimator). Small MMD² = the task needed little change of the pretrained "
     "features = good alignment. The probe gap (frozen pretrained backbone, only the head trained, MMD² = 0 by "
     "construction) is the share of the fine-tuned performance that the unchanged features miss.",
     "The paper's claim predicts negative correlations of MMD² with the gain and with the convergence speed-up, and "
-    "a positive one with the pretrained run's steps to 95 % of its best.",
+    "a positive one with the pretrained run's steps to 95 % of its improvement.",
     "Correlations: p-values are permutation tests (every pairing of the points enumerated, i.e. exact, for up to "
     "8 points); intervals are BCa bootstrap intervals over points. 'points' uses one point per backbone x task "
     "(means over seeds); 'replicates' uses every seed, resampled and permuted by point (cluster bootstrap). n is "
@@ -396,8 +397,10 @@ HOW_TO_READ = [
     "reading any single p-value.",
     "Rows whose pretrained run reports a random stand-in (no pretrained checkpoint was given) measure nothing "
     "about pretraining; their gains are those of two random initialisations.",
-    "Steps to 95 % are measured at the evaluation cadence, so they are multiples of eval_every; rows from tasks "
-    "with different step budgets are not directly comparable on that column.",
+    "Steps to 95 %: the first evaluation at which a run has made 95 % of its improvement over its step-0 value "
+    "(on the improvement, so that it means the same for a Dice, an AUROC or a PSNR in dB). They are measured at the "
+    "evaluation cadence, so they are multiples of eval_every; rows from tasks with different step budgets are not "
+    "directly comparable on that column.",
 ]
 
 

@@ -8,7 +8,6 @@ per `log_every` steps; evaluation statistics are fetched once per evaluation. Se
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Iterator, Optional, Sequence
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from transfer_jax.data.pipeline import PreparedCaseSource
 from transfer_jax.train import distributed
 from transfer_jax.train.checkpoint import RunCheckpointer, selection_metrics
+from transfer_jax.train.convergence import steps_to_fraction_of_gain
 from transfer_jax.train.chrono import Chrono
 from transfer_jax.train.evaluator import IN_LOOP_VIEW, WHOLE_VOLUME_VIEW
 from transfer_jax.train.export import model_arrays, write_pretrained
@@ -241,7 +241,7 @@ def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, export
         "wall_seconds": time.time() - run.started, "config": config_snapshot(config),
         "pretrained_artifact": exported,
     }
-    summary["steps_to_95pct_best"] = steps_to_fraction_of_best(meta["history"], task, 0.95)
+    summary["steps_to_95pct_gain"] = steps_to_fraction_of_gain(meta["history"], task.primary_metric, task.direction)
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)
@@ -254,20 +254,6 @@ def _summarize(run: Run, state: TrainState, meta: dict, throughput: dict, export
             f"({summary['test_cases']} cases), steps={summary['steps']}, wall={summary['wall_seconds']:.0f}s, "
             f"outputs in {run.workdir}")
     return summary
-
-
-def steps_to_fraction_of_best(history: list[dict], task, fraction: float) -> Optional[int]:
-    """First evaluated step whose primary metric reaches `fraction` of the best value (convergence speed)."""
-    values = [(h["step"], h["metrics"].get(task.primary_metric)) for h in history]
-    values = [(s, v) for s, v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    best = max(v for _, v in values) if task.direction == "max" else min(v for _, v in values)
-    for step, value in values:
-        reached = value >= fraction * best if task.direction == "max" else value <= best / fraction
-        if reached:
-            return step
-    return None
 
 
 def alignment_summary(trajectories: dict) -> dict:
