@@ -214,8 +214,8 @@ def default_phantom_manifest(config: PhantomConfig = PhantomConfig(), root: str 
 
 def random_crop_batch(make_sample, crop, channels: int, count: int, seed: int = 0) -> dict[str, np.ndarray]:
     """`count` prepared crops of Gaussian noise ([*crop, channels]) with a centred gland box and a lesion box
-    inside it, each through `make_sample` (a task's), stacked: a training batch without reading any file (the
-    benchmark's steps, tests of the step)."""
+    inside it and a case label of 1 (as a manifest cell), each through `make_sample` (a task's), stacked: a
+    training batch without reading any file (the benchmark's steps, tests of the step, TPU compiles)."""
     rng = np.random.default_rng(seed)
     crop = tuple(int(c) for c in crop)
     gland = np.zeros(crop, np.uint8)
@@ -223,5 +223,5 @@ def random_crop_batch(make_sample, crop, channels: int, count: int, seed: int = 
     lesion = np.zeros(crop, np.uint8)
     lesion[tuple(slice(c // 3, c // 2 + 1) for c in crop)] = 1
     samples = [make_sample({"image": rng.normal(size=(*crop, channels)).astype(np.float32),
-                            "gland": gland, "lesion": lesion}) for _ in range(count)]
+                            "gland": gland, "lesion": lesion, "label": "1"}) for _ in range(count)]
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}

@@ -40,6 +40,10 @@ from transfer_jax.models.cpu_conv import current_target
 # 1152² fp32, fits the TPU's VMEM).
 _ALIGN = 128
 _MAX_BLOCK = 1152
+# Chips whose VMEM (16 MiB per core on v4) cannot hold a 1152-token block's fused backward (it needs 18 MiB): their
+# blocks stay at 384 tokens. v5e, v5p and v6e have 95-128 MiB.
+_SMALL_VMEM_CHIPS = ("TPU v2", "TPU v3", "TPU v4")
+_SMALL_VMEM_MAX_BLOCK = 384
 
 
 def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -77,7 +81,7 @@ def fused_self_attention(x: jax.Array, qkv: nnx.Linear, proj: nnx.Linear, num_he
     w_in = qkv.kernel[...].astype(dtype).reshape(width, 3, num_heads, head_dim)
     b_in = qkv.bias[...].astype(dtype).reshape(3, 1, num_heads, 1, head_dim)
     q, k, v = jnp.einsum("bnw,wthd->tbhnd", x, w_in) + b_in
-    kernel = _splash_kernel(tokens, num_heads, interpret)
+    kernel = _splash_kernel(tokens, num_heads, interpret, _max_block(mesh))
     out = _run_per_shard(kernel, q * jnp.asarray(head_dim**-0.5, dtype), k, v, mesh)
     w_out = proj.kernel[...].astype(dtype).reshape(num_heads, head_dim, width)
     return jnp.einsum("bhnd,hdw->bnw", out[:, :, :tokens], w_out) + proj.bias[...].astype(dtype)
@@ -92,6 +96,12 @@ def _padded_length(tokens: int) -> int:
     return -(-tokens // _ALIGN) * _ALIGN
 
 
+def _max_block(mesh) -> int:
+    """The longest kernel block the VMEM of the mesh's chips holds (the default without a mesh)."""
+    kind = mesh.devices.flat[0].device_kind if mesh is not None else ""
+    return _SMALL_VMEM_MAX_BLOCK if kind.startswith(_SMALL_VMEM_CHIPS) else _MAX_BLOCK
+
+
 def _run_per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, mesh) -> jax.Array:
     """`kernel` on each image of [B, H, N_padded, D] q, k, v; on a mesh, one call per shard of the batch."""
     run = jax.vmap(kernel)
@@ -102,13 +112,14 @@ def _run_per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, mesh) -> ja
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(tokens: int, heads: int, interpret: bool):
-    """A splash kernel for `heads` heads over `tokens` tokens padded to whole blocks, the padded keys masked."""
+def _splash_kernel(tokens: int, heads: int, interpret: bool, max_block: int = _MAX_BLOCK):
+    """A splash kernel for `heads` heads over `tokens` tokens padded to whole blocks of at most `max_block`, the
+    padded keys masked."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     padded = _padded_length(tokens)
-    block = max(b for b in range(_ALIGN, min(padded, _MAX_BLOCK) + 1, _ALIGN) if padded % b == 0)
+    block = max(b for b in range(_ALIGN, min(padded, max_block) + 1, _ALIGN) if padded % b == 0)
     real_keys = np.broadcast_to(np.arange(padded)[None, :] < tokens, (padded, padded))
     # Sequence-minor q, k, v: the kernel takes [head_dim, tokens] tiles, whose lanes are tokens, so a 64-wide head
     # dimension is not padded to a tile's 128 lanes; on ViT-S the compiled step also moves less around the kernel.
