@@ -40,8 +40,8 @@ from transfer_jax.models.cpu_conv import current_target
 # 1152² fp32, fits the TPU's VMEM).
 _ALIGN = 128
 _MAX_BLOCK = 1152
-# Chips whose VMEM (16 MiB per core on v4) cannot hold a 1152-token block's fused backward (it needs 18 MiB): their
-# blocks stay at 384 tokens. v5e, v5p and v6e have 95-128 MiB.
+# Chips whose VMEM cannot hold a 1152-token block's fused backward (on v4 the compile asks for 18 MiB of its 16):
+# their blocks stay at 384 tokens. v5e, v5p and v6e compile the 1152-token block.
 _SMALL_VMEM_CHIPS = ("TPU v2", "TPU v3", "TPU v4")
 _SMALL_VMEM_MAX_BLOCK = 384
 
